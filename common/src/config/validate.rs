@@ -1,0 +1,209 @@
+//! Cross-document checks and resolution that turn everything collected from a file into a
+//! [`Snapshot`]: unique workload IPs, uids, service keys and VIPs, well-formed VIPs, unique
+//! policy names, waypoint addresses resolved to the waypoint's identity, and the mesh defaults
+//! (root namespace → policy scope, trust domain, outbound traffic policy) applied.
+
+use super::{Collected, ConfigError, Origin};
+use crate::identity::Identity;
+use crate::model::{GatewayAddress, PolicyScope, Service, Workload};
+use crate::snapshot::{parse_network_address, Snapshot};
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+fn err(source: &str, origin: &Origin, field: &str, message: String) -> ConfigError {
+    let field = origin.field(field);
+    ConfigError {
+        file: source.to_string(),
+        document: Some(origin.doc),
+        resource: Some(origin.resource.clone()),
+        field: (!field.is_empty()).then_some(field),
+        message,
+    }
+}
+
+pub(super) fn finish(c: Collected, source: &str) -> Result<Snapshot, ConfigError> {
+    let mesh = c.mesh.map(|(m, _)| m).unwrap_or_default();
+    let mut workloads = c.workloads;
+    for (w, _, explicit_td) in &mut workloads {
+        if !*explicit_td {
+            w.trust_domain = mesh.trust_domain.clone();
+        }
+    }
+
+    // Workloads: unique IPs and uids.
+    let mut by_ip: HashMap<IpAddr, usize> = HashMap::new();
+    let mut by_uid: HashMap<&str, usize> = HashMap::new();
+    for (i, (w, origin, _)) in workloads.iter().enumerate() {
+        for (j, ip) in w.workload_ips.iter().enumerate() {
+            if let Some(&first) = by_ip.get(&ip.to_canonical()) {
+                let (fw, fo, _) = &workloads[first];
+                let msg = format!(
+                    "{ip} is already used by workload {}/{} (document {})",
+                    fw.namespace, fw.name, fo.doc
+                );
+                return Err(err(source, origin, &format!("workloadIps[{j}]"), msg));
+            }
+            by_ip.insert(ip.to_canonical(), i);
+        }
+        if !w.uid.is_empty() {
+            if let Some(&first) = by_uid.get(w.uid.as_str()) {
+                let (fw, fo, _) = &workloads[first];
+                let msg = format!(
+                    "uid {:?} is already used by workload {}/{} (document {})",
+                    w.uid, fw.namespace, fw.name, fo.doc
+                );
+                return Err(err(source, origin, "uid", msg));
+            }
+            by_uid.insert(&w.uid, i);
+        }
+    }
+
+    // Services: unique keys, well-formed and unique VIPs.
+    let services = c.services;
+    let mut by_key: HashMap<String, usize> = HashMap::new();
+    let mut by_vip: HashMap<IpAddr, usize> = HashMap::new();
+    for (i, (s, origin)) in services.iter().enumerate() {
+        if let Some(&first) = by_key.get(&s.key()) {
+            let msg = format!(
+                "service {} is already defined (document {})",
+                s.key(),
+                services[first].1.doc
+            );
+            return Err(err(source, origin, "hostname", msg));
+        }
+        by_key.insert(s.key(), i);
+        for (j, vip) in s.vips.iter().enumerate() {
+            let field = format!("vips[{j}]");
+            let (_, ip) = parse_network_address(vip).map_err(|m| err(source, origin, &field, m))?;
+            if let Some(&first) = by_vip.get(&ip) {
+                let (fs, fo) = &services[first];
+                let msg = format!(
+                    "VIP {ip} is already claimed by service {} (document {})",
+                    fs.key(),
+                    fo.doc
+                );
+                return Err(err(source, origin, &field, msg));
+            }
+            by_vip.insert(ip, i);
+        }
+    }
+    for (w, origin, _) in &workloads {
+        for key in w.services.keys() {
+            if !by_key.contains_key(key) {
+                tracing::warn!(file = source, document = origin.doc, workload = %origin.resource,
+                    "workload lists service {key:?}, which is not defined");
+            }
+        }
+    }
+
+    // Waypoints: resolve each destination to the waypoint's identity.
+    let resolve = |gw: &mut GatewayAddress, origin: &Origin| -> Result<(), ConfigError> {
+        let (_, ip) = parse_network_address(&gw.destination)
+            .map_err(|m| err(source, origin, "waypoint.destination", m))?;
+        gw.identity = Some(
+            waypoint_identity(ip, &workloads, &services, &by_ip, &by_vip).map_err(|m| {
+                err(
+                    source,
+                    origin,
+                    "waypoint.destination",
+                    format!("{:?}: {m}", gw.destination),
+                )
+            })?,
+        );
+        Ok(())
+    };
+    let mut resolved_workloads = Vec::with_capacity(workloads.len());
+    for (w, origin, _) in &workloads {
+        let mut w = w.clone();
+        if let Some(gw) = w.waypoint.as_mut() {
+            resolve(gw, origin)?;
+        }
+        resolved_workloads.push(Arc::new(w));
+    }
+    let mut resolved_services = Vec::with_capacity(services.len());
+    for (s, origin) in &services {
+        let mut s = s.clone();
+        if let Some(gw) = s.waypoint.as_mut() {
+            resolve(gw, origin)?;
+        }
+        resolved_services.push(Arc::new(s));
+    }
+
+    // Policies: unique names; Istio-form scope from the root namespace.
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut authorizations = Vec::with_capacity(c.policies.len());
+    for (mut p, origin, from_istio) in c.policies {
+        let key = format!("{}/{}", p.namespace, p.name);
+        if let Some(first) = seen.insert(key.clone(), origin.doc) {
+            return Err(err(
+                source,
+                &origin,
+                "",
+                format!("authorization policy {key} is already defined (document {first})"),
+            ));
+        }
+        if from_istio {
+            p.scope = if !p.selector.is_empty() {
+                PolicyScope::WorkloadSelector
+            } else if p.namespace == mesh.root_namespace {
+                PolicyScope::Global
+            } else {
+                PolicyScope::Namespace
+            };
+        }
+        authorizations.push(Arc::new(p));
+    }
+
+    let sidecars = c
+        .sidecars
+        .into_iter()
+        .map(|(mut s, explicit)| {
+            if !explicit {
+                s.outbound_traffic_policy = mesh.outbound_traffic_policy.mode;
+            }
+            s
+        })
+        .collect();
+
+    let mut snapshot = Snapshot::default();
+    snapshot.workloads = resolved_workloads;
+    snapshot.services = resolved_services;
+    snapshot.authorizations = authorizations;
+    snapshot.peer_authentications = c.peer_authentications;
+    snapshot.sidecars = sidecars;
+    snapshot.root_namespace = mesh.root_namespace;
+    snapshot.trust_domain = mesh.trust_domain;
+    snapshot.outbound_traffic_policy = mesh.outbound_traffic_policy.mode;
+    snapshot.other_resources = c.other_resources;
+    Ok(snapshot.indexed())
+}
+
+/// The identity behind a waypoint address: the workload with that IP, or the single identity
+/// shared by the endpoints of the service with that VIP.
+fn waypoint_identity(
+    ip: IpAddr,
+    workloads: &[(Workload, Origin, bool)],
+    services: &[(Service, Origin)],
+    by_ip: &HashMap<IpAddr, usize>,
+    by_vip: &HashMap<IpAddr, usize>,
+) -> Result<Identity, String> {
+    if let Some(&i) = by_ip.get(&ip) {
+        return Ok(workloads[i].0.identity());
+    }
+    let Some(&s) = by_vip.get(&ip) else {
+        return Err("names no known workload IP (or service VIP)".to_string());
+    };
+    let key = services[s].0.key();
+    let ids: BTreeSet<Identity> = workloads
+        .iter()
+        .filter(|(w, _, _)| w.services.contains_key(&key))
+        .map(|(w, _, _)| w.identity())
+        .collect();
+    let mut iter = ids.into_iter();
+    match (iter.next(), iter.next()) {
+        (Some(id), None) => Ok(id),
+        (None, _) => Err(format!("is the VIP of service {key}, which has no endpoint workloads to take the waypoint identity from")),
+        (Some(a), Some(b)) => Err(format!("is the VIP of service {key}, whose endpoints have different identities ({a}, {b}, …)")),
+    }
+}

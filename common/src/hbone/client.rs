@@ -1,0 +1,318 @@
+//! HBONE client: opens CONNECT streams over pooled mTLS HTTP/2 connections. Connections are
+//! pooled per (source identity, destination address, expected identities), carry up to
+//! `max_streams_per_conn` streams each, are kept alive with PINGs and released when idle.
+
+use super::{H2Settings, H2Stream, HboneError};
+use crate::identity::store::CertStore;
+use crate::identity::Identity;
+use crate::tls;
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+/// Opens the TCP connection under the tunnel (ztunnel marks its sockets so they are never
+/// captured again).
+pub type Dialer = Arc<
+    dyn Fn(SocketAddr) -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// A plain dialer with TCP_NODELAY.
+pub fn plain_dialer() -> Dialer {
+    Arc::new(|addr| {
+        Box::pin(async move {
+            let s = TcpStream::connect(addr).await?;
+            s.set_nodelay(true)?;
+            Ok(s)
+        })
+    })
+}
+
+/// What a pooled connection is shared by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub src: Identity,
+    pub dst: SocketAddr,
+    pub expected: Vec<Identity>,
+}
+
+/// Pool timings.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolTimings {
+    pub connect_timeout: Duration,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolTimings {
+    fn default() -> Self {
+        PoolTimings {
+            connect_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(10),
+            ping_timeout: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+struct PooledConn {
+    send: h2::client::SendRequest<Bytes>,
+    active: AtomicUsize,
+    alive: Arc<AtomicBool>,
+    /// Milliseconds since the pool's epoch when the last stream ended.
+    idle_since: AtomicU64,
+    cert_generation: u64,
+}
+
+/// Keeps a pooled connection's stream count right for as long as a stream lives.
+pub struct StreamLease(Arc<PooledConn>, Arc<Instant>);
+
+impl Drop for StreamLease {
+    fn drop(&mut self) {
+        self.0
+            .idle_since
+            .store(self.1.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+type KeyPool = Arc<tokio::sync::Mutex<Vec<Arc<PooledConn>>>>;
+
+/// The pool of outbound HBONE connections of one proxy.
+pub struct HboneClient {
+    certs: Arc<CertStore>,
+    settings: H2Settings,
+    timings: PoolTimings,
+    dialer: Dialer,
+    pools: Mutex<HashMap<PoolKey, KeyPool>>,
+    epoch: Arc<Instant>,
+    connections_opened: AtomicU64,
+}
+
+/// A CONNECT to send: the authority and extra headers.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    pub authority: String,
+    pub headers: HeaderMap,
+}
+
+impl HboneClient {
+    pub fn new(
+        certs: Arc<CertStore>,
+        settings: H2Settings,
+        timings: PoolTimings,
+        dialer: Dialer,
+    ) -> Arc<Self> {
+        Arc::new(HboneClient {
+            certs,
+            settings,
+            timings,
+            dialer,
+            pools: Mutex::new(HashMap::new()),
+            epoch: Arc::new(Instant::now()),
+            connections_opened: AtomicU64::new(0),
+        })
+    }
+
+    /// How many TLS connections this pool has opened so far.
+    pub fn connections_opened(&self) -> u64 {
+        self.connections_opened.load(Ordering::Relaxed)
+    }
+
+    /// Live pooled connections (for `/config_dump` and tests).
+    pub fn pooled_connections(&self) -> usize {
+        let pools: Vec<KeyPool> = self.lock_pools().values().cloned().collect();
+        pools
+            .iter()
+            .map(|p| p.try_lock().map(|v| v.len()).unwrap_or(0))
+            .sum()
+    }
+
+    fn lock_pools(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, KeyPool>> {
+        self.pools.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Opens a tunnel: a CONNECT stream answered 200 by the peer.
+    pub async fn connect(
+        &self,
+        key: &PoolKey,
+        req: &ConnectRequest,
+    ) -> Result<(H2Stream, StreamLease), HboneError> {
+        // One retry on a fresh connection if a pooled one turns out to be dead (GOAWAY, reset).
+        let mut last_err = None;
+        for attempt in 0..2 {
+            let conn = self.checkout(key, attempt > 0).await?;
+            let lease = StreamLease(conn.clone(), self.epoch.clone());
+            match self.open_stream(&conn, req).await {
+                Ok(stream) => return Ok((stream, lease)),
+                Err(HboneError::H2(e)) if attempt == 0 && (is_goaway(&e) || e.is_io()) => {
+                    conn.alive.store(false, Ordering::Release);
+                    last_err = Some(HboneError::H2(e));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_err.unwrap_or(HboneError::Timeout(self.timings.connect_timeout)))
+    }
+
+    async fn open_stream(
+        &self,
+        conn: &PooledConn,
+        req: &ConnectRequest,
+    ) -> Result<H2Stream, HboneError> {
+        let mut send = conn.send.clone().ready().await?;
+        let mut request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(req.authority.as_str())
+            .body(())?;
+        *request.headers_mut() = req.headers.clone();
+        let (response, send_stream) = send.send_request(request, false)?;
+        let response = tokio::time::timeout(self.timings.connect_timeout, response)
+            .await
+            .map_err(|_| HboneError::Timeout(self.timings.connect_timeout))??;
+        if response.status() != StatusCode::OK {
+            return Err(HboneError::Status {
+                authority: req.authority.clone(),
+                status: response.status(),
+            });
+        }
+        Ok(H2Stream {
+            send: send_stream,
+            recv: response.into_body(),
+        })
+    }
+
+    /// A pooled connection with room for one more stream, opening one if needed.
+    async fn checkout(&self, key: &PoolKey, fresh: bool) -> Result<Arc<PooledConn>, HboneError> {
+        let pool = self.lock_pools().entry(key.clone()).or_default().clone();
+        let cert = self
+            .certs
+            .get(&key.src)
+            .map_err(|e| HboneError::Cert(e.to_string()))?;
+        let mut conns = pool.lock().await;
+        let now_ms = self.epoch.elapsed().as_millis() as u64;
+        let idle_ms = self.timings.idle_timeout.as_millis() as u64;
+        conns.retain(|c| {
+            c.alive.load(Ordering::Acquire)
+                && !(c.active.load(Ordering::Acquire) == 0
+                    && now_ms.saturating_sub(c.idle_since.load(Ordering::Relaxed)) > idle_ms)
+        });
+        if !fresh {
+            for c in conns.iter() {
+                if c.cert_generation != cert.generation {
+                    continue;
+                }
+                let active = c.active.load(Ordering::Acquire);
+                if active < self.settings.max_streams_per_conn
+                    && c
+                        .active
+                        .compare_exchange(active, active + 1, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                {
+                    return Ok(c.clone());
+                }
+            }
+        }
+        let client_config = cert
+            .client_config(self.certs.roots(), key.expected.clone())
+            .map_err(|e| HboneError::Cert(e.to_string()))?;
+        let conn = tokio::time::timeout(
+            self.timings.connect_timeout,
+            self.establish(key.dst, client_config, cert.generation),
+        )
+        .await
+        .map_err(|_| HboneError::Timeout(self.timings.connect_timeout))??;
+        conn.active.fetch_add(1, Ordering::AcqRel);
+        conns.push(conn.clone());
+        Ok(conn)
+    }
+
+    async fn establish(
+        &self,
+        dst: SocketAddr,
+        client_config: rustls::ClientConfig,
+        cert_generation: u64,
+    ) -> Result<Arc<PooledConn>, HboneError> {
+        let tcp = (self.dialer)(dst)
+            .await
+            .map_err(|source| HboneError::Connect { addr: dst, source })?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+        let tls = connector
+            .connect(tls::no_sni_name(dst.ip()), tcp)
+            .await
+            .map_err(|source| HboneError::Tls { addr: dst, source })?;
+        let (send, mut connection) = h2::client::Builder::new()
+            .initial_window_size(self.settings.stream_window)
+            .initial_connection_window_size(self.settings.connection_window)
+            .max_frame_size(self.settings.max_frame_size)
+            .max_send_buffer_size(self.settings.max_frame_size as usize * 4)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls)
+            .await?;
+        self.connections_opened.fetch_add(1, Ordering::Relaxed);
+        let alive = Arc::new(AtomicBool::new(true));
+        let ping = connection.ping_pong();
+        let (dead_tx, dead_rx) = tokio::sync::oneshot::channel::<()>();
+        if let Some(ping) = ping {
+            tokio::spawn(keepalive(ping, self.timings, dead_tx));
+        }
+        let alive_driver = alive.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                r = connection => {
+                    if let Err(e) = r {
+                        tracing::debug!(%dst, error = %e, "pooled HBONE connection ended");
+                    }
+                }
+                _ = dead_rx => {
+                    tracing::warn!(%dst, "pooled HBONE connection failed its keepalive; closing");
+                }
+            }
+            alive_driver.store(false, Ordering::Release);
+        });
+        tracing::debug!(%dst, "opened pooled HBONE connection");
+        Ok(Arc::new(PooledConn {
+            send,
+            active: AtomicUsize::new(0),
+            alive,
+            idle_since: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
+            cert_generation,
+        }))
+    }
+}
+
+fn is_goaway(e: &h2::Error) -> bool {
+    e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)
+}
+
+async fn keepalive(
+    mut ping: h2::PingPong,
+    timings: PoolTimings,
+    mut dead: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut tick = tokio::time::interval(timings.ping_interval);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = dead.closed() => return,
+        }
+        match tokio::time::timeout(timings.ping_timeout, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return, // connection already gone: the driver notices by itself
+            Err(_) => {
+                let _ = dead.send(());
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! HBONE server: drives one mTLS HTTP/2 connection, hands each CONNECT stream to a handler on
+//! its own task, and answers malformed requests on that stream only. Draining sends GOAWAY and
+//! lets the streams in flight finish.
+
+use super::{H2Settings, H2Stream};
+use crate::drain::DrainWatch;
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use std::future::Future;
+use std::net::SocketAddr;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// A CONNECT request waiting for its answer.
+pub struct IncomingConnect {
+    pub authority: SocketAddr,
+    pub headers: HeaderMap,
+    respond: SendResponse<Bytes>,
+    recv: RecvStream,
+}
+
+impl IncomingConnect {
+    /// Answers 200 and returns the tunnel stream.
+    pub fn accept(mut self) -> Result<H2Stream, h2::Error> {
+        let send = self.respond.send_response(status_response(StatusCode::OK), false)?;
+        Ok(H2Stream {
+            send,
+            recv: self.recv,
+        })
+    }
+
+    /// Answers with an error status and ends the stream.
+    pub fn reject(mut self, status: StatusCode) {
+        let _ = self.respond.send_response(status_response(status), true);
+    }
+}
+
+fn status_response(status: StatusCode) -> Response<()> {
+    let mut r = Response::new(());
+    *r.status_mut() = status;
+    r
+}
+
+/// Validates an incoming request as an HBONE CONNECT: method CONNECT and an `ip:port` authority.
+pub fn parse_connect(req: &Request<RecvStream>) -> Result<SocketAddr, (StatusCode, String)> {
+    if req.method() != Method::CONNECT {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("method {} is not CONNECT", req.method()),
+        ));
+    }
+    let authority = req
+        .uri()
+        .authority()
+        .ok_or_else(|| (StatusCode::BAD_REQUEST, "missing :authority".to_string()))?;
+    authority.as_str().parse::<SocketAddr>().map_err(|_| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("authority {authority} is not <ip>:<port>"),
+        )
+    })
+}
+
+/// Serves one HBONE connection until the peer closes it or a drain completes. `handler` runs on
+/// its own task for every well-formed CONNECT; malformed ones are answered here.
+pub async fn serve_connection<IO, F, Fut>(
+    io: IO,
+    settings: H2Settings,
+    mut drain: DrainWatch,
+    handler: F,
+) -> Result<(), h2::Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    F: Fn(IncomingConnect) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(settings.stream_window)
+        .initial_connection_window_size(settings.connection_window)
+        .max_frame_size(settings.max_frame_size)
+        .max_concurrent_streams(settings.server_max_concurrent_streams)
+        .max_send_buffer_size(settings.max_frame_size as usize * 4)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    let mut draining = drain.is_draining();
+    if draining {
+        conn.graceful_shutdown();
+    }
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            _ = drain.signaled(), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(next) = next else { return Ok(()) };
+        let (req, mut respond) = match next {
+            Ok(r) => r,
+            Err(e) if e.is_reset() => continue,
+            Err(e) => return Err(e),
+        };
+        match parse_connect(&req) {
+            Ok(authority) => {
+                let (parts, recv) = req.into_parts();
+                tokio::spawn(handler(IncomingConnect {
+                    authority,
+                    headers: parts.headers,
+                    respond,
+                    recv,
+                }));
+            }
+            Err((status, why)) => {
+                tracing::info!(%status, reason = %why, "rejected malformed HBONE request");
+                let _ = respond.send_response(status_response(status), true);
+            }
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! The configuration data model shared by ztunnel and the waypoint: workloads, services and L4
+//! policies in the camelCase JSON form of Istio ztunnel's local config (`workload.proto`), so a
+//! file written for Istio's ztunnel deserialises unchanged. Unknown keys are rejected.
+
+use crate::identity::{Identity, DEFAULT_TRUST_DOMAIN};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// How a workload accepts mesh traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    /// Not in the mesh (or not capable of HBONE): plain TCP.
+    #[default]
+    Tcp,
+    /// Reached through its node's ztunnel on 15008.
+    Hbone,
+}
+
+/// A waypoint reference: `destination` is `"<network>/<IP>"` (Istio's NetworkAddress form) or a
+/// hostname; `hboneMtlsPort` is the waypoint's HBONE port (15006 by default for our waypoint,
+/// 15008 for Istio's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayAddress {
+    pub destination: String,
+    #[serde(default = "default_waypoint_port")]
+    pub hbone_mtls_port: u16,
+    /// Filled in by the loader from the waypoint workload (not part of the file format).
+    #[serde(default, skip_deserializing)]
+    pub identity: Option<Identity>,
+}
+
+fn default_waypoint_port() -> u16 {
+    15006
+}
+
+/// Workload health as Istio reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+pub enum HealthStatus {
+    #[default]
+    Healthy,
+    Unhealthy,
+}
+
+/// Locality of a workload (region/zone/subzone).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Locality {
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub subzone: String,
+}
+
+/// A pod (or VM) in the mesh or known to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workload {
+    #[serde(default)]
+    pub uid: String,
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    #[serde(default)]
+    pub workload_ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub node: String,
+    #[serde(default)]
+    pub network: String,
+    #[serde(default)]
+    pub cluster_id: String,
+    #[serde(default)]
+    pub hostname: String,
+    #[serde(default)]
+    pub workload_name: String,
+    #[serde(default)]
+    pub workload_type: String,
+    #[serde(default)]
+    pub canonical_name: String,
+    #[serde(default)]
+    pub canonical_revision: String,
+    #[serde(default)]
+    pub waypoint: Option<GatewayAddress>,
+    #[serde(default)]
+    pub status: HealthStatus,
+    #[serde(default)]
+    pub locality: Option<Locality>,
+    /// Names (`<ns>/<name>`) of policies bound to this workload (Istio's form).
+    #[serde(default)]
+    pub authorization_policies: Vec<String>,
+    /// Services this workload is an endpoint of: `"<ns>/<hostname>" → {port: targetPort}`.
+    #[serde(default, deserialize_with = "port_keys::nested")]
+    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+    /// Pod labels (our extension; used by policy selectors, Sidecar selectors and subsets).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_namespace() -> String {
+    "default".to_string()
+}
+fn default_service_account() -> String {
+    "default".to_string()
+}
+fn default_trust_domain() -> String {
+    DEFAULT_TRUST_DOMAIN.to_string()
+}
+
+impl Workload {
+    /// The SPIFFE identity certificates for this workload carry.
+    pub fn identity(&self) -> Identity {
+        Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
+    }
+
+    /// Istio's canonical service name (`service.istio.io/canonical-name`, else `app`, else name).
+    pub fn canonical_service(&self) -> &str {
+        if !self.canonical_name.is_empty() {
+            return &self.canonical_name;
+        }
+        self.labels
+            .get("app")
+            .map(String::as_str)
+            .unwrap_or(&self.name)
+    }
+
+    /// The owning workload name used in metrics (`workloadName`, else `name`).
+    pub fn workload_name(&self) -> &str {
+        if self.workload_name.is_empty() {
+            &self.name
+        } else {
+            &self.workload_name
+        }
+    }
+}
+
+/// A Kubernetes Service (or ServiceEntry) as the data plane sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    pub hostname: String,
+    /// Virtual IPs in `"<network>/<IP>"` form (the network part may be empty: `"/10.96.0.10"`).
+    #[serde(default)]
+    pub vips: Vec<String>,
+    /// Service port → target port (0 = same as the service port).
+    #[serde(default, deserialize_with = "port_keys::flat")]
+    pub ports: BTreeMap<u16, u16>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    #[serde(default)]
+    pub waypoint: Option<GatewayAddress>,
+    #[serde(default)]
+    pub load_balancer: Option<serde_json::Value>,
+    #[serde(default)]
+    pub ip_families: Option<String>,
+}
+
+impl Service {
+    /// `<ns>/<hostname>`, the key workloads use in their `services` map.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
+}
+
+/// Scope of an L4 authorization policy (Istio ztunnel's form).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PolicyScope {
+    Global,
+    Namespace,
+    WorkloadSelector,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PolicyAction {
+    Allow,
+    Deny,
+}
+
+/// An address match: `{address: "<ip>", length: <prefix>}` as Istio ztunnel writes it, or a
+/// plain CIDR/IP string.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AddressMatch {
+    Cidr(ipnet::IpNet),
+    Ip(IpAddr),
+    Parts { address: IpAddr, length: u8 },
+}
+
+/// String match of a principal or namespace: exact, `prefix*`, `*suffix` or `*`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum StringMatch {
+    Plain(String),
+    Typed(TypedStringMatch),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TypedStringMatch {
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub suffix: Option<String>,
+    #[serde(default)]
+    pub presence: Option<serde_json::Value>,
+}
+
+/// One match of a clause; its fields AND, each list ORs, `not*` lists exclude.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleMatch {
+    #[serde(default)]
+    pub namespaces: Vec<StringMatch>,
+    #[serde(default)]
+    pub not_namespaces: Vec<StringMatch>,
+    #[serde(default)]
+    pub principals: Vec<StringMatch>,
+    #[serde(default)]
+    pub not_principals: Vec<StringMatch>,
+    #[serde(default)]
+    pub source_ips: Vec<AddressMatch>,
+    #[serde(default)]
+    pub not_source_ips: Vec<AddressMatch>,
+    #[serde(default)]
+    pub destination_ips: Vec<AddressMatch>,
+    #[serde(default)]
+    pub not_destination_ips: Vec<AddressMatch>,
+    #[serde(default)]
+    pub destination_ports: Vec<u16>,
+    #[serde(default)]
+    pub not_destination_ports: Vec<u16>,
+}
+
+/// A clause: a list of matches, any of which satisfies it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Clause {
+    #[serde(default)]
+    pub matches: Vec<RuleMatch>,
+}
+
+/// A rule: all clauses must hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rule {
+    #[serde(default)]
+    pub clauses: Vec<Clause>,
+}
+
+/// An L4 authorization policy in Istio ztunnel's form (rules OR, clauses AND, matches OR).
+/// Istio `AuthorizationPolicy` documents compile to this.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Authorization {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    pub scope: PolicyScope,
+    pub action: PolicyAction,
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    /// For `WorkloadSelector` scope written as an Istio document: the selector labels.
+    /// (Istio ztunnel binds such policies through `Workload.authorizationPolicies` instead;
+    /// both forms are honoured.)
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    /// Set when the source Istio policy had L7-only fields (paths, methods…) that an L4 proxy
+    /// cannot evaluate: for ALLOW they match nothing, for DENY they match everything (Istio's
+    /// fail-closed rule).
+    #[serde(default, skip_deserializing)]
+    pub has_l7_rules: bool,
+}
+
+/// mTLS mode from `PeerAuthentication`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    #[default]
+    Permissive,
+    Strict,
+    Disable,
+}
+
+/// A compiled `PeerAuthentication`: root-namespace (mesh-wide), namespace, or selector scope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAuthentication {
+    pub name: String,
+    pub namespace: String,
+    pub selector: BTreeMap<String, String>,
+    /// `None` is Istio's `UNSET`: inherit from the next level (namespace, then mesh).
+    pub mode: Option<MtlsMode>,
+    /// Per-port overrides (`UNSET` ports are simply absent).
+    pub port_level: BTreeMap<u16, MtlsMode>,
+}
+
+/// Outbound traffic policy from Istio's `Sidecar` resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboundTrafficMode {
+    #[default]
+    AllowAny,
+    RegistryOnly,
+}
+
+/// One egress listener of a `Sidecar`: optional port and `"<ns>/<host>"` host patterns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressListener {
+    pub port: Option<u16>,
+    pub hosts: Vec<String>,
+}
+
+/// A compiled Istio `Sidecar`, as far as the L4 data plane uses it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarScope {
+    pub name: String,
+    pub namespace: String,
+    pub selector: BTreeMap<String, String>,
+    pub outbound_traffic_policy: OutboundTrafficMode,
+    pub egress: Vec<EgressListener>,
+}
+
+/// Port maps accept keys written as numbers (`80: 8080`, YAML) or strings (`"80": 8080`, the
+/// proto JSON form, where map keys are always strings).
+mod port_keys {
+    use serde::de::{Deserializer, Error, Visitor};
+    use serde::Deserialize;
+    use std::collections::BTreeMap;
+    use std::fmt;
+
+    #[derive(PartialEq, Eq, PartialOrd, Ord)]
+    struct PortKey(u16);
+
+    impl<'de> Deserialize<'de> for PortKey {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl Visitor<'_> for V {
+                type Value = PortKey;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a port number")
+                }
+                fn visit_u64<E: Error>(self, v: u64) -> Result<PortKey, E> {
+                    u16::try_from(v)
+                        .map(PortKey)
+                        .map_err(|_| E::custom(format!("{v} is not a port number")))
+                }
+                fn visit_i64<E: Error>(self, v: i64) -> Result<PortKey, E> {
+                    u16::try_from(v)
+                        .map(PortKey)
+                        .map_err(|_| E::custom(format!("{v} is not a port number")))
+                }
+                fn visit_str<E: Error>(self, v: &str) -> Result<PortKey, E> {
+                    v.parse::<u16>()
+                        .map(PortKey)
+                        .map_err(|_| E::custom(format!("{v:?} is not a port number")))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    #[derive(Deserialize)]
+    struct PortMap(BTreeMap<PortKey, u16>);
+
+    impl PortMap {
+        fn into_map(self) -> BTreeMap<u16, u16> {
+            self.0.into_iter().map(|(k, v)| (k.0, v)).collect()
+        }
+    }
+
+    pub fn flat<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u16, u16>, D::Error> {
+        Ok(PortMap::deserialize(d)?.into_map())
+    }
+
+    pub fn nested<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, BTreeMap<u16, u16>>, D::Error> {
+        let raw = BTreeMap::<String, PortMap>::deserialize(d)?;
+        Ok(raw.into_iter().map(|(k, v)| (k, v.into_map())).collect())
+    }
+}

@@ -1,0 +1,168 @@
+//! A hand-made HBONE client for security tests: TLS 1.3 (rustls, ring) with ALPN `h2` and no SNI,
+//! an optional client certificate from PEM files, then one HTTP/2 `CONNECT` stream. It does not
+//! check the server's identity (these tests are about what the server accepts).
+
+use crate::netns::Netns;
+use crate::ztunnel::CertFiles;
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// An open CONNECT stream.
+pub struct Tunnel {
+    pub status: http::StatusCode,
+    send: h2::SendStream<Bytes>,
+    recv: h2::RecvStream,
+}
+
+impl Tunnel {
+    /// Sends `payload` and reads until `payload.len()` bytes came back (or the stream ended).
+    pub async fn echo(&mut self, payload: &[u8]) -> Result<Vec<u8>> {
+        self.send
+            .send_data(Bytes::copy_from_slice(payload), false)
+            .context("sending DATA")?;
+        let mut got = Vec::new();
+        while got.len() < payload.len() {
+            match self.recv.data().await {
+                Some(chunk) => {
+                    let chunk = chunk.context("reading DATA")?;
+                    let _ = self.recv.flow_control().release_capacity(chunk.len());
+                    got.extend_from_slice(&chunk);
+                }
+                None => break,
+            }
+        }
+        Ok(got)
+    }
+}
+
+/// Connects from `ns` to `addr` (a ztunnel's HBONE port), presenting `client_cert` if any,
+/// and sends `CONNECT authority`. Returns the tunnel whatever the response status; any TLS or
+/// HTTP/2 failure (including a refused client certificate) is an error. Times out after 10 s.
+pub async fn connect(
+    ns: &Netns,
+    addr: SocketAddr,
+    client_cert: Option<&CertFiles>,
+    authority: &str,
+) -> Result<Tunnel> {
+    let config = client_config(client_cert)?;
+    let socket = ns.tcp_socket()?;
+    let authority = authority.to_string();
+    let attempt = async move {
+        let tcp = socket.connect(addr).await.context("TCP connect")?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .await
+            .context("TLS handshake")?;
+        let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
+        anyhow::ensure!(
+            alpn.as_deref() == Some(b"h2"),
+            "server negotiated ALPN {alpn:?}, expected h2"
+        );
+        let (client, conn) = h2::client::handshake(tls)
+            .await
+            .context("HTTP/2 handshake")?;
+        let conn_task = tokio::spawn(conn);
+        let mut client = client.ready().await.context("HTTP/2 ready")?;
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(authority.as_str())
+            .body(())?;
+        let (resp, send) = client.send_request(req, false).context("sending CONNECT")?;
+        let resp = match resp.await {
+            Ok(r) => r,
+            Err(e) => {
+                // Prefer the connection's error (it carries the TLS alert) when there is one.
+                conn_task.abort();
+                return Err(anyhow::Error::new(e).context("CONNECT response"));
+            }
+        };
+        let status = resp.status();
+        Ok(Tunnel {
+            status,
+            send,
+            recv: resp.into_body(),
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .context("HBONE connect timed out")?
+}
+
+fn client_config(client_cert: Option<&CertFiles>) -> Result<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
+    let mut config = match client_cert {
+        Some(files) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+                .with_context(|| format!("reading {}", files.cert.display()))?
+                .collect::<std::result::Result<_, _>>()?;
+            let key = PrivateKeyDer::from_pem_file(&files.key)
+                .with_context(|| format!("reading {}", files.key.display()))?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.enable_sni = false;
+    Ok(config)
+}
+
+/// Accepts any server certificate but still checks the handshake signatures.
+#[derive(Debug)]
+struct AnyServer(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

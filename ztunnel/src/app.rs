@@ -1,0 +1,221 @@
+//! Wiring of the running agent: load config and CA, bind the listeners, install capture, serve,
+//! rotate certificates, and drain on SIGTERM. Threading: the data plane runs on a multi-thread
+//! runtime; admin, metrics and readiness run on their own single-thread runtime.
+
+use crate::admin::{self, AdminState, Endpoint};
+use crate::capture::{self, CaptureSpec};
+use crate::cli::{CaptureMode, RunArgs};
+use crate::metrics::Metrics;
+use crate::proxy;
+use crate::socket;
+use crate::state::ProxyState;
+use anyhow::Context;
+use common::config::watch::ConfigStore;
+use common::drain::Drain;
+use common::hbone::client::{Dialer, HboneClient, PoolTimings};
+use common::hbone::H2Settings;
+use common::identity::ca::MeshCa;
+use common::identity::store::CertStore;
+use common::identity::Identity;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Removes the capture rules when the agent exits, however it exits.
+struct CaptureGuard;
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        if let Err(e) = capture::remove() {
+            tracing::error!(error = %e, "removing capture rules failed");
+        }
+    }
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let log = crate::logging::init(args.log_format, &args.log_level)?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all().thread_name("ztunnel-worker");
+    if let Some(n) = args.worker_threads {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = rt.build()?;
+    rt.block_on(run_async(args, log))
+}
+
+fn local_identities(store: &ConfigStore, node: &str) -> Vec<Identity> {
+    let snap = store.current();
+    let mut ids: Vec<Identity> = snap.local_workloads(node).map(|w| w.identity()).collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+async fn run_async(args: RunArgs, log: crate::logging::LogHandle) -> anyhow::Result<()> {
+    let snapshot = common::config::load_file(&args.config)
+        .with_context(|| format!("initial config {}", args.config.display()))?;
+    let store = Arc::new(ConfigStore::new(snapshot));
+    let _watcher = common::config::watch::spawn_file_watcher(
+        args.config.clone(),
+        store.clone(),
+        args.config_poll,
+    );
+    let ca = MeshCa::load(&args.ca_dir).context("loading the mesh CA")?;
+    let certs = Arc::new(CertStore::new(ca, args.cert_ttl)?);
+    for id in local_identities(&store, &args.node) {
+        certs.get(&id)?;
+    }
+    let metrics = Arc::new(Metrics::new());
+    let dialer: Dialer = Arc::new(|addr| Box::pin(socket::connect_marked(addr)));
+    let settings = H2Settings::default();
+    let hbone = HboneClient::new(certs.clone(), settings, PoolTimings::default(), dialer);
+    let (drain, drain_watch) = Drain::new();
+    let own_ports = vec![
+        args.outbound_addr.port(),
+        args.inbound_plaintext_addr.port(),
+        args.inbound_addr.port(),
+    ];
+    let state = Arc::new(ProxyState::new(
+        args.node.clone(),
+        store.clone(),
+        certs.clone(),
+        hbone,
+        metrics,
+        settings,
+        drain_watch,
+        own_ports,
+    ));
+
+    let outbound = socket::transparent_listener(args.outbound_addr, true)?;
+    let inbound_plain = socket::transparent_listener(args.inbound_plaintext_addr, true)?;
+    let inbound = socket::transparent_listener(args.inbound_addr, true)?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin_state = Arc::new(AdminState {
+        proxy: state.clone(),
+        log,
+        ready: ready.clone(),
+    });
+    spawn_admin_runtime(&args, admin_state)?;
+
+    let _capture = match args.capture {
+        CaptureMode::Nft => {
+            let spec = CaptureSpec::from_args(&args.capture_args)?;
+            capture::install(&spec)?;
+            Some(CaptureGuard)
+        }
+        CaptureMode::None => None,
+    };
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(proxy::serve("outbound", outbound, state.clone(), |s, t, p| {
+        proxy::outbound::handle(s, t, p)
+    }));
+    tasks.spawn(proxy::serve("inbound", inbound, state.clone(), |s, t, p| {
+        proxy::inbound::handle(s, t, p)
+    }));
+    tasks.spawn(proxy::serve(
+        "inbound_plaintext",
+        inbound_plain,
+        state.clone(),
+        |s, t, p| proxy::inbound_passthrough::handle(s, t, p),
+    ));
+    tokio::spawn(rotate_certificates(
+        store.clone(),
+        certs.clone(),
+        args.node.clone(),
+        args.cert_ttl,
+    ));
+    ready.store(true, Ordering::Release);
+    tracing::info!(
+        node = %args.node,
+        outbound = %args.outbound_addr,
+        inbound = %args.inbound_addr,
+        inbound_plaintext = %args.inbound_plaintext_addr,
+        "ztunnel ready"
+    );
+
+    wait_for_shutdown_signal().await?;
+    tracing::info!(timeout = ?args.drain_timeout, active = state.active_connections(), "draining");
+    ready.store(false, Ordering::Release);
+    drain.start();
+    let deadline = Instant::now() + args.drain_timeout;
+    while state.active_connections() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = state.active_connections();
+    if left > 0 {
+        tracing::warn!(connections = left, "drain deadline reached; closing the rest");
+    } else {
+        tracing::info!("drained");
+    }
+    tasks.abort_all();
+    Ok(())
+}
+
+async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+async fn rotate_certificates(
+    store: Arc<ConfigStore>,
+    certs: Arc<CertStore>,
+    node: String,
+    ttl: Duration,
+) {
+    let period = (ttl / 8).clamp(Duration::from_millis(200), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        let ids = local_identities(&store, &node);
+        let rotated = certs.rotate_due(&ids);
+        // New local workloads get their certificate before their first connection.
+        for id in &ids {
+            if let Err(e) = certs.get(id) {
+                tracing::error!(identity = %id, error = %e, "cannot issue certificate");
+            }
+        }
+        if rotated > 0 {
+            tracing::info!(rotated, "rotated workload certificates");
+        }
+    }
+}
+
+fn spawn_admin_runtime(args: &RunArgs, state: Arc<AdminState>) -> anyhow::Result<()> {
+    let bind = |addr| -> anyhow::Result<std::net::TcpListener> {
+        let l = socket::plain_listener(addr)?;
+        Ok(l.into_std()?)
+    };
+    // Bind here so a port clash is a startup error, not a log line.
+    let listeners = [
+        (bind(args.admin_addr)?, Endpoint::Admin),
+        (bind(args.metrics_addr)?, Endpoint::Metrics),
+        (bind(args.readiness_addr)?, Endpoint::Readiness),
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("ztunnel-admin".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let mut set = tokio::task::JoinSet::new();
+                for (l, endpoint) in listeners {
+                    match tokio::net::TcpListener::from_std(l) {
+                        Ok(l) => {
+                            set.spawn(admin::serve(l, endpoint, state.clone()));
+                        }
+                        Err(e) => tracing::error!(error = %e, "admin listener failed"),
+                    }
+                }
+                while set.join_next().await.is_some() {}
+            })
+        })?;
+    Ok(())
+}

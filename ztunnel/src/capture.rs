@@ -1,0 +1,233 @@
+//! Traffic capture on the node: the nftables TPROXY ruleset and the policy routing for the
+//! TPROXY mark (see shared/TPROXY.md for the verified recipe). Installing is idempotent (the
+//! table is replaced in one nft transaction); removing restores the node as it was.
+
+use crate::cli::CaptureArgs;
+use anyhow::{bail, Context};
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+/// Mark TPROXY sets on captured packets (value within the mask).
+pub const TPROXY_MARK: u32 = 0x400;
+pub const TPROXY_MASK: u32 = 0xfff;
+/// Routing table for locally delivering marked packets.
+pub const ROUTE_TABLE: u32 = 100;
+/// Mark on ztunnel's own upstream sockets, so no rule ever matches them (must not contain
+/// 0x400 within 0xfff, see TPROXY.md pitfall 6).
+pub const SOCKET_MARK: u32 = 0x539;
+const TABLE: &str = "ztunnel";
+
+/// What to capture.
+#[derive(Debug, Clone)]
+pub struct CaptureSpec {
+    pub pod_ifaces: Vec<String>,
+    pub pod_cidrs: Vec<ipnet::IpNet>,
+    pub outbound_port: u16,
+    pub inbound_plaintext_port: u16,
+    pub inbound_port: u16,
+}
+
+impl CaptureSpec {
+    pub fn from_args(args: &CaptureArgs) -> anyhow::Result<Self> {
+        for i in &args.pod_ifaces {
+            if i.is_empty()
+                || i.len() > 15
+                || !i
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+            {
+                bail!("--pod-iface {i:?} is not a valid interface name");
+            }
+        }
+        if args.pod_ifaces.is_empty() && args.pod_cidrs.is_empty() {
+            bail!("capture needs at least one --pod-iface or --pod-cidr");
+        }
+        Ok(CaptureSpec {
+            pod_ifaces: args.pod_ifaces.clone(),
+            pod_cidrs: args.pod_cidrs.clone(),
+            outbound_port: 15001,
+            inbound_plaintext_port: 15006,
+            inbound_port: 15008,
+        })
+    }
+
+    /// The complete nft ruleset (replaces any previous `inet ztunnel` table atomically).
+    pub fn ruleset(&self) -> String {
+        let mark = format!("meta mark set meta mark & 0xfffff000 | {TPROXY_MARK:#x}");
+        let syn = "tcp flags & (syn | ack | fin | rst) == syn";
+        let mut r = String::new();
+        // `add` + `delete` makes the replacement work whether or not the table exists.
+        r.push_str(&format!("add table inet {TABLE}\ndelete table inet {TABLE}\n"));
+        r.push_str(&format!("table inet {TABLE} {{\n"));
+        let v4: Vec<String> = self
+            .pod_cidrs
+            .iter()
+            .filter(|c| matches!(c, ipnet::IpNet::V4(_)))
+            .map(ToString::to_string)
+            .collect();
+        if !self.pod_ifaces.is_empty() {
+            let ifs: Vec<String> = self.pod_ifaces.iter().map(|i| format!("\"{i}\"")).collect();
+            r.push_str(&format!(
+                "  set pod_ifs {{ type ifname; elements = {{ {} }} }}\n",
+                ifs.join(", ")
+            ));
+        }
+        if !v4.is_empty() {
+            r.push_str(&format!(
+                "  set pod_ips {{ type ipv4_addr; flags interval; elements = {{ {} }} }}\n",
+                v4.join(", ")
+            ));
+        }
+        r.push_str("  chain prerouting {\n    type filter hook prerouting priority mangle; policy accept;\n");
+        // Segments of connections a transparent socket already owns go to that socket.
+        r.push_str(&format!(
+            "    tcp flags & (syn | ack | fin | rst) != syn socket transparent 1 {mark} accept\n"
+        ));
+        if !v4.is_empty() {
+            let from_outside = if self.pod_ifaces.is_empty() {
+                String::new()
+            } else {
+                "iifname != @pod_ifs ".to_string()
+            };
+            r.push_str(&format!(
+                "    {from_outside}ip daddr @pod_ips tcp dport {hb} {syn} tproxy ip to 127.0.0.1:{hb} {mark} accept\n",
+                hb = self.inbound_port
+            ));
+            r.push_str(&format!(
+                "    {from_outside}ip daddr @pod_ips {syn} tproxy ip to 127.0.0.1:{pt} {mark} accept\n",
+                pt = self.inbound_plaintext_port
+            ));
+            // nft's tproxy fails open: if ztunnel is down, refuse rather than bypass it.
+            r.push_str(&format!("    {from_outside}ip daddr @pod_ips {syn} drop\n"));
+        }
+        if !self.pod_ifaces.is_empty() {
+            r.push_str(&format!(
+                "    iifname @pod_ifs meta nfproto ipv4 meta l4proto tcp tproxy ip to 127.0.0.1:{} {mark} accept\n",
+                self.outbound_port
+            ));
+            r.push_str("    iifname @pod_ifs meta l4proto tcp drop\n");
+        }
+        r.push_str("  }\n}\n");
+        r
+    }
+}
+
+fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {cmd} (is it installed?)"))?;
+    if let (Some(text), Some(mut input)) = (stdin, child.stdin.take()) {
+        input.write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn rule_args(verb: &str) -> Vec<String> {
+    vec![
+        "-4".into(),
+        "rule".into(),
+        verb.into(),
+        "fwmark".into(),
+        format!("{TPROXY_MARK:#x}/{TPROXY_MASK:#x}"),
+        "lookup".into(),
+        ROUTE_TABLE.to_string(),
+    ]
+}
+
+/// Installs (or replaces) the ruleset and the policy routing. Safe to call repeatedly.
+pub fn install(spec: &CaptureSpec) -> anyhow::Result<()> {
+    run("nft", &["-f", "-"], Some(&spec.ruleset())).context("loading the nft ruleset")?;
+    let rules = run("ip", &["-4", "rule", "show"], None)?;
+    let wanted = format!("fwmark {TPROXY_MARK:#x}/{TPROXY_MASK:#x} lookup {ROUTE_TABLE}");
+    if !rules.contains(&wanted) {
+        let a = rule_args("add");
+        run("ip", &a.iter().map(String::as_str).collect::<Vec<_>>(), None)?;
+    }
+    run(
+        "ip",
+        &[
+            "-4",
+            "route",
+            "replace",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            &ROUTE_TABLE.to_string(),
+        ],
+        None,
+    )?;
+    tracing::info!(
+        pod_ifaces = ?spec.pod_ifaces,
+        pod_cidrs = ?spec.pod_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "capture rules installed"
+    );
+    Ok(())
+}
+
+/// Removes the ruleset and policy routing; absent pieces are not an error.
+pub fn remove() -> anyhow::Result<()> {
+    let _ = run("nft", &["delete", "table", "inet", TABLE], None);
+    let d = rule_args("del");
+    while run("ip", &d.iter().map(String::as_str).collect::<Vec<_>>(), None).is_ok() {}
+    let _ = run(
+        "ip",
+        &["-4", "route", "flush", "table", &ROUTE_TABLE.to_string()],
+        None,
+    );
+    tracing::info!("capture rules removed");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> CaptureSpec {
+        CaptureSpec::from_args(&CaptureArgs {
+            pod_ifaces: vec!["va".into(), "vc".into()],
+            pod_cidrs: vec!["10.244.1.2/32".parse().unwrap()],
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn ruleset_follows_the_verified_recipe() {
+        let r = spec().ruleset();
+        assert!(r.starts_with("add table inet ztunnel\ndelete table inet ztunnel\n"));
+        assert!(r.contains("elements = { \"va\", \"vc\" }"));
+        assert!(r.contains("!= syn socket transparent 1 meta mark set"));
+        assert!(r.contains("tcp dport 15008 tcp flags & (syn | ack | fin | rst) == syn tproxy ip to 127.0.0.1:15008"));
+        assert!(r.contains("tproxy ip to 127.0.0.1:15006"));
+        assert!(r.contains("iifname @pod_ifs meta nfproto ipv4 meta l4proto tcp tproxy ip to 127.0.0.1:15001"));
+        // Fail closed: the drop rules follow the tproxy rules.
+        assert!(r.find("tproxy ip to 127.0.0.1:15001").unwrap() < r.rfind("drop").unwrap());
+    }
+
+    #[test]
+    fn bad_interface_names_are_rejected() {
+        let err = CaptureSpec::from_args(&CaptureArgs {
+            pod_ifaces: vec!["va; drop".into()],
+            pod_cidrs: vec![],
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("not a valid interface name"));
+    }
+}

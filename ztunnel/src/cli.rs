@@ -1,0 +1,227 @@
+//! Command-line interface: `run` the agent, `ca init` a mesh root, `cert issue` a workload
+//! certificate (for peers such as Envoy), and `capture install|remove` the TPROXY rules.
+
+use crate::capture::CaptureSpec;
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use common::identity::ca::MeshCa;
+use common::identity::Identity;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(name = "ztunnel", version, about = "Ambient mesh node agent (TPROXY capture + HBONE)")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent.
+    Run(RunArgs),
+    /// Mesh root CA management.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Certificate tools.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+    /// Install or remove the TPROXY capture rules without running the proxy.
+    Capture {
+        #[command(subcommand)]
+        command: CaptureCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Generate a new mesh root (root-cert.pem, root-key.pem) in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = common::identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Issue a leaf certificate for a SPIFFE identity: OUT/cert.pem (leaf + root), OUT/key.pem,
+    /// OUT/ca.pem.
+    Issue {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        identity: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaptureCommand {
+    Install(CaptureArgs),
+    Remove,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CaptureMode {
+    /// nftables TPROXY rules + policy routing installed by ztunnel itself.
+    Nft,
+    /// No capture: something else steers traffic (or tests connect to the ports directly).
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CaptureArgs {
+    /// Node-side interfaces of mesh pods: their outbound TCP is captured to 15001.
+    #[arg(long = "pod-iface")]
+    pub pod_ifaces: Vec<String>,
+    /// Mesh pod addresses on this node: inbound SYNs to them are captured to 15008/15006.
+    #[arg(long = "pod-cidr")]
+    pub pod_cidrs: Vec<ipnet::IpNet>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Local configuration file (YAML); reloaded when it changes.
+    #[arg(long, env = "ZTUNNEL_CONFIG")]
+    pub config: PathBuf,
+    /// This node's name: workloads whose `node` equals it are served here.
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+    /// Directory holding the mesh root (root-cert.pem, root-key.pem).
+    #[arg(long, env = "ZTUNNEL_CA_DIR")]
+    pub ca_dir: PathBuf,
+    #[arg(long, value_enum, default_value = "none")]
+    pub capture: CaptureMode,
+    #[command(flatten)]
+    pub capture_args: CaptureArgs,
+    #[arg(long, default_value = "127.0.0.1:15001")]
+    pub outbound_addr: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:15006")]
+    pub inbound_plaintext_addr: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:15008")]
+    pub inbound_addr: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+    /// How long live connections may take to finish after SIGTERM.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Lifetime of minted workload certificates (rotated at half-life).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub cert_ttl: Duration,
+    /// How often the config file is checked for changes.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub config_poll: Duration,
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Initial log filter (tracing EnvFilter syntax); changeable at runtime via /logging.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_level: String,
+    /// Data-plane worker threads (default: number of CPUs).
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
+}
+
+/// Parses `500ms`, `5s`, `10m`, `24h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 5s, 10m, 24h"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(args) => crate::app::run(args),
+        Command::Ca {
+            command: CaCommand::Init { dir, trust_domain },
+        } => {
+            let ca = MeshCa::generate(&trust_domain)?;
+            ca.save(&dir)?;
+            println!("wrote mesh root for trust domain {trust_domain} to {}", dir.display());
+            Ok(())
+        }
+        Command::Cert {
+            command:
+                CertCommand::Issue {
+                    ca_dir,
+                    identity,
+                    out,
+                    ttl,
+                },
+        } => {
+            let ca = MeshCa::load(&ca_dir)?;
+            let id = Identity::parse(&identity)?;
+            let issued = ca.issue(&id, ttl)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;
+            std::fs::write(out.join("cert.pem"), &issued.chain_pem)?;
+            std::fs::write(out.join("key.pem"), &issued.key_pem)?;
+            std::fs::write(out.join("ca.pem"), ca.root_pem())?;
+            println!("issued {id} into {}", out.display());
+            Ok(())
+        }
+        Command::Capture { command } => match command {
+            CaptureCommand::Install(args) => {
+                let spec = CaptureSpec::from_args(&args)?;
+                crate::capture::install(&spec)?;
+                println!("capture rules installed");
+                Ok(())
+            }
+            CaptureCommand::Remove => {
+                crate::capture::remove()?;
+                println!("capture rules removed");
+                Ok(())
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("abc").is_err());
+    }
+}

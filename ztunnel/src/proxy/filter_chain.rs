@@ -1,0 +1,326 @@
+//! Outbound filter-chain selection: from (source IP, destination IP, destination port) and the
+//! config snapshot, decide where a captured connection goes. Pure logic, no I/O.
+
+use common::hbone::HBONE_PORT;
+use common::identity::Identity;
+use common::model::{Protocol, Service, Workload};
+use common::snapshot::{EgressTarget, Snapshot};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+/// Where a captured outbound connection goes.
+#[derive(Debug, Clone)]
+pub enum Chain {
+    /// The destination (or its service) has a waypoint: tunnel to the waypoint with the
+    /// original destination as authority.
+    Waypoint {
+        waypoint: SocketAddr,
+        identity: Identity,
+        authority: SocketAddr,
+        service: Option<Arc<Service>>,
+        workload: Option<Arc<Workload>>,
+    },
+    /// A mesh workload on another node: tunnel to its node's ztunnel (`<pod IP>:15008`).
+    Hbone {
+        workload: Arc<Workload>,
+        target: SocketAddr,
+        service: Option<Arc<Service>>,
+    },
+    /// A mesh workload on this node: delivered in-process (inbound policy still applies).
+    Local {
+        workload: Arc<Workload>,
+        target: SocketAddr,
+        service: Option<Arc<Service>>,
+    },
+    /// A known workload outside the mesh (protocol TCP): plain TCP to it.
+    Tcp {
+        workload: Arc<Workload>,
+        target: SocketAddr,
+        service: Option<Arc<Service>>,
+    },
+    /// Not in the registry: plain TCP to the original destination.
+    Passthrough { target: SocketAddr },
+}
+
+impl Chain {
+    /// The filter-chain name used in logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Chain::Waypoint { .. } => "outbound_waypoint",
+            Chain::Hbone { .. } => "outbound_hbone",
+            Chain::Local { .. } => "outbound_local",
+            Chain::Tcp { .. } => "outbound_tcp",
+            Chain::Passthrough { .. } => "passthrough",
+        }
+    }
+
+    pub fn service(&self) -> Option<&Arc<Service>> {
+        match self {
+            Chain::Waypoint { service, .. }
+            | Chain::Hbone { service, .. }
+            | Chain::Local { service, .. }
+            | Chain::Tcp { service, .. } => service.as_ref(),
+            Chain::Passthrough { .. } => None,
+        }
+    }
+
+    pub fn workload(&self) -> Option<&Arc<Workload>> {
+        match self {
+            Chain::Hbone { workload, .. }
+            | Chain::Local { workload, .. }
+            | Chain::Tcp { workload, .. } => Some(workload),
+            Chain::Waypoint { workload, .. } => workload.as_ref(),
+            Chain::Passthrough { .. } => None,
+        }
+    }
+}
+
+/// Why a captured connection is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("source {0} is not a mesh workload on this node")]
+    UnknownSource(IpAddr),
+    #[error("destination {0} is not in the registry (REGISTRY_ONLY)")]
+    RegistryOnly(SocketAddr),
+    #[error("service {service} has no healthy endpoint for port {port}")]
+    NoEndpoint { service: String, port: u16 },
+    #[error("destination {0} is one of ztunnel's own ports (loop)")]
+    Loop(SocketAddr),
+    #[error("waypoint {0} of the destination is not a known workload")]
+    UnknownWaypoint(String),
+}
+
+/// Picks the chain. `pick(n)` chooses among `n` endpoints (round robin in production).
+pub fn select(
+    snap: &Snapshot,
+    node: &str,
+    src: SocketAddr,
+    dst: SocketAddr,
+    own_ports: &[u16],
+    pick: impl FnOnce(&str, usize) -> usize,
+) -> Result<(Arc<Workload>, Chain), Refusal> {
+    let source = snap
+        .workload_by_ip(src.ip())
+        .filter(|w| w.node == node)
+        .cloned()
+        .ok_or(Refusal::UnknownSource(src.ip()))?;
+
+    if let Some(svc) = snap.service_by_vip(dst.ip()) {
+        if !snap.egress_allowed(&source, EgressTarget::Service(svc), dst.port()) {
+            return Err(Refusal::RegistryOnly(dst));
+        }
+        if let Some(wp) = &svc.waypoint {
+            return waypoint_chain(wp, dst, Some(svc.clone()), None).map(|c| (source, c));
+        }
+        let endpoints = snap.endpoints(svc, dst.port());
+        if endpoints.is_empty() {
+            return Err(Refusal::NoEndpoint {
+                service: svc.hostname.clone(),
+                port: dst.port(),
+            });
+        }
+        let ep = &endpoints[pick(&svc.key(), endpoints.len()) % endpoints.len()];
+        let ip = ep
+            .workload
+            .workload_ips
+            .first()
+            .copied()
+            .ok_or_else(|| Refusal::NoEndpoint {
+                service: svc.hostname.clone(),
+                port: dst.port(),
+            })?;
+        let chain = workload_chain(
+            node,
+            ep.workload.clone(),
+            SocketAddr::new(ip, ep.target_port),
+            Some(svc.clone()),
+        );
+        return Ok((source, chain));
+    }
+
+    if let Some(w) = snap.workload_by_ip(dst.ip()) {
+        if !snap.egress_allowed(&source, EgressTarget::Workload(w), dst.port()) {
+            return Err(Refusal::RegistryOnly(dst));
+        }
+        if let Some(wp) = &w.waypoint {
+            // Traffic from the waypoint itself must not loop back to it.
+            if !wp.destination.ends_with(&format!("/{}", src.ip())) {
+                return waypoint_chain(wp, dst, None, Some(w.clone())).map(|c| (source, c));
+            }
+        }
+        return Ok((source, workload_chain(node, w.clone(), dst, None)));
+    }
+
+    if own_ports.contains(&dst.port()) && (dst.ip().is_loopback() || dst.port() == HBONE_PORT) {
+        return Err(Refusal::Loop(dst));
+    }
+    if !snap.egress_allowed(&source, EgressTarget::Unknown, dst.port()) {
+        return Err(Refusal::RegistryOnly(dst));
+    }
+    Ok((source, Chain::Passthrough { target: dst }))
+}
+
+fn workload_chain(
+    node: &str,
+    workload: Arc<Workload>,
+    target: SocketAddr,
+    service: Option<Arc<Service>>,
+) -> Chain {
+    match workload.protocol {
+        Protocol::Hbone if workload.node == node => Chain::Local {
+            workload,
+            target,
+            service,
+        },
+        Protocol::Hbone => Chain::Hbone {
+            workload,
+            target,
+            service,
+        },
+        Protocol::Tcp => Chain::Tcp {
+            workload,
+            target,
+            service,
+        },
+    }
+}
+
+fn waypoint_chain(
+    wp: &common::model::GatewayAddress,
+    authority: SocketAddr,
+    service: Option<Arc<Service>>,
+    workload: Option<Arc<Workload>>,
+) -> Result<Chain, Refusal> {
+    let ip: IpAddr = wp
+        .destination
+        .rsplit('/')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Refusal::UnknownWaypoint(wp.destination.clone()))?;
+    let identity = wp
+        .identity
+        .clone()
+        .ok_or_else(|| Refusal::UnknownWaypoint(wp.destination.clone()))?;
+    Ok(Chain::Waypoint {
+        waypoint: SocketAddr::new(ip, wp.hbone_mtls_port),
+        identity,
+        authority,
+        service,
+        workload,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+workloads:
+- {uid: a, name: a, namespace: default, serviceAccount: sa-a, workloadIps: [10.244.1.2], protocol: HBONE, node: n1, labels: {run: client}}
+- {uid: c, name: c, namespace: default, serviceAccount: sa-c, workloadIps: [10.244.1.3], protocol: HBONE, node: n1}
+- {uid: b, name: b, namespace: default, serviceAccount: sa-b, workloadIps: [10.244.2.2], protocol: HBONE, node: n2, services: {"default/echo.default.svc.cluster.local": {8080: 9000}}}
+- {uid: d, name: d, namespace: default, serviceAccount: sa-d, workloadIps: [10.244.2.3], protocol: HBONE, node: n2, services: {"default/echo.default.svc.cluster.local": {8080: 9000}}}
+- {uid: t, name: t, namespace: default, workloadIps: [10.244.2.9], protocol: TCP, node: n2}
+- {uid: w, name: wp, namespace: default, serviceAccount: waypoint, workloadIps: [10.244.2.50], protocol: HBONE, node: n2}
+services:
+- {name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: ["/10.96.0.10"], ports: {8080: 9000}}
+- {name: l7, namespace: default, hostname: l7.default.svc.cluster.local, vips: ["/10.96.0.20"], ports: {80: 8080}, waypoint: {destination: "/10.244.2.50", hboneMtlsPort: 15006}}
+"#;
+
+    fn snap(extra: &str) -> Snapshot {
+        common::config::load_str(&format!("{CONFIG}{extra}"), "test.yaml").unwrap()
+    }
+
+    fn sel(s: &Snapshot, src: &str, dst: &str) -> Result<Chain, Refusal> {
+        select(
+            s,
+            "n1",
+            src.parse().unwrap(),
+            dst.parse().unwrap(),
+            &[15001, 15006, 15008],
+            |_, _| 1,
+        )
+        .map(|(_, c)| c)
+    }
+
+    #[test]
+    fn vip_picks_endpoint_and_maps_target_port() {
+        let c = sel(&snap(""), "10.244.1.2:5000", "10.96.0.10:8080").unwrap();
+        match c {
+            Chain::Hbone {
+                target, service, ..
+            } => {
+                assert_eq!(target, "10.244.2.3:9000".parse().unwrap());
+                assert_eq!(service.unwrap().name, "echo");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn same_node_workload_is_local_and_tcp_workload_is_plain() {
+        let s = snap("");
+        assert!(matches!(
+            sel(&s, "10.244.1.2:5000", "10.244.1.3:9000").unwrap(),
+            Chain::Local { .. }
+        ));
+        assert!(matches!(
+            sel(&s, "10.244.1.2:5000", "10.244.2.9:80").unwrap(),
+            Chain::Tcp { .. }
+        ));
+    }
+
+    #[test]
+    fn service_with_waypoint_goes_to_waypoint_with_vip_authority() {
+        match sel(&snap(""), "10.244.1.2:5000", "10.96.0.20:80").unwrap() {
+            Chain::Waypoint {
+                waypoint,
+                identity,
+                authority,
+                ..
+            } => {
+                assert_eq!(waypoint, "10.244.2.50:15006".parse().unwrap());
+                assert_eq!(identity.service_account, "waypoint");
+                assert_eq!(authority, "10.96.0.20:80".parse().unwrap());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_destination_passes_through_unless_registry_only() {
+        let s = snap("");
+        assert!(matches!(
+            sel(&s, "10.244.1.2:5000", "10.0.0.2:7000").unwrap(),
+            Chain::Passthrough { .. }
+        ));
+        let strict = snap("meshConfig: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}\n");
+        assert_eq!(
+            sel(&strict, "10.244.1.2:5000", "10.0.0.2:7000").unwrap_err(),
+            Refusal::RegistryOnly("10.0.0.2:7000".parse().unwrap())
+        );
+        // Known services stay reachable under REGISTRY_ONLY.
+        assert!(sel(&strict, "10.244.1.2:5000", "10.96.0.10:8080").is_ok());
+    }
+
+    #[test]
+    fn unknown_source_port_without_endpoints_and_loops_are_refused() {
+        let s = snap("");
+        assert!(matches!(
+            sel(&s, "10.244.9.9:5000", "10.96.0.10:8080"),
+            Err(Refusal::UnknownSource(_))
+        ));
+        assert!(matches!(
+            sel(&s, "10.244.2.2:5000", "10.96.0.10:8080"),
+            Err(Refusal::UnknownSource(_))
+        ));
+        assert!(matches!(
+            sel(&s, "10.244.1.2:5000", "10.96.0.10:9999"),
+            Err(Refusal::NoEndpoint { .. })
+        ));
+        assert!(matches!(
+            sel(&s, "10.244.1.2:5000", "127.0.0.1:15001"),
+            Err(Refusal::Loop(_))
+        ));
+    }
+}

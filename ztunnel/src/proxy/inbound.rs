@@ -1,0 +1,173 @@
+//! Inbound HBONE (15008): terminate mTLS presenting the certificate of the pod the connection
+//! was addressed to, extract the peer identity, and for each CONNECT stream check the authority,
+//! apply L4 policy and connect to the pod with the original client IP.
+
+use super::access_log::AccessLog;
+use crate::metrics::{Reporter, SecurityPolicy, TcpLabels};
+use crate::state::ProxyState;
+use common::copy::copy_tcp_h2;
+use common::hbone::server::{serve_connection, IncomingConnect};
+use common::hbone::{forwarded_for, headers};
+use common::identity::Identity;
+use common::model::Protocol;
+use common::tls;
+use http::StatusCode;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr) {
+    let local = match stream.local_addr() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    let refuse = |why: String, stream: TcpStream| {
+        state.metrics.refused.inc();
+        let mut log = AccessLog::new("inbound_hbone_refused", peer, local);
+        log.error = Some(why);
+        log.emit();
+        super::reset(stream);
+    };
+    let snap = state.config.current();
+    let Some(dst) = super::local_workload(&snap, &state.node, local.ip())
+        .filter(|w| w.protocol == Protocol::Hbone)
+    else {
+        refuse(format!("{} is not a mesh workload on this node", local.ip()), stream);
+        return;
+    };
+    drop(snap);
+    let cert = match state.certs.get(&dst.identity()) {
+        Ok(c) => c,
+        Err(e) => {
+            refuse(format!("no certificate for {}: {e}", dst.identity()), stream);
+            return;
+        }
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config.clone());
+    let tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            state.metrics.refused.inc();
+            let mut log = AccessLog::new("inbound_hbone_refused", peer, local);
+            log.error = Some(format!("TLS handshake failed: {e}"));
+            log.emit();
+            return;
+        }
+        Err(_) => {
+            state.metrics.refused.inc();
+            tracing::info!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let peer_id = match tls::peer_identity(tls_stream.get_ref().1.peer_certificates()) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::info!(%peer, error = %e, "peer has no identity");
+            return;
+        }
+    };
+    let st = state.clone();
+    let pid = peer_id.clone();
+    let result = serve_connection(tls_stream, state.settings, state.drain.clone(), move |req| {
+        handle_stream(st.clone(), peer, local, pid.clone(), req)
+    })
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(%peer, peer_identity = %peer_id, error = %e, "HBONE connection ended with error");
+    }
+}
+
+async fn handle_stream(
+    state: Arc<ProxyState>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    peer_id: Identity,
+    req: IncomingConnect,
+) {
+    let _guard = state.track();
+    let target = req.authority;
+    let client = req
+        .headers
+        .get(headers::FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(forwarded_for)
+        .unwrap_or(peer);
+    let mut log = AccessLog::new("inbound_hbone", client, target);
+    log.peer_identity = Some(peer_id.clone());
+    log.upstream = Some(target);
+    let snap = state.config.current();
+    let reject = |status: StatusCode, why: String, req: IncomingConnect, mut log: AccessLog| {
+        state.metrics.refused.inc();
+        log.error = Some(format!("{status}: {why}"));
+        log.emit();
+        req.reject(status);
+    };
+    if target.ip() != local.ip() {
+        reject(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "authority {target} does not match the address the connection arrived on ({})",
+                local.ip()
+            ),
+            req,
+            log,
+        );
+        return;
+    }
+    let Some(dst) = super::local_workload(&snap, &state.node, target.ip()) else {
+        reject(
+            StatusCode::BAD_REQUEST,
+            format!("{} is not a workload on this node", target.ip()),
+            req,
+            log,
+        );
+        return;
+    };
+    log.dst_workload = Some(dst.name.clone());
+    if let Err(denied) = super::authorize(&snap, &dst, target, client.ip(), Some(&peer_id)) {
+        reject(StatusCode::UNAUTHORIZED, denied.to_string(), req, log);
+        return;
+    }
+    let source = snap.workload_by_ip(client.ip()).cloned();
+    log.src_workload = source.as_ref().map(|w| w.name.clone());
+    let labels = TcpLabels::new(
+        Reporter::destination,
+        source.as_deref(),
+        Some(&peer_id),
+        Some(&dst),
+        None,
+        SecurityPolicy::mutual_tls,
+    );
+    drop(snap);
+    let upstream = match super::connect_to_pod(client.ip(), target).await {
+        Ok(u) => u,
+        Err(e) => {
+            reject(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("connect {target}: {e}"),
+                req,
+                log,
+            );
+            return;
+        }
+    };
+    let tunnel = match req.accept() {
+        Ok(t) => t,
+        Err(e) => {
+            log.error = Some(format!("stream closed before answer: {e}"));
+            log.emit();
+            return;
+        }
+    };
+    let recorder = state.metrics.open(labels);
+    // tcp→h2 is pod→client (Istio "sent"), h2→tcp is client→pod ("received").
+    let r = copy_tcp_h2(upstream, tunnel).await;
+    recorder.close(r.received, r.sent);
+    log.received = r.received;
+    log.sent = r.sent;
+    log.error = r.error.map(|e| e.to_string());
+    log.emit();
+}

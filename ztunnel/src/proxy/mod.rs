@@ -1,0 +1,103 @@
+//! The data-plane listeners and what they share: the accept loop, delivery to a local pod
+//! (used by every inbound path), refusal with a TCP reset, and the per-connection access log.
+//!
+//! - `outbound`: 15001, captured pod egress → filter chain → HBONE / local / passthrough.
+//! - `inbound`: 15008, HBONE termination → policy → pod (client IP preserved).
+//! - `inbound_passthrough`: 15006, plaintext to a local pod → PeerAuthentication + policy → pod.
+
+pub mod access_log;
+pub mod filter_chain;
+pub mod inbound;
+pub mod inbound_passthrough;
+pub mod outbound;
+
+use crate::socket;
+use crate::state::ProxyState;
+use common::identity::Identity;
+use common::model::Workload;
+use common::policy::{self, ConnectionInfo, Denied};
+use common::snapshot::Snapshot;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Accepts until drain; each connection runs `handler` on its own task, tracked for drain.
+pub async fn serve<F, Fut>(name: &'static str, listener: TcpListener, state: Arc<ProxyState>, handler: F)
+where
+    F: Fn(Arc<ProxyState>, TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut drain = state.drain.clone();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = drain.signaled() => {
+                tracing::info!(listener = name, "draining: no longer accepting");
+                return;
+            }
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let guard = state.track();
+                let fut = handler(state.clone(), stream, peer);
+                tokio::spawn(async move {
+                    fut.await;
+                    drop(guard);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(listener = name, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Closes a connection with a TCP reset, so the client sees a refusal rather than EOF.
+pub fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+    drop(stream);
+}
+
+/// L4 authorization of a connection to a local workload.
+pub fn authorize(
+    snap: &Snapshot,
+    dst: &Workload,
+    target: SocketAddr,
+    src_ip: IpAddr,
+    identity: Option<&Identity>,
+) -> Result<(), Denied> {
+    policy::authorize(
+        snap,
+        &ConnectionInfo {
+            src_ip,
+            src_identity: identity,
+            dst,
+            dst_ip: target.ip(),
+            dst_port: target.port(),
+        },
+    )
+}
+
+/// Opens the connection to a local pod, with the client's IP as source where possible.
+pub async fn connect_to_pod(client: IpAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
+    match socket::connect_spoofed(client, target).await {
+        Ok(s) => Ok(s),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err(e),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err(e),
+        Err(e) => {
+            tracing::warn!(%client, %target, error = %e, "cannot preserve the client IP; connecting from the node");
+            socket::connect_marked(target).await
+        }
+    }
+}
+
+/// The local mesh workload owning `ip` on this node, if any.
+pub fn local_workload(snap: &Snapshot, node: &str, ip: IpAddr) -> Option<Arc<Workload>> {
+    snap.workload_by_ip(ip)
+        .filter(|w| w.node == node)
+        .cloned()
+}

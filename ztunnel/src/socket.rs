@@ -1,0 +1,66 @@
+//! Socket plumbing: transparent capture listeners, marked upstream sockets that are never
+//! captured again, and upstream connections that spoof the original client's address.
+
+use crate::capture::SOCKET_MARK;
+use socket2::{Domain, Protocol, Socket, Type};
+use std::io;
+use std::net::SocketAddr;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// A listener with `IP_TRANSPARENT`, so TPROXY can hand it connections for any destination;
+/// `local_addr()` of each accepted socket is the original destination.
+pub fn transparent_listener(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if transparent {
+        s.set_ip_transparent(true).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("IP_TRANSPARENT on {addr} (needs CAP_NET_ADMIN): {e}"),
+            )
+        })?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
+    s.listen(4096)?;
+    TcpListener::from_std(s.into())
+}
+
+/// A plain listener (admin, metrics, readiness).
+pub fn plain_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    transparent_listener(addr, false)
+}
+
+fn upstream_socket(dst: SocketAddr, mark: bool) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+    if mark {
+        // Needs CAP_NET_ADMIN; without it (tests on loopback) the socket works unmarked.
+        if let Err(e) = s.set_mark(SOCKET_MARK) {
+            tracing::debug!(error = %e, "SO_MARK not set");
+        }
+    }
+    s.set_nodelay(true)?;
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+/// Connects from the node's own address, marked so capture rules never match it.
+pub async fn connect_marked(dst: SocketAddr) -> io::Result<TcpStream> {
+    let s = upstream_socket(dst, true)?;
+    let sock = TcpSocket::from_std_stream(s.into());
+    sock.connect(dst).await
+}
+
+/// Connects to a local pod with the original client's address as source (`IP_TRANSPARENT` +
+/// bind), so the pod sees the real client. The pod's replies reach this socket through the
+/// `socket transparent` capture rule.
+pub async fn connect_spoofed(src: std::net::IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
+    let s = upstream_socket(dst, true)?;
+    s.set_ip_transparent(true)?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::new(src, 0).into())
+        .map_err(|e| io::Error::new(e.kind(), format!("bind {src} for spoofing: {e}")))?;
+    let sock = TcpSocket::from_std_stream(s.into());
+    sock.connect(dst).await
+}
