@@ -69,21 +69,16 @@ pub async fn connect(
         let (client, conn) = h2::client::handshake(tls)
             .await
             .context("HTTP/2 handshake")?;
-        let conn_task = tokio::spawn(conn);
+        // The connection task ends by itself once the client and all streams are dropped.
+        tokio::spawn(conn);
         let mut client = client.ready().await.context("HTTP/2 ready")?;
         let req = http::Request::builder()
             .method(http::Method::CONNECT)
             .uri(authority.as_str())
             .body(())?;
         let (resp, send) = client.send_request(req, false).context("sending CONNECT")?;
-        let resp = match resp.await {
-            Ok(r) => r,
-            Err(e) => {
-                // Prefer the connection's error (it carries the TLS alert) when there is one.
-                conn_task.abort();
-                return Err(anyhow::Error::new(e).context("CONNECT response"));
-            }
-        };
+        // A refused client certificate surfaces here, as the TLS alert the server sent.
+        let resp = resp.await.context("CONNECT response")?;
         let status = resp.status();
         Ok(Tunnel {
             status,

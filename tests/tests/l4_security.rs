@@ -149,6 +149,11 @@ async fn permissive_mode_admits_plaintext() {
         IpAddr::from([10, 0, 0, 1]),
         "b must see the real client (node n1)"
     );
+    // It landed on n2's ztunnel (inbound plaintext capture), not straight on the pod.
+    mesh.ztunnel("n2")
+        .wait_log_line(&["10.0.0.1", "10.244.2.2:9000"], Duration::from_secs(5))
+        .await
+        .unwrap();
 }
 
 /// Issues a certificate for pod a's identity from `ca` into `<dir>/<name>`.

@@ -98,6 +98,11 @@ async fn unknown_destination_passes_through() {
         .wait_records(1, Duration::from_secs(5))
         .await
         .unwrap();
+    // It went through n1's ztunnel (captured), not around it.
+    mesh.ztunnel("n1")
+        .wait_log_line(&["10.244.1.2", "10.0.0.2:7000"], Duration::from_secs(5))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,6 +174,11 @@ async fn same_node_pod_to_pod() {
         .await
         .unwrap();
     assert_eq!(reply.peer.ip(), POD_A, "c must see a's pod IP");
+    // It went through n1's ztunnel (captured), not straight over the node's routes.
+    mesh.ztunnel("n1")
+        .wait_log_line(&["10.244.1.2", "10.244.1.3:9000"], Duration::from_secs(5))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,8 +8,8 @@
 use super::walk::{addresses, join, labels, mapping, plain, port, ports, sequence, string, Obj, R};
 use super::{Collected, FieldError, Origin};
 use crate::model::{
-    AddressMatch, Authorization, Clause, EgressListener, MtlsMode, OutboundTrafficMode,
-    PeerAuthentication, PolicyAction, PolicyScope, Rule, RuleMatch, SidecarScope, StringMatch,
+    Authorization, Clause, EgressListener, MtlsMode, OutboundTrafficMode, PeerAuthentication,
+    PolicyAction, PolicyScope, Rule, RuleMatch, SidecarScope, StringMatch,
 };
 use serde_yaml::{Mapping, Value};
 use std::collections::BTreeMap;
@@ -298,7 +298,8 @@ fn compile_source(v: &Value, path: &str, l7: &mut bool) -> R<RuleMatch> {
     }
     for (key, not) in [("serviceAccounts", false), ("notServiceAccounts", true)] {
         let accounts = o.strings(key)?;
-        if !accounts.is_empty() && !(m.principals.is_empty() && m.not_principals.is_empty()) {
+        let has_principals = !m.principals.is_empty() || !m.not_principals.is_empty();
+        if !accounts.is_empty() && has_principals {
             return Err(FieldError::new(
                 join(path, key),
                 "cannot be combined with principals/notPrincipals in one source",
