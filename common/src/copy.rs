@@ -141,14 +141,19 @@ mod tests {
 
     #[tokio::test]
     async fn tcp_copy_honours_half_close_and_counts() {
+        // Small pipe buffers so the copy has to work through back-pressure.
         let (client, proxy_a) = tokio::io::duplex(1024);
         let (proxy_b, mut server) = tokio::io::duplex(1024);
         let task = tokio::spawn(copy_tcp_tcp(proxy_a, proxy_b));
         let (mut cr, mut cw) = tokio::io::split(client);
-        cw.write_all(&[7u8; 10_000]).await.unwrap();
-        cw.shutdown().await.unwrap();
+        let writer = tokio::spawn(async move {
+            cw.write_all(&[7u8; 10_000]).await.unwrap();
+            cw.shutdown().await.unwrap();
+            cw
+        });
         let mut got = Vec::new();
         server.read_to_end(&mut got).await.unwrap();
+        let _cw = writer.await.unwrap();
         assert_eq!(got.len(), 10_000);
         // The server can still answer after the client's half-close.
         server.write_all(b"reply").await.unwrap();

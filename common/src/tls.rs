@@ -5,7 +5,9 @@ use crate::identity::Identity;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
+};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime};
 use std::sync::Arc;
 
@@ -227,7 +229,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         let ids = identities_of(end_entity).map_err(tls_err)?;
         if ids
             .iter()
-            .any(|id| self.trust_domains.iter().any(|td| *td == id.trust_domain))
+            .any(|id| self.trust_domains.contains(&id.trust_domain))
         {
             Ok(ClientCertVerified::assertion())
         } else {
@@ -319,6 +321,18 @@ pub fn server_config(
         .with_single_cert(chain, key)?;
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(cfg)
+}
+
+/// Read buffer under a TLS session. rustls reads at most one record (often 4 KiB) per call;
+/// a large buffer below it turns those into one big socket read per wake-up.
+pub const TRANSPORT_READ_BUFFER: usize = 256 * 1024;
+/// How much encrypted data rustls may queue before a write waits for the socket; large, so
+/// one `writev` carries many records.
+pub const TLS_SEND_BUFFER_LIMIT: usize = 1024 * 1024;
+
+/// Wraps a socket for use under rustls (see [`TRANSPORT_READ_BUFFER`]).
+pub fn buffered<T: tokio::io::AsyncRead>(io: T) -> tokio::io::BufReader<T> {
+    tokio::io::BufReader::with_capacity(TRANSPORT_READ_BUFFER, io)
 }
 
 /// The server name handed to rustls: an IP literal, which is never sent as SNI.

@@ -17,6 +17,37 @@ pub async fn http_request(
     addr: SocketAddr,
     path: &str,
 ) -> Result<(u16, String)> {
+    let r = http_exchange(ns, method, addr, path).await?;
+    Ok((r.status, r.body))
+}
+
+/// A whole HTTP/1.x response.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names lower-cased, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Like [`http_request`], returning the headers too.
+pub async fn http_exchange(
+    ns: &Netns,
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<HttpResponse> {
     let what = format!("HTTP {method} http://{addr}{path} in netns {}", ns.name());
     let method = method.to_string();
     let path = path.to_string();
@@ -29,7 +60,20 @@ pub async fn http_request(
             s.write_all(req.as_bytes()).await?;
             let mut resp = Vec::new();
             s.read_to_end(&mut resp).await?;
-            parse_http_response(&resp)
+            let (status, body) = parse_http_response(&resp)?;
+            let text = String::from_utf8_lossy(&resp);
+            let head = text.split_once("\r\n\r\n").map_or("", |(h, _)| h);
+            let headers = head
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                .collect();
+            anyhow::Ok(HttpResponse {
+                status,
+                headers,
+                body,
+            })
         };
         tokio::time::timeout(Duration::from_secs(10), attempt)
             .await

@@ -38,7 +38,10 @@ pub fn envoy_bin() -> Result<PathBuf> {
         return Ok(p);
     }
     let from_python = Command::new("python3")
-        .args(["-c", "import envoy,os;print(os.path.dirname(envoy.__file__))"])
+        .args([
+            "-c",
+            "import envoy,os;print(os.path.dirname(envoy.__file__))",
+        ])
         .stderr(Stdio::null())
         .output()
         .ok()
@@ -313,7 +316,12 @@ fn client_listener(c: &HboneClient, log: &str) -> String {
         let hs: Vec<String> = c
             .headers
             .iter()
-            .map(|(k, v)| format!("{{ header: {{ key: \"{k}\", value: '{}' }} }}", v.replace('\'', "''")))
+            .map(|(k, v)| {
+                format!(
+                    "{{ header: {{ key: \"{k}\", value: '{}' }} }}",
+                    v.replace('\'', "''")
+                )
+            })
             .collect();
         headers = format!(", headers_to_add: [{}]", hs.join(", "));
     }
@@ -424,9 +432,7 @@ impl EnvoyProcess {
                 Ok((200, _)) => match self.admin("/listeners").await {
                     // `/listeners` prints `name::address` once a listener is bound.
                     Ok((200, body))
-                        if listeners
-                            .iter()
-                            .all(|l| body.contains(&format!("::{l}"))) =>
+                        if listeners.iter().all(|l| body.contains(&format!("::{l}"))) =>
                     {
                         return Ok(())
                     }

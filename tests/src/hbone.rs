@@ -1,6 +1,7 @@
 //! A hand-made HBONE client for security tests: TLS 1.3 (rustls, ring) with ALPN `h2` and no SNI,
-//! an optional client certificate from PEM files, then one HTTP/2 `CONNECT` stream. It does not
-//! check the server's identity (these tests are about what the server accepts).
+//! an optional client certificate from PEM files, then HTTP/2 `CONNECT` streams — one with
+//! [`connect`], or any number of arbitrary requests on one connection with [`HboneConnection`].
+//! It does not check the server's identity (these tests are about what the server accepts).
 
 use crate::netns::Netns;
 use crate::ztunnel::CertFiles;
@@ -23,6 +24,26 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
+    /// Half-closes (END_STREAM) and reads whatever comes back until the peer ends the stream
+    /// too.
+    pub async fn finish(mut self) -> Result<Vec<u8>> {
+        self.send
+            .send_data(Bytes::new(), true)
+            .context("sending END_STREAM")?;
+        let mut rest = Vec::new();
+        while let Some(chunk) = self.recv.data().await {
+            let chunk = chunk.context("reading DATA")?;
+            let _ = self.recv.flow_control().release_capacity(chunk.len());
+            rest.extend_from_slice(&chunk);
+        }
+        Ok(rest)
+    }
+
+    /// True when the response ended the stream (an error status: no tunnel follows).
+    pub fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
     /// Sends `payload` and reads until `payload.len()` bytes came back (or the stream ended).
     pub async fn echo(&mut self, payload: &[u8]) -> Result<Vec<u8>> {
         self.send
@@ -52,43 +73,92 @@ pub async fn connect(
     client_cert: Option<&CertFiles>,
     authority: &str,
 ) -> Result<Tunnel> {
-    let config = client_config(client_cert)?;
-    let socket = ns.tcp_socket()?;
-    let authority = authority.to_string();
-    let attempt = async move {
-        let tcp = socket.connect(addr).await.context("TCP connect")?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-            .await
-            .context("TLS handshake")?;
-        let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
-        anyhow::ensure!(
-            alpn.as_deref() == Some(b"h2"),
-            "server negotiated ALPN {alpn:?}, expected h2"
-        );
-        let (client, conn) = h2::client::handshake(tls)
-            .await
-            .context("HTTP/2 handshake")?;
+    let attempt = async {
+        let mut conn = HboneConnection::open(ns, addr, client_cert).await?;
         // The connection task ends by itself once the client and all streams are dropped.
-        tokio::spawn(conn);
-        let mut client = client.ready().await.context("HTTP/2 ready")?;
-        let req = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri(authority.as_str())
-            .body(())?;
-        let (resp, send) = client.send_request(req, false).context("sending CONNECT")?;
-        // A refused client certificate surfaces here, as the TLS alert the server sent.
-        let resp = resp.await.context("CONNECT response")?;
-        let status = resp.status();
-        Ok(Tunnel {
-            status,
-            send,
-            recv: resp.into_body(),
-        })
+        conn.connect(authority).await
     };
     tokio::time::timeout(Duration::from_secs(10), attempt)
         .await
         .context("HBONE connect timed out")?
+}
+
+/// One mTLS HTTP/2 connection to an HBONE server on which a test sends whatever requests it
+/// likes, one stream each (to check that a bad stream leaves the others alone).
+pub struct HboneConnection {
+    client: h2::client::SendRequest<Bytes>,
+    driver: tokio::task::JoinHandle<std::result::Result<(), h2::Error>>,
+}
+
+impl HboneConnection {
+    /// TCP + TLS 1.3 (ALPN h2, no SNI, `client_cert` if any) + HTTP/2 handshake from `ns` to
+    /// `addr`. Times out after 10 s.
+    pub async fn open(
+        ns: &Netns,
+        addr: SocketAddr,
+        client_cert: Option<&CertFiles>,
+    ) -> Result<HboneConnection> {
+        let config = client_config(client_cert)?;
+        let socket = ns.tcp_socket()?;
+        let attempt = async move {
+            let tcp = socket.connect(addr).await.context("TCP connect")?;
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+                .await
+                .context("TLS handshake")?;
+            let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
+            anyhow::ensure!(
+                alpn.as_deref() == Some(b"h2"),
+                "server negotiated ALPN {alpn:?}, expected h2"
+            );
+            let (client, conn) = h2::client::handshake(tls)
+                .await
+                .context("HTTP/2 handshake")?;
+            let driver = tokio::spawn(conn);
+            Ok(HboneConnection { client, driver })
+        };
+        tokio::time::timeout(Duration::from_secs(10), attempt)
+            .await
+            .context("HBONE connection timed out")?
+    }
+
+    /// Sends `CONNECT authority` on a new stream; returns the tunnel whatever the status.
+    pub async fn connect(&mut self, authority: &str) -> Result<Tunnel> {
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(authority)
+            .body(())?;
+        self.request(req, false).await
+    }
+
+    /// Sends any request on a new stream (`end_stream`: no request body follows) and waits for
+    /// the response head. Times out after 10 s.
+    pub async fn request(&mut self, req: http::Request<()>, end_stream: bool) -> Result<Tunnel> {
+        let what = format!("{} {}", req.method(), req.uri());
+        let attempt = async {
+            let mut client = self.client.clone().ready().await.context("HTTP/2 ready")?;
+            let (resp, send) = client
+                .send_request(req, end_stream)
+                .context("sending request")?;
+            // A refused client certificate surfaces here, as the TLS alert the server sent.
+            let resp = resp.await.context("response")?;
+            let status = resp.status();
+            anyhow::Ok(Tunnel {
+                status,
+                send,
+                recv: resp.into_body(),
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(10), attempt)
+            .await
+            .with_context(|| format!("{what}: no response within 10 s"))?
+            .with_context(|| what)
+    }
+
+    /// True once the HTTP/2 connection is gone (GOAWAY + close, reset, protocol error).
+    pub fn is_closed(&self) -> bool {
+        self.driver.is_finished()
+    }
 }
 
 fn client_config(client_cert: Option<&CertFiles>) -> Result<rustls::ClientConfig> {

@@ -14,4 +14,5 @@ pub mod netns;
 pub mod support;
 pub mod testdir;
 pub mod topology;
+pub mod tproxy;
 pub mod ztunnel;

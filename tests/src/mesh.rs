@@ -52,6 +52,26 @@ impl Mesh {
 
     /// Creates the CA, writes `config`, and starts a capturing ztunnel on every node of `topo`.
     pub async fn start(label: &str, topo: Topology, config: &MeshConfig) -> Result<Mesh> {
+        Mesh::start_with(label, topo, config, |_, _| {}).await
+    }
+
+    /// Like [`Mesh::two_nodes`], but `customize` may change each node's ztunnel options first
+    /// (e.g. push `--cert-ttl 2s` onto `extra_args`).
+    pub async fn two_nodes_with(
+        label: &str,
+        config: &MeshConfig,
+        customize: impl FnMut(&Node, &mut ZtunnelOpts),
+    ) -> Result<Mesh> {
+        Mesh::start_with(label, Topology::two_nodes()?, config, customize).await
+    }
+
+    /// Like [`Mesh::start`], with `customize` applied to each node's ztunnel options.
+    pub async fn start_with(
+        label: &str,
+        topo: Topology,
+        config: &MeshConfig,
+        mut customize: impl FnMut(&Node, &mut ZtunnelOpts),
+    ) -> Result<Mesh> {
         let dir = TestDir::new(label)?;
         let ca = Ca::init(&dir.join("ca"))?;
         let config_path = dir.join("mesh.yaml");
@@ -64,7 +84,8 @@ impl Mesh {
             dir,
         };
         for node in &mesh.topo.nodes {
-            let opts = mesh.opts_for(node, config);
+            let mut opts = mesh.opts_for(node, config);
+            customize(node, &mut opts);
             let log = mesh.dir.join(&format!("ztunnel-{}.log", node.name));
             let zt = ZtunnelProcess::start(&node.ns, &opts, &log).await?;
             mesh.ztunnels.push(zt);

@@ -147,11 +147,18 @@ impl ZtunnelOpts {
             self.ca_dir.display().to_string(),
             "--capture".into(),
             if self.capture { "nft" } else { "none" }.into(),
-            "--drain-timeout".into(),
-            "1s".into(),
-            "--log-format".into(),
-            "text".into(),
         ];
+        // Harness defaults, unless `extra_args` sets them (clap refuses an option given twice).
+        for (flag, default) in [("--drain-timeout", "1s"), ("--log-format", "text")] {
+            let overridden = self
+                .extra_args
+                .iter()
+                .any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+            if !overridden {
+                a.push(flag.into());
+                a.push(default.into());
+            }
+        }
         for i in &self.pod_ifaces {
             a.push("--pod-iface".into());
             a.push(i.clone());
@@ -228,6 +235,62 @@ impl ZtunnelProcess {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// A non-owning handle to the node namespace this ztunnel runs in.
+    pub fn netns(&self) -> Netns {
+        self.ns.handle()
+    }
+
+    /// Sends `signal` to the process without waiting (e.g. SIGTERM to watch the drain).
+    pub fn signal(&mut self, signal: nix::sys::signal::Signal) -> Result<()> {
+        let child = self.child.as_mut().context("ztunnel already stopped")?;
+        if child.try_wait()?.is_some() {
+            bail!("ztunnel on {} already exited", self.node);
+        }
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, signal)
+            .with_context(|| format!("sending {signal} to ztunnel on {}", self.node))
+    }
+
+    /// SIGTERM: the process starts draining; see [`ZtunnelProcess::wait_exit`].
+    pub fn sigterm(&mut self) -> Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGTERM)
+    }
+
+    /// Waits until the process exits by itself and returns its status (the guard then has
+    /// nothing left to stop). Errors if it still runs after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut().context("ztunnel already stopped")?;
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "ztunnel on {} still running {timeout:?} later; log tail:\n{}",
+                    self.node,
+                    self.log_tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The status `/healthz/ready` answers with right now.
+    pub async fn readiness(&self) -> Result<u16> {
+        let addr = ([127, 0, 0, 1], READINESS_PORT).into();
+        Ok(admin::http_request(&self.ns, "GET", addr, "/healthz/ready")
+            .await?
+            .0)
+    }
+
+    /// Any request to the admin port: (status, body).
+    pub async fn admin_request(&self, method: &str, path: &str) -> Result<(u16, String)> {
+        let addr = ([127, 0, 0, 1], ADMIN_PORT).into();
+        admin::http_request(&self.ns, method, addr, path).await
     }
 
     /// The process id.
@@ -323,6 +386,10 @@ impl ZtunnelProcess {
         let Some(mut child) = self.child.take() else {
             return;
         };
+        // Already exited (and reaped): its pid may belong to someone else by now.
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);

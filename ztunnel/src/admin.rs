@@ -20,7 +20,11 @@ pub struct AdminState {
     pub ready: Arc<AtomicBool>,
 }
 
-fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn respond(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     if let Ok(v) = http::HeaderValue::from_str(content_type) {
@@ -35,11 +39,39 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
     respond(status, "text/plain; charset=utf-8", s)
 }
 
-fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+/// The percent-decoded value of query parameter `name` (`+` is a space, as in forms).
+fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
     req.uri().query()?.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        (k == name).then_some(v)
+        (percent_decode(k)? == name)
+            .then(|| percent_decode(v))
+            .flatten()
     })
+}
+
+/// Decodes `%XX` escapes and `+`; `None` for malformed escapes or non-UTF-8 results.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn config_dump(s: &AdminState) -> Response<Full<Bytes>> {
@@ -71,7 +103,10 @@ fn config_dump(s: &AdminState) -> Response<Full<Bytes>> {
     });
     match serde_json::to_vec_pretty(&dump) {
         Ok(body) => respond(StatusCode::OK, "application/json", body),
-        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("config dump failed: {e}")),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("config dump failed: {e}"),
+        ),
     }
 }
 
@@ -81,11 +116,14 @@ fn admin(s: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok"),
         (&Method::GET, "/logging") => text(StatusCode::OK, format!("level={}", s.log.current())),
         (&Method::POST, "/logging") => match query_param(req, "level") {
-            Some(level) if !level.is_empty() => match s.log.set(level) {
+            Some(level) if !level.is_empty() => match s.log.set(&level) {
                 Ok(()) => text(StatusCode::OK, format!("level={level}")),
                 Err(e) => text(StatusCode::BAD_REQUEST, e),
             },
-            _ => text(StatusCode::BAD_REQUEST, "usage: POST /logging?level=<filter>"),
+            _ => text(
+                StatusCode::BAD_REQUEST,
+                "usage: POST /logging?level=<filter>",
+            ),
         },
         (_, "/") => text(
             StatusCode::OK,
@@ -149,5 +187,23 @@ pub async fn serve(listener: TcpListener, endpoint: Endpoint, state: Arc<AdminSt
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(
+            percent_decode("debug%2Caccess%3Dinfo").as_deref(),
+            Some("debug,access=info")
+        );
+        assert_eq!(percent_decode("a+b").as_deref(), Some("a b"));
+        assert_eq!(percent_decode("plain").as_deref(), Some("plain"));
+        assert_eq!(percent_decode("bad%2"), None);
+        assert_eq!(percent_decode("bad%zz"), None);
+        assert_eq!(percent_decode("%ff"), None);
     }
 }

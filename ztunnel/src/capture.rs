@@ -57,7 +57,9 @@ impl CaptureSpec {
         let syn = "tcp flags & (syn | ack | fin | rst) == syn";
         let mut r = String::new();
         // `add` + `delete` makes the replacement work whether or not the table exists.
-        r.push_str(&format!("add table inet {TABLE}\ndelete table inet {TABLE}\n"));
+        r.push_str(&format!(
+            "add table inet {TABLE}\ndelete table inet {TABLE}\n"
+        ));
         r.push_str(&format!("table inet {TABLE} {{\n"));
         let v4: Vec<String> = self
             .pod_cidrs
@@ -101,11 +103,14 @@ impl CaptureSpec {
             r.push_str(&format!("    {from_outside}ip daddr @pod_ips {syn} drop\n"));
         }
         if !self.pod_ifaces.is_empty() {
+            // New connections only: the rest of a captured connection reaches ztunnel through
+            // the `socket transparent` rule, and replies of connections the node itself opened
+            // to a pod (kubelet probes) must route normally, not land on 15001.
             r.push_str(&format!(
-                "    iifname @pod_ifs meta nfproto ipv4 meta l4proto tcp tproxy ip to 127.0.0.1:{} {mark} accept\n",
+                "    iifname @pod_ifs meta nfproto ipv4 {syn} tproxy ip to 127.0.0.1:{} {mark} accept\n",
                 self.outbound_port
             ));
-            r.push_str("    iifname @pod_ifs meta l4proto tcp drop\n");
+            r.push_str(&format!("    iifname @pod_ifs {syn} drop\n"));
         }
         r.push_str("  }\n}\n");
         r
@@ -157,7 +162,11 @@ pub fn install(spec: &CaptureSpec) -> anyhow::Result<()> {
     let wanted = format!("fwmark {TPROXY_MARK:#x}/{TPROXY_MASK:#x} lookup {ROUTE_TABLE}");
     if !rules.contains(&wanted) {
         let a = rule_args("add");
-        run("ip", &a.iter().map(String::as_str).collect::<Vec<_>>(), None)?;
+        run(
+            "ip",
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            None,
+        )?;
     }
     run(
         "ip",
@@ -186,7 +195,13 @@ pub fn install(spec: &CaptureSpec) -> anyhow::Result<()> {
 pub fn remove() -> anyhow::Result<()> {
     let _ = run("nft", &["delete", "table", "inet", TABLE], None);
     let d = rule_args("del");
-    while run("ip", &d.iter().map(String::as_str).collect::<Vec<_>>(), None).is_ok() {}
+    while run(
+        "ip",
+        &d.iter().map(String::as_str).collect::<Vec<_>>(),
+        None,
+    )
+    .is_ok()
+    {}
     let _ = run(
         "ip",
         &["-4", "route", "flush", "table", &ROUTE_TABLE.to_string()],
@@ -216,7 +231,9 @@ mod tests {
         assert!(r.contains("!= syn socket transparent 1 meta mark set"));
         assert!(r.contains("tcp dport 15008 tcp flags & (syn | ack | fin | rst) == syn tproxy ip to 127.0.0.1:15008"));
         assert!(r.contains("tproxy ip to 127.0.0.1:15006"));
-        assert!(r.contains("iifname @pod_ifs meta nfproto ipv4 meta l4proto tcp tproxy ip to 127.0.0.1:15001"));
+        assert!(r.contains(
+            "iifname @pod_ifs meta nfproto ipv4 tcp flags & (syn | ack | fin | rst) == syn tproxy ip to 127.0.0.1:15001"
+        ));
         // Fail closed: the drop rules follow the tproxy rules.
         assert!(r.find("tproxy ip to 127.0.0.1:15001").unwrap() < r.rfind("drop").unwrap());
     }

@@ -11,7 +11,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Parser)]
-#[command(name = "ztunnel", version, about = "Ambient mesh node agent (TPROXY capture + HBONE)")]
+#[command(
+    name = "ztunnel",
+    version,
+    about = "Ambient mesh node agent (TPROXY capture + HBONE)"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -20,7 +24,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node agent.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Mesh root CA management.
     Ca {
         #[command(subcommand)]
@@ -166,13 +170,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run(args) => crate::app::run(args),
+        Command::Run(args) => crate::app::run(*args),
         Command::Ca {
             command: CaCommand::Init { dir, trust_domain },
         } => {
             let ca = MeshCa::generate(&trust_domain)?;
             ca.save(&dir)?;
-            println!("wrote mesh root for trust domain {trust_domain} to {}", dir.display());
+            println!(
+                "wrote mesh root for trust domain {trust_domain} to {}",
+                dir.display()
+            );
             Ok(())
         }
         Command::Cert {

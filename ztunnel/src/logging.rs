@@ -39,7 +39,8 @@ pub fn init(format: LogFormat, level: &str) -> anyhow::Result<LogHandle> {
 impl LogHandle {
     /// Replaces the filter (EnvFilter syntax, e.g. `debug` or `info,access=debug`).
     pub fn set(&self, level: &str) -> Result<(), String> {
-        let filter = EnvFilter::try_new(level).map_err(|e| format!("invalid level {level:?}: {e}"))?;
+        let filter =
+            EnvFilter::try_new(level).map_err(|e| format!("invalid level {level:?}: {e}"))?;
         self.handle.reload(filter).map_err(|e| e.to_string())?;
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = level.to_string();
         Ok(())

@@ -188,7 +188,9 @@ impl ConnRecorder<'_> {
     pub fn close(self, received: u64, sent: u64) {
         let m = self.metrics;
         m.closed.get_or_create(&self.labels).inc();
-        m.received_bytes.get_or_create(&self.labels).inc_by(received);
+        m.received_bytes
+            .get_or_create(&self.labels)
+            .inc_by(received);
         m.sent_bytes.get_or_create(&self.labels).inc_by(sent);
         m.active.dec();
     }

@@ -201,23 +201,27 @@ impl HboneClient {
         let mut conns = pool.lock().await;
         let now_ms = self.epoch.elapsed().as_millis() as u64;
         let idle_ms = self.timings.idle_timeout.as_millis() as u64;
+        // Drop dead connections, idle ones past the idle timeout, and idle ones still
+        // carrying a rotated-out certificate (they will never be picked again).
         conns.retain(|c| {
+            let idle = c.active.load(Ordering::Acquire) == 0;
             c.alive.load(Ordering::Acquire)
-                && !(c.active.load(Ordering::Acquire) == 0
-                    && now_ms.saturating_sub(c.idle_since.load(Ordering::Relaxed)) > idle_ms)
+                && !(idle
+                    && (c.cert_generation != cert.generation
+                        || now_ms.saturating_sub(c.idle_since.load(Ordering::Relaxed)) > idle_ms))
         });
         if !fresh {
-            for c in conns.iter() {
-                if c.cert_generation != cert.generation {
-                    continue;
-                }
+            // The least-loaded current connection, unless a busy one should get a sibling.
+            let current = conns
+                .iter()
+                .filter(|c| c.cert_generation == cert.generation)
+                .min_by_key(|c| c.active.load(Ordering::Acquire));
+            if let Some(c) = current {
                 let active = c.active.load(Ordering::Acquire);
-                if active < self.settings.max_streams_per_conn
-                    && c
-                        .active
-                        .compare_exchange(active, active + 1, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                {
+                let spread = active > 0 && conns.len() < self.settings.parallel_connections;
+                if !spread && active < self.settings.max_streams_per_conn {
+                    // We hold the key's lock: nobody else can check out from this set.
+                    c.active.fetch_add(1, Ordering::AcqRel);
                     return Ok(c.clone());
                 }
             }
@@ -246,10 +250,13 @@ impl HboneClient {
             .await
             .map_err(|source| HboneError::Connect { addr: dst, source })?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
-        let tls = connector
-            .connect(tls::no_sni_name(dst.ip()), tcp)
+        let mut tls = connector
+            .connect(tls::no_sni_name(dst.ip()), tls::buffered(tcp))
             .await
             .map_err(|source| HboneError::Tls { addr: dst, source })?;
+        tls.get_mut()
+            .1
+            .set_buffer_limit(Some(tls::TLS_SEND_BUFFER_LIMIT));
         let (send, mut connection) = h2::client::Builder::new()
             .initial_window_size(self.settings.stream_window)
             .initial_connection_window_size(self.settings.connection_window)

@@ -22,6 +22,10 @@ pub struct H2Settings {
     pub max_frame_size: u32,
     pub max_streams_per_conn: usize,
     pub server_max_concurrent_streams: u32,
+    /// Streams to one destination are spread over up to this many connections before any
+    /// connection carries a second stream, so bulk flows encrypt on different cores (the
+    /// production ztunnel funnels them all through one connection and does not scale).
+    pub parallel_connections: usize,
 }
 
 impl Default for H2Settings {
@@ -32,6 +36,10 @@ impl Default for H2Settings {
             max_frame_size: 1024 * 1024,
             max_streams_per_conn: 100,
             server_max_concurrent_streams: 200,
+            parallel_connections: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+                .clamp(1, 8),
         }
     }
 }
@@ -108,6 +116,16 @@ pub fn forwarded_for(value: &str) -> Option<std::net::SocketAddr> {
         })
 }
 
+/// The `host=` element of a `forwarded` header (the service hostname the client targeted).
+pub fn forwarded_host(value: &str) -> Option<&str> {
+    value
+        .split([';', ','])
+        .map(str::trim)
+        .find_map(|p| p.strip_prefix("host="))
+        .map(|v| v.trim_matches('"'))
+        .filter(|v| !v.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +139,8 @@ mod tests {
             "for=\"10.244.1.2:4567\";host=echo.default.svc.cluster.local"
         );
         assert_eq!(forwarded_for(&v), Some(a));
+        assert_eq!(forwarded_host(&v), Some("echo.default.svc.cluster.local"));
+        assert_eq!(forwarded_host("for=\"1.2.3.4:5\""), None);
         let v6: std::net::SocketAddr = "[fd00::1]:80".parse().unwrap();
         assert_eq!(forwarded_for(&forwarded_value(v6, None)), Some(v6));
         assert_eq!(

@@ -23,7 +23,9 @@ pub struct IncomingConnect {
 impl IncomingConnect {
     /// Answers 200 and returns the tunnel stream.
     pub fn accept(mut self) -> Result<H2Stream, h2::Error> {
-        let send = self.respond.send_response(status_response(StatusCode::OK), false)?;
+        let send = self
+            .respond
+            .send_response(status_response(StatusCode::OK), false)?;
         Ok(H2Stream {
             send,
             recv: self.recv,

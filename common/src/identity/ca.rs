@@ -162,7 +162,7 @@ impl MeshCa {
         &self.root_pem
     }
 
-    /// Mints a leaf certificate for `identity`, valid from one minute ago for `ttl`, usable
+    /// Mints a leaf certificate for `identity`, valid from shortly before now for `ttl`, usable
     /// for both TLS client and server authentication (HBONE uses it both ways).
     pub fn issue(&self, identity: &Identity, ttl: Duration) -> Result<IssuedCert, CaError> {
         let uri = rcgen::Ia5String::try_from(identity.to_string())
@@ -182,7 +182,9 @@ impl MeshCa {
         ];
         params.use_authority_key_identifier_extension = true;
         let now = SystemTime::now();
-        let not_before = now - Duration::from_secs(60);
+        // Back-date for clock skew between peers, but never so far that a short-lived
+        // certificate is born past its rotation point.
+        let not_before = now - Duration::from_secs(60).min(ttl / 4);
         let not_after = now + ttl;
         params.not_before = not_before.into();
         params.not_after = not_after.into();

@@ -58,7 +58,9 @@ impl Identity {
                 }
                 Ok(Identity::new(td, ns, sa))
             }
-            _ => Err(err("expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")),
+            _ => Err(err(
+                "expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>",
+            )),
         }
     }
 }

@@ -148,7 +148,9 @@ impl CertStore {
         for id in due {
             match self.mint(&id) {
                 Ok(_) => n += 1,
-                Err(e) => tracing::error!(identity = %id, error = %e, "certificate rotation failed"),
+                Err(e) => {
+                    tracing::error!(identity = %id, error = %e, "certificate rotation failed")
+                }
             }
         }
         n
@@ -189,10 +191,13 @@ mod tests {
     #[test]
     fn short_ttl_certificates_are_reissued() {
         let ca = MeshCa::generate("cluster.local").unwrap();
-        // A 60 s TTL issued 60 s back-dated is already past half-life: every get re-mints.
-        let store = CertStore::new(ca, Duration::from_secs(1)).unwrap();
+        let store = CertStore::new(ca, Duration::from_millis(400)).unwrap();
         let id = Identity::new("cluster.local", "default", "a");
         let a = store.get(&id).unwrap();
+        // A fresh short-lived certificate is not due yet: it is reused.
+        assert_eq!(store.get(&id).unwrap().generation, a.generation);
+        assert_eq!(store.rotate_due(std::slice::from_ref(&id)), 0);
+        std::thread::sleep(Duration::from_millis(300));
         assert_eq!(store.rotate_due(std::slice::from_ref(&id)), 1);
         let b = store.get(&id).unwrap();
         assert!(b.generation > a.generation);

@@ -7,7 +7,7 @@ use crate::metrics::{Reporter, SecurityPolicy, TcpLabels};
 use crate::state::ProxyState;
 use common::copy::copy_tcp_h2;
 use common::hbone::server::{serve_connection, IncomingConnect};
-use common::hbone::{forwarded_for, headers};
+use common::hbone::{forwarded_for, forwarded_host, headers};
 use common::identity::Identity;
 use common::model::Protocol;
 use common::tls;
@@ -35,19 +35,26 @@ pub async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr)
     let Some(dst) = super::local_workload(&snap, &state.node, local.ip())
         .filter(|w| w.protocol == Protocol::Hbone)
     else {
-        refuse(format!("{} is not a mesh workload on this node", local.ip()), stream);
+        refuse(
+            format!("{} is not a mesh workload on this node", local.ip()),
+            stream,
+        );
         return;
     };
     drop(snap);
     let cert = match state.certs.get(&dst.identity()) {
         Ok(c) => c,
         Err(e) => {
-            refuse(format!("no certificate for {}: {e}", dst.identity()), stream);
+            refuse(
+                format!("no certificate for {}: {e}", dst.identity()),
+                stream,
+            );
             return;
         }
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config.clone());
-    let tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+    let accept = acceptor.accept(tls::buffered(stream));
+    let mut tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             state.metrics.refused.inc();
@@ -62,6 +69,10 @@ pub async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr)
             return;
         }
     };
+    tls_stream
+        .get_mut()
+        .1
+        .set_buffer_limit(Some(tls::TLS_SEND_BUFFER_LIMIT));
     let peer_id = match tls::peer_identity(tls_stream.get_ref().1.peer_certificates()) {
         Ok(id) => id,
         Err(e) => {
@@ -71,9 +82,12 @@ pub async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr)
     };
     let st = state.clone();
     let pid = peer_id.clone();
-    let result = serve_connection(tls_stream, state.settings, state.drain.clone(), move |req| {
-        handle_stream(st.clone(), peer, local, pid.clone(), req)
-    })
+    let result = serve_connection(
+        tls_stream,
+        state.settings,
+        state.drain.clone(),
+        move |req| handle_stream(st.clone(), peer, local, pid.clone(), req),
+    )
     .await;
     if let Err(e) = result {
         tracing::debug!(%peer, peer_identity = %peer_id, error = %e, "HBONE connection ended with error");
@@ -133,12 +147,25 @@ async fn handle_stream(
     }
     let source = snap.workload_by_ip(client.ip()).cloned();
     log.src_workload = source.as_ref().map(|w| w.name.clone());
+    let service = req
+        .headers
+        .get(headers::FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(forwarded_host)
+        .and_then(|host| {
+            dst.services
+                .keys()
+                .find(|k| k.rsplit_once('/').is_some_and(|(_, h)| h == host))
+                .and_then(|k| snap.service_by_key(k))
+                .cloned()
+        });
+    log.dst_service = service.as_ref().map(|s| s.hostname.clone());
     let labels = TcpLabels::new(
         Reporter::destination,
         source.as_deref(),
         Some(&peer_id),
         Some(&dst),
-        None,
+        service.as_deref(),
         SecurityPolicy::mutual_tls,
     );
     drop(snap);

@@ -26,13 +26,20 @@ pub async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr)
         super::reset(stream);
     };
     let Some(dst) = super::local_workload(&snap, &state.node, target.ip()) else {
-        refuse(format!("{} is not a workload on this node", target.ip()), stream, log);
+        refuse(
+            format!("{} is not a workload on this node", target.ip()),
+            stream,
+            log,
+        );
         return;
     };
     log.dst_workload = Some(dst.name.clone());
     if snap.mtls_mode(&dst, target.port()) == MtlsMode::Strict {
         refuse(
-            format!("plaintext refused: PeerAuthentication STRICT for {}", dst.name),
+            format!(
+                "plaintext refused: PeerAuthentication STRICT for {}",
+                dst.name
+            ),
             stream,
             log,
         );

@@ -23,8 +23,12 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 
 /// Accepts until drain; each connection runs `handler` on its own task, tracked for drain.
-pub async fn serve<F, Fut>(name: &'static str, listener: TcpListener, state: Arc<ProxyState>, handler: F)
-where
+pub async fn serve<F, Fut>(
+    name: &'static str,
+    listener: TcpListener,
+    state: Arc<ProxyState>,
+    handler: F,
+) where
     F: Fn(Arc<ProxyState>, TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
@@ -97,7 +101,5 @@ pub async fn connect_to_pod(client: IpAddr, target: SocketAddr) -> std::io::Resu
 
 /// The local mesh workload owning `ip` on this node, if any.
 pub fn local_workload(snap: &Snapshot, node: &str, ip: IpAddr) -> Option<Arc<Workload>> {
-    snap.workload_by_ip(ip)
-        .filter(|w| w.node == node)
-        .cloned()
+    snap.workload_by_ip(ip).filter(|w| w.node == node).cloned()
 }

@@ -70,7 +70,17 @@ pub async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr)
                 service.as_deref(),
                 SecurityPolicy::mutual_tls,
             );
-            tunnel(&state, stream, peer, &source, key, *target, service.as_deref(), labels).await
+            tunnel(
+                &state,
+                stream,
+                peer,
+                &source,
+                key,
+                *target,
+                service.as_deref(),
+                labels,
+            )
+            .await
         }
         Chain::Waypoint {
             waypoint,
@@ -94,7 +104,17 @@ pub async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr)
                 service.as_deref(),
                 SecurityPolicy::mutual_tls,
             );
-            tunnel(&state, stream, peer, &source, key, *authority, service.as_deref(), labels).await
+            tunnel(
+                &state,
+                stream,
+                peer,
+                &source,
+                key,
+                *authority,
+                service.as_deref(),
+                labels,
+            )
+            .await
         }
         Chain::Local {
             workload,
@@ -103,7 +123,17 @@ pub async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr)
         } => {
             log.upstream = Some(*target);
             log.peer_identity = Some(source.identity());
-            local(&state, &snap, stream, peer, &source, workload, *target, service.as_deref()).await
+            local(
+                &state,
+                &snap,
+                stream,
+                peer,
+                &source,
+                workload,
+                *target,
+                service.as_deref(),
+            )
+            .await
         }
         Chain::Tcp {
             workload,
@@ -155,10 +185,9 @@ fn expected_identities(w: &Workload, service: Option<&Service>) -> Vec<Identity>
 
 fn connect_headers(source: &Workload, peer: SocketAddr, service: Option<&Service>) -> HeaderMap {
     let mut h = HeaderMap::new();
-    if let Ok(v) = HeaderValue::from_str(&forwarded_value(
-        peer,
-        service.map(|s| s.hostname.as_str()),
-    )) {
+    if let Ok(v) =
+        HeaderValue::from_str(&forwarded_value(peer, service.map(|s| s.hostname.as_str())))
+    {
         h.insert(headers::FORWARDED, v);
     }
     let baggage = format!(
