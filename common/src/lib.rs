@@ -1,11 +1,14 @@
 //! Everything ztunnel and the waypoint share: the configuration model and its loader, SPIFFE
 //! identities and the built-in CA, TLS configuration, and the HBONE tunnel protocol.
 
+pub mod admin_http;
 pub mod config;
 pub mod copy;
 pub mod drain;
+pub mod duration;
 pub mod hbone;
 pub mod identity;
+pub mod logging;
 pub mod model;
 pub mod policy;
 pub mod snapshot;

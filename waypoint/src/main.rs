@@ -1,9 +1,26 @@
-//! Waypoint binary: the per-service L7 proxy. Its data path is tracked by its own issue; until it
-//! lands the binary says so and exits non-zero rather than pretending to proxy.
+//! waypoint: the per-service L7 proxy of the ambient mesh. It terminates HBONE from ztunnels on
+//! 15006 (`inbound_CONNECT_terminate`), serves the tunnelled bytes as HTTP, routes each request
+//! and forwards it over HBONE to the chosen endpoint's node.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!(
-        "waypoint {}: the L7 data path is not implemented yet (see the waypoint issue)",
-        env!("CARGO_PKG_VERSION")
-    )
+mod app;
+mod body;
+mod inbound;
+mod metrics;
+mod proxy;
+mod route;
+mod sniff;
+mod tcp;
+mod upstream;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let args = app::Args::parse();
+    match app::run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("waypoint: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -2,9 +2,9 @@
 //! rotate certificates, and drain on SIGTERM. Threading: the data plane runs on a multi-thread
 //! runtime; admin, metrics and readiness run on their own single-thread runtime.
 
-use crate::admin::{self, AdminState, Endpoint};
+use crate::admin::{self, AdminState};
 use crate::capture::{self, CaptureSpec};
-use crate::cli::{CaptureMode, RunArgs};
+use crate::cli::{CaptureMode, LogFormat, RunArgs};
 use crate::metrics::Metrics;
 use crate::proxy;
 use crate::socket;
@@ -46,7 +46,8 @@ fn tune_allocator() {
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     tune_allocator();
-    let log = crate::logging::init(args.log_format, &args.log_level)?;
+    let log = common::logging::init(args.log_format == LogFormat::Json, &args.log_level)
+        .map_err(anyhow::Error::msg)?;
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all().thread_name("ztunnel-worker");
     if let Some(n) = args.worker_threads {
@@ -64,7 +65,7 @@ fn local_identities(store: &ConfigStore, node: &str) -> Vec<Identity> {
     ids
 }
 
-async fn run_async(args: RunArgs, log: crate::logging::LogHandle) -> anyhow::Result<()> {
+async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Result<()> {
     // `from_file` records the content hash, so the watcher's first tick does not parse the
     // unchanged file a second time.
     let store = Arc::new(
@@ -102,16 +103,24 @@ async fn run_async(args: RunArgs, log: crate::logging::LogHandle) -> anyhow::Res
         own_ports,
     ));
 
-    let outbound = socket::transparent_listener(args.outbound_addr, true)?;
-    let inbound_plain = socket::transparent_listener(args.inbound_plaintext_addr, true)?;
-    let inbound = socket::transparent_listener(args.inbound_addr, true)?;
+    let outbound = socket::transparent_listener(args.outbound_addr)?;
+    let inbound_plain = socket::transparent_listener(args.inbound_plaintext_addr)?;
+    let inbound = socket::transparent_listener(args.inbound_addr)?;
     let ready = Arc::new(AtomicBool::new(false));
     let admin_state = Arc::new(AdminState {
         proxy: state.clone(),
         log,
         ready: ready.clone(),
     });
-    spawn_admin_runtime(&args, admin_state)?;
+    let [admin_h, metrics_h, ready_h] = admin::handlers(admin_state);
+    common::admin_http::spawn(
+        "ztunnel-admin",
+        vec![
+            (args.admin_addr, admin_h),
+            (args.metrics_addr, metrics_h),
+            (args.readiness_addr, ready_h),
+        ],
+    )?;
 
     let _capture = match args.capture {
         CaptureMode::Nft => {
@@ -210,37 +219,4 @@ async fn rotate_certificates(
             tracing::info!(rotated, "rotated workload certificates");
         }
     }
-}
-
-fn spawn_admin_runtime(args: &RunArgs, state: Arc<AdminState>) -> anyhow::Result<()> {
-    let bind = |addr| -> anyhow::Result<std::net::TcpListener> {
-        let l = socket::plain_listener(addr)?;
-        Ok(l.into_std()?)
-    };
-    // Bind here so a port clash is a startup error, not a log line.
-    let listeners = [
-        (bind(args.admin_addr)?, Endpoint::Admin),
-        (bind(args.metrics_addr)?, Endpoint::Metrics),
-        (bind(args.readiness_addr)?, Endpoint::Readiness),
-    ];
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    std::thread::Builder::new()
-        .name("ztunnel-admin".into())
-        .spawn(move || {
-            rt.block_on(async move {
-                let mut set = tokio::task::JoinSet::new();
-                for (l, endpoint) in listeners {
-                    match tokio::net::TcpListener::from_std(l) {
-                        Ok(l) => {
-                            set.spawn(admin::serve(l, endpoint, state.clone()));
-                        }
-                        Err(e) => tracing::error!(error = %e, "admin listener failed"),
-                    }
-                }
-                while set.join_next().await.is_some() {}
-            })
-        })?;
-    Ok(())
 }

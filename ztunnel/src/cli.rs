@@ -64,7 +64,7 @@ pub enum CertCommand {
         identity: String,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        #[arg(long, default_value = "24h", value_parser = common::duration::parse)]
         ttl: Duration,
     },
 }
@@ -127,13 +127,13 @@ pub struct RunArgs {
     #[arg(long, default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
     /// How long live connections may take to finish after SIGTERM.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = common::duration::parse)]
     pub drain_timeout: Duration,
     /// Lifetime of minted workload certificates (rotated at half-life).
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, default_value = "24h", value_parser = common::duration::parse)]
     pub cert_ttl: Duration,
     /// How often the config file is checked for changes.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = common::duration::parse)]
     pub config_poll: Duration,
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -143,29 +143,6 @@ pub struct RunArgs {
     /// Data-plane worker threads (default: number of CPUs).
     #[arg(long)]
     pub worker_threads: Option<usize>,
-}
-
-/// Parses `500ms`, `5s`, `10m`, `24h` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "s"));
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms, 5s, 10m, 24h"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h)")),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("{s:?} is not a valid duration"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -214,21 +191,5 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
-        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
-        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
-        assert!(parse_duration("5x").is_err());
-        assert!(parse_duration("abc").is_err());
     }
 }

@@ -5,7 +5,6 @@ mod admin;
 mod app;
 mod capture;
 mod cli;
-mod logging;
 mod metrics;
 mod proxy;
 mod socket;

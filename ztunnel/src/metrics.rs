@@ -162,14 +162,6 @@ impl Metrics {
             labels,
         }
     }
-
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            tracing::error!(error = %e, "metrics encoding failed");
-        }
-        out
-    }
 }
 
 impl Default for Metrics {
@@ -212,7 +204,8 @@ mod tests {
             SecurityPolicy::mutual_tls,
         );
         m.open(l).close(10, 20);
-        let text = m.encode();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &m.registry).unwrap();
         for name in [
             "istio_tcp_connections_opened_total",
             "istio_tcp_connections_closed_total",

@@ -9,27 +9,20 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// A listener with `IP_TRANSPARENT`, so TPROXY can hand it connections for any destination;
 /// `local_addr()` of each accepted socket is the original destination.
-pub fn transparent_listener(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
+pub fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
-    if transparent {
-        s.set_ip_transparent(true).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("IP_TRANSPARENT on {addr} (needs CAP_NET_ADMIN): {e}"),
-            )
-        })?;
-    }
+    s.set_ip_transparent(true).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("IP_TRANSPARENT on {addr} (needs CAP_NET_ADMIN): {e}"),
+        )
+    })?;
     s.set_nonblocking(true)?;
     s.bind(&addr.into())
         .map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
     s.listen(4096)?;
     TcpListener::from_std(s.into())
-}
-
-/// A plain listener (admin, metrics, readiness).
-pub fn plain_listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    transparent_listener(addr, false)
 }
 
 fn upstream_socket(dst: SocketAddr, mark: bool) -> io::Result<Socket> {

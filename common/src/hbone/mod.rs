@@ -3,6 +3,7 @@
 //! the tunnel stream type both sides hand to the byte copier.
 
 pub mod client;
+pub mod io;
 pub mod server;
 
 use bytes::Bytes;

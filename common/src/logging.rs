@@ -1,7 +1,6 @@
 //! Logging: tracing to stdout as text or JSON, with the filter swappable at runtime (admin
 //! `/logging`).
 
-use crate::cli::LogFormat;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Registry};
@@ -12,24 +11,27 @@ pub struct LogHandle {
     current: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
-pub fn init(format: LogFormat, level: &str) -> anyhow::Result<LogHandle> {
-    let filter = EnvFilter::try_new(level)
-        .map_err(|e| anyhow::anyhow!("invalid log level {level:?}: {e}"))?;
+/// Installs the global subscriber; `json` selects one JSON object per line.
+pub fn init(json: bool, level: &str) -> Result<LogHandle, String> {
+    let filter =
+        EnvFilter::try_new(level).map_err(|e| format!("invalid log level {level:?}: {e}"))?;
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
-    match format {
-        LogFormat::Json => registry
+    let installed = if json {
+        registry
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
                     .flatten_event(true)
                     .with_current_span(false),
             )
-            .try_init()?,
-        LogFormat::Text => registry
+            .try_init()
+    } else {
+        registry
             .with(tracing_subscriber::fmt::layer().with_ansi(false))
-            .try_init()?,
-    }
+            .try_init()
+    };
+    installed.map_err(|e| format!("logging already initialised: {e}"))?;
     Ok(LogHandle {
         handle,
         current: std::sync::Arc::new(std::sync::Mutex::new(level.to_string())),

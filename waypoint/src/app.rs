@@ -1,0 +1,264 @@
+//! Command line and wiring: config and certificates, the `inbound_CONNECT_terminate`
+//! listener, admin/metrics/readiness, and drain on SIGTERM.
+
+use crate::metrics::Metrics;
+use crate::upstream::Upstreams;
+use anyhow::{bail, Context};
+use clap::Parser;
+use common::admin_http::{self, Handler};
+use common::config::watch::ConfigStore;
+use common::drain::{Drain, DrainWatch};
+use common::hbone::client::{plain_dialer, HboneClient, PoolTimings};
+use common::hbone::H2Settings;
+use common::identity::ca::MeshCa;
+use common::identity::store::CertStore;
+use common::identity::Identity;
+use http::{Method, Request, StatusCode};
+use hyper::body::Incoming;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "waypoint",
+    version,
+    about = "Ambient mesh L7 proxy (HBONE in, routes, HBONE out)"
+)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Run the waypoint.
+    Run(Box<RunArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Local configuration file (YAML), reloaded when it changes.
+    #[arg(long, env = "WAYPOINT_CONFIG")]
+    pub config: PathBuf,
+    /// Directory with the mesh root (root-cert.pem, root-key.pem).
+    #[arg(long)]
+    pub ca_dir: PathBuf,
+    /// This waypoint's workload, `<namespace>/<name>` or `<name>` (namespace `default`): its
+    /// identity is the one the waypoint presents and forwards with.
+    #[arg(long)]
+    pub workload: String,
+    #[arg(long, default_value = "0.0.0.0:15006")]
+    pub listen: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+    #[arg(long, default_value = "5s", value_parser = common::duration::parse)]
+    pub drain_timeout: Duration,
+    #[arg(long, default_value = "24h", value_parser = common::duration::parse)]
+    pub cert_ttl: Duration,
+    #[arg(long, default_value = "1s", value_parser = common::duration::parse)]
+    pub config_poll: Duration,
+    /// How long to wait for the first bytes before treating a stream as TCP.
+    #[arg(long, default_value = "300ms", value_parser = common::duration::parse)]
+    pub sniff_timeout: Duration,
+    #[arg(long)]
+    pub log_json: bool,
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_level: String,
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
+}
+
+/// Everything the request path reads.
+pub struct State {
+    pub config: Arc<ConfigStore>,
+    pub certs: Arc<CertStore>,
+    pub identity: Identity,
+    pub upstreams: Upstreams,
+    pub metrics: Metrics,
+    pub settings: H2Settings,
+    pub drain: DrainWatch,
+    pub sniff_timeout: Duration,
+    pub hbone: Arc<HboneClient>,
+    round_robin: Mutex<HashMap<String, usize>>,
+    active: AtomicUsize,
+}
+
+impl State {
+    /// Next round-robin index for `key` among `n` choices.
+    pub fn next_index(&self, key: &str, n: usize) -> usize {
+        if n <= 1 {
+            return 0;
+        }
+        let mut rr = self.round_robin.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = rr.entry(key.to_string()).or_insert(0);
+        let i = *slot % n;
+        *slot = slot.wrapping_add(1);
+        i
+    }
+
+    pub fn track(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        ActiveGuard(self.clone())
+    }
+}
+
+pub struct ActiveGuard(Arc<State>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let Command::Run(args) = args.command;
+    let log = common::logging::init(args.log_json, &args.log_level).map_err(anyhow::Error::msg)?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all().thread_name("waypoint-worker");
+    if let Some(n) = args.worker_threads {
+        rt.worker_threads(n.max(1));
+    }
+    rt.build()?.block_on(run_async(*args, log))
+}
+
+fn own_identity(store: &ConfigStore, workload: &str) -> anyhow::Result<Identity> {
+    let (ns, name) = workload.split_once('/').unwrap_or(("default", workload));
+    let snap = store.current();
+    match snap
+        .workloads
+        .iter()
+        .find(|w| w.name == name && w.namespace == ns)
+    {
+        Some(w) => Ok(w.identity()),
+        None => bail!("workload {ns}/{name} (--workload) is not in the configuration"),
+    }
+}
+
+async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Result<()> {
+    let config = Arc::new(
+        ConfigStore::from_file(&args.config)
+            .with_context(|| format!("initial config {}", args.config.display()))?,
+    );
+    let _watcher = common::config::watch::spawn_file_watcher(
+        args.config.clone(),
+        config.clone(),
+        args.config_poll,
+    );
+    let identity = own_identity(&config, &args.workload)?;
+    let ca = MeshCa::load(&args.ca_dir).context("loading the mesh CA")?;
+    let certs = Arc::new(CertStore::new(ca, args.cert_ttl)?);
+    certs.get(&identity)?;
+    let settings = H2Settings::default();
+    let hbone = HboneClient::new(
+        certs.clone(),
+        settings,
+        PoolTimings::default(),
+        plain_dialer(),
+    );
+    let (drain, drain_watch) = Drain::new();
+    let state = Arc::new(State {
+        config: config.clone(),
+        certs: certs.clone(),
+        identity: identity.clone(),
+        upstreams: Upstreams::new(hbone.clone(), identity.clone()),
+        metrics: Metrics::new(),
+        settings,
+        drain: drain_watch,
+        sniff_timeout: args.sniff_timeout,
+        hbone,
+        round_robin: Mutex::new(HashMap::new()),
+        active: AtomicUsize::new(0),
+    });
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("bind {}", args.listen))?;
+    let ready = Arc::new(AtomicBool::new(false));
+    admin_http::spawn(
+        "waypoint-admin",
+        admin_handlers(&args, state.clone(), log, ready.clone()),
+    )?;
+    let accept = tokio::spawn(crate::inbound::serve(listener, state.clone()));
+    tokio::spawn(rotate(certs, identity.clone(), args.cert_ttl));
+    ready.store(true, Ordering::Release);
+    tracing::info!(listener = "inbound_CONNECT_terminate", addr = %args.listen, identity = %identity, "waypoint ready");
+
+    wait_for_shutdown().await?;
+    ready.store(false, Ordering::Release);
+    drain.start();
+    let deadline = Instant::now() + args.drain_timeout;
+    while state.active.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    accept.abort();
+    tracing::info!("waypoint stopped");
+    Ok(())
+}
+
+async fn rotate(certs: Arc<CertStore>, id: Identity, ttl: Duration) {
+    let mut tick =
+        tokio::time::interval((ttl / 8).clamp(Duration::from_millis(200), Duration::from_secs(60)));
+    loop {
+        tick.tick().await;
+        certs.rotate_due(std::slice::from_ref(&id));
+        if let Err(e) = certs.get(&id) {
+            tracing::error!(identity = %id, error = %e, "cannot issue certificate");
+        }
+    }
+}
+
+async fn wait_for_shutdown() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+fn admin_handlers(
+    args: &RunArgs,
+    state: Arc<State>,
+    log: common::logging::LogHandle,
+    ready: Arc<AtomicBool>,
+) -> Vec<(SocketAddr, Handler)> {
+    let s = state.clone();
+    let admin: Handler =
+        Arc::new(
+            move |req: &Request<Incoming>| match (req.method(), req.uri().path()) {
+                (&Method::GET, "/config_dump") => {
+                    let snap = s.config.current();
+                    admin_http::json(&serde_json::json!({
+                        "listener": "inbound_CONNECT_terminate",
+                        "identity": s.identity.to_string(),
+                        "configGeneration": s.config.generation(),
+                        "config": &*snap,
+                        "routes": crate::route::dump(&snap),
+                    }))
+                }
+                (&Method::GET, "/healthz") => admin_http::text(StatusCode::OK, "ok"),
+                (_, "/logging") => admin_http::logging(&log, req),
+                _ => admin_http::text(StatusCode::NOT_FOUND, "not found"),
+            },
+        );
+    let m = state;
+    let metrics: Handler =
+        Arc::new(move |req: &Request<Incoming>| admin_http::metrics(&m.metrics.registry, req));
+    let readiness: Handler =
+        Arc::new(move |req: &Request<Incoming>| admin_http::readiness(&ready, req));
+    vec![
+        (args.admin_addr, admin),
+        (args.metrics_addr, metrics),
+        (args.readiness_addr, readiness),
+    ]
+}

@@ -1,0 +1,150 @@
+//! `inbound_CONNECT_terminate` (15006): mTLS + HTTP/2 CONNECT from ztunnels. The authority
+//! names the service (VIP:port) the client meant; the tunnelled bytes are served as HTTP when
+//! they are HTTP (sniffed), and proxied at L4 to an endpoint otherwise.
+
+use crate::app::State;
+use crate::proxy::{self, ConnContext};
+use crate::sniff::{self, Detected, Prefixed};
+use crate::upstream::UpstreamProtocol;
+use common::hbone::io::TunnelIo;
+use common::hbone::server::{serve_connection, IncomingConnect};
+use common::hbone::{forwarded_for, headers};
+use common::identity::Identity;
+use common::tls;
+use http::StatusCode;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+
+pub const LISTENER: &str = "inbound_CONNECT_terminate";
+
+pub async fn serve(listener: TcpListener, state: Arc<State>) {
+    let mut drain = state.drain.clone();
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(listener = LISTENER, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = drain.signaled() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        tokio::spawn(async move {
+            let _guard = state.track();
+            handle_connection(state, stream, peer).await;
+        });
+    }
+}
+
+async fn handle_connection(state: Arc<State>, stream: TcpStream, peer: SocketAddr) {
+    let cert = match state.certs.get(&state.identity) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(listener = LISTENER, error = %e, "no certificate");
+            return;
+        }
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config.clone());
+    let accept = acceptor.accept(tls::buffered(stream));
+    let mut tls_stream = match tokio::time::timeout(Duration::from_secs(10), accept).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::info!(listener = LISTENER, %peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    tls_stream
+        .get_mut()
+        .1
+        .set_buffer_limit(Some(tls::TLS_SEND_BUFFER_LIMIT));
+    let peer_id = match tls::peer_identity(tls_stream.get_ref().1.peer_certificates()) {
+        Ok(id) => id,
+        Err(_) => return,
+    };
+    let st = state.clone();
+    let pid = peer_id.clone();
+    let r = serve_connection(
+        tls_stream,
+        state.settings,
+        state.drain.clone(),
+        move |req| handle_stream(st.clone(), peer, pid.clone(), req),
+    )
+    .await;
+    if let Err(e) = r {
+        tracing::debug!(listener = LISTENER, %peer, error = %e, "HBONE connection ended");
+    }
+}
+
+async fn handle_stream(
+    state: Arc<State>,
+    peer: SocketAddr,
+    peer_id: Identity,
+    req: IncomingConnect,
+) {
+    let _guard = state.track();
+    let target = req.authority;
+    let client = req
+        .headers
+        .get(headers::FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(forwarded_for)
+        .unwrap_or(peer);
+    let snap = state.config.current();
+    let Some(service) = snap.service_by_vip(target.ip()).cloned() else {
+        tracing::info!(listener = LISTENER, %target, %client, "no service at this address");
+        req.reject(StatusCode::BAD_REQUEST);
+        return;
+    };
+    if !service.ports.contains_key(&target.port()) {
+        tracing::info!(listener = LISTENER, %target, service = %service.hostname, "service has no such port");
+        req.reject(StatusCode::SERVICE_UNAVAILABLE);
+        return;
+    }
+    let source = snap.workload_by_ip(client.ip()).cloned();
+    drop(snap);
+    let tunnel = match req.accept() {
+        Ok(t) => t,
+        Err(_) => return,
+    };
+    let mut io = TunnelIo::new(tunnel);
+    let (detected, prefix) = match sniff::detect(&mut io, state.sniff_timeout).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::debug!(listener = LISTENER, error = %e, "stream failed while sniffing");
+            return;
+        }
+    };
+    let io = Prefixed::new(prefix, io);
+    let protocol = match detected {
+        Detected::Http1 => UpstreamProtocol::Http1,
+        Detected::H2c => UpstreamProtocol::H2c,
+        Detected::Tcp => {
+            crate::tcp::forward(&state, &service, target.port(), client, io).await;
+            return;
+        }
+    };
+    let ctx = Arc::new(ConnContext {
+        service,
+        port: target.port(),
+        client,
+        peer: peer_id,
+        source,
+        protocol,
+    });
+    let svc = hyper::service::service_fn(move |req| proxy::handle(state.clone(), ctx.clone(), req));
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .await
+    {
+        tracing::debug!(listener = LISTENER, error = %e, "HTTP connection ended with error");
+    }
+}

@@ -1,0 +1,100 @@
+//! Request metrics with Istio's names: `istio_requests_total`,
+//! `istio_request_duration_milliseconds`, `istio_request_bytes`, `istio_response_bytes`
+//! (reporter `waypoint`, as Istio's ambient waypoints report).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub request_protocol: String,
+    pub response_code: String,
+    pub response_flags: String,
+    pub connection_security_policy: String,
+}
+
+type Histograms = Family<RequestLabels, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration_ms: Histograms,
+    pub request_bytes: Histograms,
+    pub response_bytes: Histograms,
+}
+
+fn duration_buckets() -> Histogram {
+    Histogram::new([
+        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+        30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+    ])
+}
+
+fn size_buckets() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        1.0, 10.0, 9,
+    ))
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let duration_ms: Histograms = Family::new_with_constructor(duration_buckets);
+        let request_bytes: Histograms = Family::new_with_constructor(size_buckets);
+        let response_bytes: Histograms = Family::new_with_constructor(size_buckets);
+        registry.register("istio_requests", "Requests processed", requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration",
+            duration_ms.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request body sizes",
+            request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response body sizes",
+            response_bytes.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            duration_ms,
+            request_bytes,
+            response_bytes,
+        }
+    }
+
+    pub fn record(
+        &self,
+        labels: &RequestLabels,
+        duration_ms: f64,
+        req_bytes: u64,
+        resp_bytes: u64,
+    ) {
+        self.requests.get_or_create(labels).inc();
+        self.duration_ms.get_or_create(labels).observe(duration_ms);
+        self.request_bytes
+            .get_or_create(labels)
+            .observe(req_bytes as f64);
+        self.response_bytes
+            .get_or_create(labels)
+            .observe(resp_bytes as f64);
+    }
+}

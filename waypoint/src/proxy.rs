@@ -1,0 +1,217 @@
+//! The life of one HTTP request in the waypoint, as named phases: route (match) → forward to
+//! the endpoint over HBONE → respond → log and record metrics.
+
+use crate::app::State;
+use crate::body::{self, Body};
+use crate::metrics::RequestLabels;
+use crate::route::{self, Decision, LocalReply};
+use crate::upstream::{self, UpstreamProtocol};
+use common::identity::Identity;
+use common::model::{Service, Workload};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+/// What is known about the downstream connection a request arrived on.
+pub struct ConnContext {
+    pub service: Arc<Service>,
+    pub port: u16,
+    pub client: SocketAddr,
+    pub peer: Identity,
+    pub source: Option<Arc<Workload>>,
+    pub protocol: UpstreamProtocol,
+}
+
+/// One access-log line per request, with the fields of Envoy's Istio default format.
+struct RequestLog {
+    start_time: SystemTime,
+    start: Instant,
+    method: String,
+    path: String,
+    protocol: &'static str,
+    authority: String,
+    user_agent: String,
+    x_forwarded_for: String,
+    request_id: String,
+    downstream_remote_address: String,
+    response_code: u16,
+    response_flags: &'static str,
+    upstream_host: String,
+    upstream_cluster: String,
+    route_name: String,
+}
+
+fn header(req: &Request<Incoming>, name: &str) -> String {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string()
+}
+
+impl RequestLog {
+    fn new(req: &Request<Incoming>, ctx: &ConnContext) -> Self {
+        RequestLog {
+            start_time: SystemTime::now(),
+            start: Instant::now(),
+            method: req.method().to_string(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|| "/".into()),
+            protocol: match req.version() {
+                http::Version::HTTP_2 => "HTTP/2",
+                http::Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            authority: req
+                .uri()
+                .authority()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| header(req, "host")),
+            user_agent: header(req, "user-agent"),
+            x_forwarded_for: header(req, "x-forwarded-for"),
+            request_id: header(req, "x-request-id"),
+            downstream_remote_address: ctx.client.to_string(),
+            response_code: 0,
+            response_flags: "-",
+            upstream_host: "-".into(),
+            upstream_cluster: "-".into(),
+            route_name: "-".into(),
+        }
+    }
+
+    fn emit(&self) -> f64 {
+        let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let start_time = humantime_rfc3339(self.start_time);
+        let line = serde_json::json!({
+            "start_time": start_time,
+            "method": self.method,
+            "path": self.path,
+            "protocol": self.protocol,
+            "response_code": self.response_code,
+            "response_flags": self.response_flags,
+            "duration": duration_ms.round() as u64,
+            "upstream_host": self.upstream_host,
+            "upstream_cluster": self.upstream_cluster,
+            "route_name": self.route_name,
+            "downstream_remote_address": self.downstream_remote_address,
+            "authority": self.authority,
+            "x_forwarded_for": self.x_forwarded_for,
+            "request_id": self.request_id,
+            "user_agent": self.user_agent,
+        });
+        tracing::info!(target: "access", "{line}");
+        duration_ms
+    }
+}
+
+/// RFC 3339 UTC with milliseconds, without pulling in a time-formatting crate.
+fn humantime_rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+fn labels(ctx: &ConnContext, decision: Option<&Decision>, code: u16, flags: &str) -> RequestLabels {
+    let s = |v: Option<&str>| v.unwrap_or("unknown").to_string();
+    let dst = decision.map(|d| &d.endpoint);
+    RequestLabels {
+        reporter: "waypoint".into(),
+        source_workload: s(ctx.source.as_ref().map(|w| w.workload_name())),
+        source_workload_namespace: s(ctx.source.as_ref().map(|w| w.namespace.as_str())),
+        source_principal: ctx.peer.to_string(),
+        destination_workload: s(dst.map(|w| w.workload_name())),
+        destination_workload_namespace: s(dst.map(|w| w.namespace.as_str())),
+        destination_principal: dst
+            .map(|w| w.identity().to_string())
+            .unwrap_or_else(|| "unknown".into()),
+        destination_service: ctx.service.hostname.clone(),
+        destination_service_name: ctx.service.name.clone(),
+        destination_service_namespace: ctx.service.namespace.clone(),
+        request_protocol: match ctx.protocol {
+            UpstreamProtocol::Http1 => "http".into(),
+            UpstreamProtocol::H2c => "http".into(),
+        },
+        response_code: code.to_string(),
+        response_flags: flags.to_string(),
+        connection_security_policy: "mutual_tls".into(),
+    }
+}
+
+fn local_reply(r: &LocalReply) -> Response<Body> {
+    let mut resp = Response::new(body::full(format!("{}\n", r.body)));
+    *resp.status_mut() = r.status;
+    resp
+}
+
+/// Handles one request end to end.
+pub async fn handle(
+    state: Arc<State>,
+    ctx: Arc<ConnContext>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let mut log = RequestLog::new(&req, &ctx);
+    let snap = state.config.current();
+    let outcome = match route::decide(&state, &snap, &ctx.service, ctx.port) {
+        Err(reply) => Err((reply, None)),
+        Ok(decision) => {
+            log.upstream_host = decision.target.addr.to_string();
+            log.upstream_cluster = decision.cluster.clone();
+            log.route_name = decision.route_name.clone();
+            let req = req.map(body::incoming);
+            match state
+                .upstreams
+                .send(&decision.target, ctx.protocol, ctx.client, req)
+                .await
+            {
+                Ok(resp) => Ok((upstream::into_downstream(resp), decision)),
+                Err(e) => {
+                    let flag = match e {
+                        upstream::UpstreamError::Connect(_) => "UF",
+                        upstream::UpstreamError::Reset(_) => "UC",
+                    };
+                    Err((
+                        LocalReply::new(http::StatusCode::SERVICE_UNAVAILABLE, flag, e.to_string()),
+                        Some(decision),
+                    ))
+                }
+            }
+        }
+    };
+    let (resp, decision, flags) = match outcome {
+        Ok((resp, d)) => (resp, Some(d), "-"),
+        Err((reply, d)) => (local_reply(&reply), d, reply.flag),
+    };
+    log.response_code = resp.status().as_u16();
+    log.response_flags = flags;
+    let duration_ms = log.emit();
+    state.metrics.record(
+        &labels(&ctx, decision.as_ref(), log.response_code, flags),
+        duration_ms,
+        0,
+        0,
+    );
+    Ok(resp)
+}

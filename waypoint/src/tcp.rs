@@ -1,0 +1,64 @@
+//! L4 through the waypoint: a tunnelled stream that is not HTTP goes, bytes unchanged, to one
+//! endpoint of the service over a new HBONE stream with the waypoint's identity.
+
+use crate::app::State;
+use crate::route;
+use common::hbone::client::{ConnectRequest, PoolKey};
+use common::hbone::io::TunnelIo;
+use common::hbone::{forwarded_value, headers, HBONE_PORT};
+use common::model::Service;
+use http::{HeaderMap, HeaderValue};
+use std::net::SocketAddr;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+pub async fn forward<S>(state: &State, service: &Service, port: u16, client: SocketAddr, mut io: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let snap = state.config.current();
+    let decision = match route::decide(state, &snap, service, port) {
+        Ok(d) => d,
+        Err(reply) => {
+            tracing::info!(target: "access", service = %service.hostname, port, %client, flag = reply.flag, "tcp: {}", reply.body);
+            return;
+        }
+    };
+    drop(snap);
+    let key = PoolKey {
+        src: state.identity.clone(),
+        dst: SocketAddr::new(decision.target.addr.ip(), HBONE_PORT),
+        expected: vec![decision.target.identity.clone()],
+    };
+    let mut hdrs = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&forwarded_value(client, Some(&service.hostname))) {
+        hdrs.insert(headers::FORWARDED, v);
+    }
+    let req = ConnectRequest {
+        authority: decision.target.addr.to_string(),
+        headers: hdrs,
+    };
+    let start = std::time::Instant::now();
+    match state.hbone.connect(&key, &req).await {
+        Ok((stream, _lease)) => {
+            let mut up = TunnelIo::new(stream);
+            let r = tokio::io::copy_bidirectional(&mut io, &mut up).await;
+            let (sent, received) = r.as_ref().map(|(a, b)| (*a, *b)).unwrap_or((0, 0));
+            tracing::info!(
+                target: "access",
+                chain = "waypoint_tcp",
+                service = %service.hostname,
+                %client,
+                upstream = %decision.target.addr,
+                upstream_cluster = %decision.cluster,
+                bytes_received = sent,
+                bytes_sent = received,
+                duration_ms = start.elapsed().as_millis() as u64,
+                error = r.err().map(|e| e.to_string()).unwrap_or_default(),
+                "tcp connection complete"
+            );
+        }
+        Err(e) => {
+            tracing::info!(target: "access", chain = "waypoint_tcp", service = %service.hostname, %client, upstream = %decision.target.addr, error = %e, "tcp upstream connect failed");
+        }
+    }
+}

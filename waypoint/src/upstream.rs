@@ -1,0 +1,206 @@
+//! The upstream leg: HTTP connections to endpoints, each carried by its own HBONE CONNECT
+//! stream to the endpoint's node ztunnel (15008) with the waypoint's identity. HTTP/1.1
+//! connections are kept alive and reused; h2c connections multiplex requests.
+
+use crate::body::{self, Body};
+use common::hbone::client::{ConnectRequest, HboneClient, PoolKey, StreamLease};
+use common::hbone::io::TunnelIo;
+use common::hbone::{forwarded_value, headers, HBONE_PORT};
+use common::identity::Identity;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+/// The HTTP version spoken to an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UpstreamProtocol {
+    Http1,
+    H2c,
+}
+
+/// Why forwarding failed before a response arrived (maps to Envoy's response flags).
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The tunnel or the HTTP handshake could not be established (`UF`).
+    #[error("upstream connect failure: {0}")]
+    Connect(String),
+    /// The connection broke before a response (`UC`/reset).
+    #[error("upstream reset before response: {0}")]
+    Reset(String),
+}
+
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Body>),
+    H2(hyper::client::conn::http2::SendRequest<Body>),
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+    fn is_ready(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_ready(),
+            Sender::H2(s) => s.is_ready(),
+        }
+    }
+}
+
+struct Pooled {
+    sender: Sender,
+    _lease: Arc<StreamLease>,
+}
+
+/// One endpoint to forward to.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `<pod ip>:<target port>`: the CONNECT authority.
+    pub addr: SocketAddr,
+    /// The identity the endpoint's ztunnel presents (the endpoint workload's).
+    pub identity: Identity,
+}
+
+pub struct Upstreams {
+    hbone: Arc<HboneClient>,
+    identity: Identity,
+    idle: Mutex<HashMap<(SocketAddr, UpstreamProtocol), Vec<Pooled>>>,
+    max_idle_per_endpoint: usize,
+}
+
+impl Upstreams {
+    pub fn new(hbone: Arc<HboneClient>, identity: Identity) -> Self {
+        Upstreams {
+            hbone,
+            identity,
+            idle: Mutex::new(HashMap::new()),
+            max_idle_per_endpoint: 64,
+        }
+    }
+
+    fn take_idle(&self, key: (SocketAddr, UpstreamProtocol)) -> Option<Pooled> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(&key)?;
+        list.retain(|p| !p.sender.is_closed());
+        let i = list.iter().position(|p| p.sender.is_ready())?;
+        Some(list.swap_remove(i))
+    }
+
+    fn put_idle(&self, key: (SocketAddr, UpstreamProtocol), p: Pooled) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.entry(key).or_default();
+        if list.len() < self.max_idle_per_endpoint {
+            list.push(p);
+        }
+    }
+
+    async fn connect(
+        &self,
+        target: &Target,
+        proto: UpstreamProtocol,
+        client: SocketAddr,
+    ) -> Result<Pooled, UpstreamError> {
+        let key = PoolKey {
+            src: self.identity.clone(),
+            dst: SocketAddr::new(target.addr.ip(), HBONE_PORT),
+            expected: vec![target.identity.clone()],
+        };
+        let mut hdrs = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(&forwarded_value(client, None)) {
+            hdrs.insert(headers::FORWARDED, v);
+        }
+        let req = ConnectRequest {
+            authority: target.addr.to_string(),
+            headers: hdrs,
+        };
+        let (stream, lease) = self
+            .hbone
+            .connect(&key, &req)
+            .await
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        let io = TokioIo::new(TunnelIo::new(stream));
+        let sender = match proto {
+            UpstreamProtocol::Http1 => {
+                let (send, conn) = hyper::client::conn::http1::Builder::new()
+                    .handshake(io)
+                    .await
+                    .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+                tokio::spawn(async move {
+                    let _ = conn.with_upgrades().await;
+                });
+                Sender::H1(send)
+            }
+            UpstreamProtocol::H2c => {
+                let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                    .handshake(io)
+                    .await
+                    .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                Sender::H2(send)
+            }
+        };
+        Ok(Pooled {
+            sender,
+            _lease: Arc::new(lease),
+        })
+    }
+
+    /// Sends `req` to `target`, reusing an idle connection when there is one. `client` is the
+    /// original client address, carried to the endpoint's ztunnel in `forwarded`.
+    pub async fn send(
+        &self,
+        target: &Target,
+        proto: UpstreamProtocol,
+        client: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let key = (target.addr, proto);
+        let pooled = match self.take_idle(key) {
+            Some(p) => p,
+            None => self.connect(target, proto, client).await?,
+        };
+        let Pooled { sender, _lease } = pooled;
+        match sender {
+            Sender::H1(mut s) => {
+                let fut = s.send_request(req);
+                let resp = fut.await.map_err(|e| UpstreamError::Reset(e.to_string()));
+                // The connection becomes ready again once the response body is consumed;
+                // `take_idle` only hands out ready ones.
+                if !s.is_closed() {
+                    self.put_idle(
+                        key,
+                        Pooled {
+                            sender: Sender::H1(s),
+                            _lease,
+                        },
+                    );
+                }
+                resp
+            }
+            Sender::H2(mut s) => {
+                let send = s.send_request(req);
+                // h2 multiplexes: the connection is immediately available to others.
+                self.put_idle(
+                    key,
+                    Pooled {
+                        sender: Sender::H2(s.clone()),
+                        _lease,
+                    },
+                );
+                send.await.map_err(|e| UpstreamError::Reset(e.to_string()))
+            }
+        }
+    }
+}
+
+/// Adapts an upstream response for the downstream side.
+pub fn into_downstream(resp: Response<Incoming>) -> Response<Body> {
+    resp.map(body::incoming)
+}
