@@ -19,6 +19,8 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     /// `"<ns>/<hostname>" → {port: targetPort}`.
     pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+    /// False renders `status: Unhealthy` (excluded from service endpoints).
+    pub healthy: bool,
 }
 
 impl Workload {
@@ -34,12 +36,19 @@ impl Workload {
             hbone: true,
             labels: BTreeMap::new(),
             services: BTreeMap::new(),
+            healthy: true,
         }
     }
 
     /// Makes this a plain-TCP (non-mesh) workload.
     pub fn tcp(mut self) -> Self {
         self.hbone = false;
+        self
+    }
+
+    /// Marks the workload `status: Unhealthy`.
+    pub fn unhealthy(mut self) -> Self {
+        self.healthy = false;
         self
     }
 
@@ -77,6 +86,9 @@ impl Workload {
             p = if self.hbone { "HBONE" } else { "TCP" },
             node = self.node,
         );
+        if !self.healthy {
+            out.push_str(", status: Unhealthy");
+        }
         if !self.labels.is_empty() {
             out.push_str(", labels: {");
             let labels: Vec<String> = self
@@ -189,6 +201,28 @@ impl MeshConfig {
         self
     }
 
+    /// Makes workload `workload` an endpoint of service `service` with its own
+    /// `{port: targetPort}` map (overriding the service's target ports; an empty map or a 0
+    /// target port falls back to the service's).
+    pub fn endpoint_ports(mut self, workload: &str, service: &str, ports: &[(u16, u16)]) -> Self {
+        let svc = self
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .unwrap_or_else(|| panic!("no service {service}"))
+            .clone();
+        let w = self
+            .workloads
+            .iter_mut()
+            .find(|w| w.name == workload)
+            .unwrap_or_else(|| panic!("no workload {workload}"));
+        w.services.insert(
+            format!("{}/{}", svc.namespace, svc.hostname()),
+            ports.iter().copied().collect(),
+        );
+        self
+    }
+
     /// Sets `meshConfig.outboundTrafficPolicy.mode: REGISTRY_ONLY`.
     pub fn registry_only(mut self) -> Self {
         self.registry_only = true;
@@ -273,5 +307,18 @@ mod test {
             "{text}"
         );
         assert!(text.contains("- {name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: [\"/10.96.0.10\"], ports: {8080: 9000}}"), "{text}");
+    }
+
+    #[test]
+    fn renders_status_and_own_target_ports() {
+        let cfg = MeshConfig::new()
+            .workload(Workload::hbone("b", "10.244.2.2", "n2").unhealthy())
+            .service(Service::new("echo", "10.96.0.10").port(8080, 9000))
+            .endpoint_ports("b", "echo", &[(8080, 9100)]);
+        let text = cfg.render();
+        assert!(
+            text.contains("node: n2, status: Unhealthy, services: {\"default/echo.default.svc.cluster.local\": {8080: 9100}}}"),
+            "{text}"
+        );
     }
 }

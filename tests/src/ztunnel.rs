@@ -345,6 +345,21 @@ impl ZtunnelProcess {
         admin::get_ok(&self.ns, ADMIN_PORT, "/config_dump").await
     }
 
+    /// `hbonePool.connectionsOpened` of `/config_dump`: TLS connections the outbound HBONE
+    /// pool has opened so far.
+    pub async fn hbone_connections_opened(&self) -> Result<u64> {
+        let dump: serde_json::Value =
+            serde_json::from_str(&self.config_dump().await?).context("parsing /config_dump")?;
+        dump["hbonePool"]["connectionsOpened"]
+            .as_u64()
+            .with_context(|| {
+                format!(
+                    "no hbonePool.connectionsOpened in /config_dump of {}",
+                    self.node
+                )
+            })
+    }
+
     /// `GET /metrics` parsed.
     pub async fn metrics(&self) -> Result<Vec<admin::Sample>> {
         Ok(admin::parse_metrics(
