@@ -2,7 +2,7 @@
 //! the endpoint over HBONE → respond → log and record metrics.
 
 use crate::app::State;
-use crate::body::{self, Body};
+use crate::body::{self, Body, Counted, OnDone};
 use crate::metrics::RequestLabels;
 use crate::route::{self, Decision, LocalReply};
 use crate::upstream::{self, UpstreamProtocol};
@@ -12,6 +12,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -42,6 +43,8 @@ struct RequestLog {
     upstream_host: String,
     upstream_cluster: String,
     route_name: String,
+    bytes_received: u64,
+    bytes_sent: u64,
 }
 
 fn header(req: &Request<Incoming>, name: &str) -> String {
@@ -82,6 +85,8 @@ impl RequestLog {
             upstream_host: "-".into(),
             upstream_cluster: "-".into(),
             route_name: "-".into(),
+            bytes_received: 0,
+            bytes_sent: 0,
         }
     }
 
@@ -104,6 +109,8 @@ impl RequestLog {
             "x_forwarded_for": self.x_forwarded_for,
             "request_id": self.request_id,
             "user_agent": self.user_agent,
+            "bytes_received": self.bytes_received,
+            "bytes_sent": self.bytes_sent,
         });
         tracing::info!(target: "access", "{line}");
         duration_ms
@@ -166,13 +173,16 @@ fn local_reply(r: &LocalReply) -> Response<Body> {
     resp
 }
 
-/// Handles one request end to end.
+/// Handles one request end to end. The access-log line and the metrics are written when the
+/// response body has been sent (or abandoned), so they carry the final byte counts.
 pub async fn handle(
     state: Arc<State>,
     ctx: Arc<ConnContext>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let mut log = RequestLog::new(&req, &ctx);
+    let received = Arc::new(AtomicU64::new(0));
+    let req = req.map(|b| Counted::wrap(body::incoming(b), received.clone(), None));
     let snap = state.config.current();
     let outcome = match route::decide(&state, &snap, &ctx.service, ctx.port) {
         Err(reply) => Err((reply, None)),
@@ -180,7 +190,6 @@ pub async fn handle(
             log.upstream_host = decision.target.addr.to_string();
             log.upstream_cluster = decision.cluster.clone();
             log.route_name = decision.route_name.clone();
-            let req = req.map(body::incoming);
             match state
                 .upstreams
                 .send(&decision.target, ctx.protocol, ctx.client, req)
@@ -200,18 +209,21 @@ pub async fn handle(
             }
         }
     };
+    drop(snap);
     let (resp, decision, flags) = match outcome {
         Ok((resp, d)) => (resp, Some(d), "-"),
         Err((reply, d)) => (local_reply(&reply), d, reply.flag),
     };
     log.response_code = resp.status().as_u16();
     log.response_flags = flags;
-    let duration_ms = log.emit();
-    state.metrics.record(
-        &labels(&ctx, decision.as_ref(), log.response_code, flags),
-        duration_ms,
-        0,
-        0,
-    );
-    Ok(resp)
+    let labels = labels(&ctx, decision.as_ref(), log.response_code, flags);
+    let st = state.clone();
+    let done: OnDone = Box::new(move |sent| {
+        log.bytes_sent = sent;
+        log.bytes_received = received.load(Ordering::Relaxed);
+        let duration_ms = log.emit();
+        st.metrics
+            .record(&labels, duration_ms, log.bytes_received, log.bytes_sent);
+    });
+    Ok(resp.map(|b| Counted::wrap(b, Arc::new(AtomicU64::new(0)), Some(done))))
 }

@@ -66,6 +66,7 @@ pub fn decide(
         target: Target {
             addr: SocketAddr::new(ip, ep.target_port),
             identity: ep.workload.identity(),
+            service: service.hostname.clone(),
         },
         endpoint: ep.workload.clone(),
         cluster,

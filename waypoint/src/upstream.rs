@@ -64,12 +64,18 @@ pub struct Target {
     pub addr: SocketAddr,
     /// The identity the endpoint's ztunnel presents (the endpoint workload's).
     pub identity: Identity,
+    /// Hostname of the service the request was for (`forwarded: …;host=`).
+    pub service: String,
 }
+
+type IdleKey = (SocketAddr, UpstreamProtocol, std::net::IpAddr);
 
 pub struct Upstreams {
     hbone: Arc<HboneClient>,
     identity: Identity,
-    idle: Mutex<HashMap<(SocketAddr, UpstreamProtocol), Vec<Pooled>>>,
+    /// Idle connections per (endpoint, protocol, original client IP): the client IP travels in
+    /// the tunnel's `forwarded` header, so a connection is only reused for the same client.
+    idle: Mutex<HashMap<IdleKey, Vec<Pooled>>>,
     max_idle_per_endpoint: usize,
 }
 
@@ -83,7 +89,7 @@ impl Upstreams {
         }
     }
 
-    fn take_idle(&self, key: (SocketAddr, UpstreamProtocol)) -> Option<Pooled> {
+    fn take_idle(&self, key: IdleKey) -> Option<Pooled> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(&key)?;
         list.retain(|p| !p.sender.is_closed());
@@ -91,7 +97,7 @@ impl Upstreams {
         Some(list.swap_remove(i))
     }
 
-    fn put_idle(&self, key: (SocketAddr, UpstreamProtocol), p: Pooled) {
+    fn put_idle(&self, key: IdleKey, p: Pooled) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(key).or_default();
         if list.len() < self.max_idle_per_endpoint {
@@ -111,7 +117,7 @@ impl Upstreams {
             expected: vec![target.identity.clone()],
         };
         let mut hdrs = HeaderMap::new();
-        if let Ok(v) = HeaderValue::from_str(&forwarded_value(client, None)) {
+        if let Ok(v) = HeaderValue::from_str(&forwarded_value(client, Some(&target.service))) {
             hdrs.insert(headers::FORWARDED, v);
         }
         let req = ConnectRequest {
@@ -161,7 +167,7 @@ impl Upstreams {
         client: SocketAddr,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let key = (target.addr, proto);
+        let key = (target.addr, proto, client.ip());
         let pooled = match self.take_idle(key) {
             Some(p) => p,
             None => self.connect(target, proto, client).await?,
