@@ -8,6 +8,7 @@ pub mod drain;
 pub mod duration;
 pub mod hbone;
 pub mod identity;
+pub mod l7;
 pub mod logging;
 pub mod model;
 pub mod policy;

@@ -3,6 +3,8 @@
 //! is assembled (workload by IP, service by VIP or key, endpoints per service port). It also
 //! owns the lookups derived from Istio semantics: PeerAuthentication precedence (`mtls_mode`),
 //! Sidecar selection (`sidecar_for`) and REGISTRY_ONLY egress checks (`egress_allowed`).
+//! The compiled L7 configuration (routes, DestinationRules, ServiceEntries, L7 policies) rides
+//! along in `l7`, with the L7 resources the loader rejected in `rejected`.
 //! `config` builds snapshots; `config::watch` swaps them atomically.
 
 use crate::model::{
@@ -56,8 +58,14 @@ pub struct Snapshot {
     pub trust_domain: String,
     /// Mesh-wide default, used when no Sidecar applies.
     pub outbound_traffic_policy: OutboundTrafficMode,
-    /// Resources kept for `/config_dump` but not consumed by the L4 data plane.
+    /// Resources kept for `/config_dump` but not consumed by any data plane (Gateways,
+    /// Kubernetes Deployments, Services…).
     pub other_resources: Vec<serde_json::Value>,
+    /// The compiled VirtualServices, DestinationRules, ServiceEntries and L7 policies.
+    pub l7: Arc<crate::l7::L7Config>,
+    /// L7 resources (VirtualService, DestinationRule, ServiceEntry) left out of this snapshot,
+    /// with the reason; the rest of their file applied.
+    pub rejected: Vec<crate::config::ConfigError>,
     #[serde(skip)]
     index: Index,
 }
@@ -74,6 +82,8 @@ impl Default for Snapshot {
             trust_domain: crate::identity::DEFAULT_TRUST_DOMAIN.to_string(),
             outbound_traffic_policy: OutboundTrafficMode::AllowAny,
             other_resources: Vec::new(),
+            l7: Arc::default(),
+            rejected: Vec::new(),
             index: Index::default(),
         }
     }

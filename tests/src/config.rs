@@ -121,6 +121,8 @@ pub struct Service {
     pub vip: String,
     /// port → targetPort.
     pub ports: BTreeMap<u16, u16>,
+    /// `waypoint: {destination: "/<ip>", hboneMtlsPort: <port>}` when set.
+    pub waypoint: Option<(String, u16)>,
 }
 
 impl Service {
@@ -131,11 +133,19 @@ impl Service {
             namespace: "default".to_string(),
             vip: vip.to_string(),
             ports: BTreeMap::new(),
+            waypoint: None,
         }
     }
 
     pub fn port(mut self, port: u16, target: u16) -> Self {
         self.ports.insert(port, target);
+        self
+    }
+
+    /// Sends the service's traffic through the waypoint at `ip` (its HBONE port `hbone_port`,
+    /// 15006 for our waypoint).
+    pub fn waypoint(mut self, ip: impl ToString, hbone_port: u16) -> Self {
+        self.waypoint = Some((ip.to_string(), hbone_port));
         self
     }
 
@@ -145,15 +155,22 @@ impl Service {
     }
 
     fn render(&self, out: &mut String) {
-        let _ = writeln!(
+        let _ = write!(
             out,
-            "- {{name: {}, namespace: {}, hostname: {}, vips: [\"/{}\"], ports: {}}}",
+            "- {{name: {}, namespace: {}, hostname: {}, vips: [\"/{}\"], ports: {}",
             self.name,
             self.namespace,
             self.hostname(),
             self.vip,
             ports_map(&self.ports)
         );
+        if let Some((ip, port)) = &self.waypoint {
+            let _ = write!(
+                out,
+                ", waypoint: {{destination: \"/{ip}\", hboneMtlsPort: {port}}}"
+            );
+        }
+        out.push_str("}\n");
     }
 }
 
@@ -307,6 +324,17 @@ mod test {
             "{text}"
         );
         assert!(text.contains("- {name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: [\"/10.96.0.10\"], ports: {8080: 9000}}"), "{text}");
+    }
+
+    #[test]
+    fn renders_a_service_waypoint() {
+        let cfg = MeshConfig::new().service(
+            Service::new("echo", "10.96.0.10")
+                .port(8080, 9000)
+                .waypoint("10.244.2.3", 15006),
+        );
+        let text = cfg.render();
+        assert!(text.contains("ports: {8080: 9000}, waypoint: {destination: \"/10.244.2.3\", hboneMtlsPort: 15006}}"), "{text}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 mod app;
 mod body;
+mod hop;
 mod inbound;
 mod metrics;
 mod proxy;

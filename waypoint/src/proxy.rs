@@ -3,6 +3,7 @@
 
 use crate::app::State;
 use crate::body::{self, Body, Counted, OnDone};
+use crate::hop;
 use crate::metrics::RequestLabels;
 use crate::route::{self, Decision, LocalReply};
 use crate::upstream::{self, UpstreamProtocol};
@@ -10,6 +11,7 @@ use common::identity::Identity;
 use common::model::{Service, Workload};
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -173,6 +175,21 @@ fn local_reply(r: &LocalReply) -> Response<Body> {
     resp
 }
 
+/// After a 101, the two upgraded connections (client side and endpoint side) are joined and
+/// bytes flow unchanged until either closes (WebSocket and other `Upgrade` protocols).
+async fn join_upgraded(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+    match tokio::try_join!(down, up) {
+        Ok((down, up)) => {
+            let mut down = TokioIo::new(down);
+            let mut up = TokioIo::new(up);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                tracing::debug!(error = %e, "upgraded connection ended with error");
+            }
+        }
+        Err(e) => tracing::info!(error = %e, "upgrade failed"),
+    }
+}
+
 /// Handles one request end to end. The access-log line and the metrics are written when the
 /// response body has been sent (or abandoned), so they carry the final byte counts.
 pub async fn handle(
@@ -181,6 +198,10 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let mut log = RequestLog::new(&req, &ctx);
+    let mut req = req;
+    let upgrade = hop::upgrade_protocol(req.headers());
+    let downstream_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    hop::strip(req.headers_mut(), upgrade);
     let received = Arc::new(AtomicU64::new(0));
     let req = req.map(|b| Counted::wrap(body::incoming(b), received.clone(), None));
     let snap = state.config.current();
@@ -195,7 +216,16 @@ pub async fn handle(
                 .send(&decision.target, ctx.protocol, ctx.client, req)
                 .await
             {
-                Ok(resp) => Ok((upstream::into_downstream(resp), decision)),
+                Ok(mut resp) => {
+                    let upgrade = (resp.status() == http::StatusCode::SWITCHING_PROTOCOLS)
+                        .then(|| hop::upgrade_protocol(resp.headers()))
+                        .flatten();
+                    if let (Some(_), Some(down)) = (&upgrade, downstream_upgrade) {
+                        tokio::spawn(join_upgraded(down, hyper::upgrade::on(&mut resp)));
+                    }
+                    hop::strip(resp.headers_mut(), upgrade);
+                    Ok((upstream::into_downstream(resp), decision))
+                }
                 Err(e) => {
                     let flag = match e {
                         upstream::UpstreamError::Connect(_) => "UF",

@@ -1,7 +1,8 @@
 //! Kubernetes-style documents (`apiVersion`/`kind`): compiles Istio `AuthorizationPolicy` to the
 //! L4 `Authorization` model (with Istio's rules for L7-only fields: an ALLOW rule using them is
 //! dropped, a DENY rule loses those parts), `PeerAuthentication` to `PeerAuthentication`, and
-//! `Sidecar` to `SidecarScope`; keeps routing and Kubernetes resources verbatim as JSON. Fields
+//! `Sidecar` to `SidecarScope`; keeps Gateways and Kubernetes resources verbatim as JSON
+//! (VirtualService / DestinationRule / ServiceEntry are typed by [`super::l7`]). Fields
 //! are walked by hand so every error carries its exact path (`spec.rules[0].to[0]...`) and
 //! unknown fields are rejected rather than silently ignored.
 
@@ -32,10 +33,8 @@ pub(super) fn load(
     );
     let kept = matches!(
         (group, kind),
-        (
-            "networking.istio.io",
-            "VirtualService" | "DestinationRule" | "ServiceEntry" | "Gateway"
-        ) | ("gateway.networking.k8s.io", "Gateway")
+        ("networking.istio.io", "Gateway")
+            | ("gateway.networking.k8s.io", "Gateway")
             | ("apps", "Deployment")
             | ("", "Service" | "Pod" | "ServiceAccount" | "Namespace")
     );

@@ -1,12 +1,18 @@
 //! Loading configuration into a [`Snapshot`]: a multi-document YAML file whose documents are
 //! either the ztunnel local form (`workloads` / `services` / `policies` / `meshConfig`, see
 //! [`local`]) or Kubernetes-style resources with `apiVersion`/`kind` (Istio security and
-//! Sidecar resources compiled by [`istio`]; routing and Kubernetes resources kept verbatim in
+//! Sidecar resources compiled by [`istio`]; VirtualService, DestinationRule and ServiceEntry
+//! parsed into the typed L7 model by [`l7`]; Gateways and Kubernetes resources kept verbatim in
 //! `Snapshot::other_resources`). Cross-document checks and waypoint resolution live in
 //! [`validate`]; hot reloading in [`watch`]. Every error is a [`ConfigError`] naming the file,
 //! the document, the resource and the field.
+//!
+//! Errors fail the whole load (the last good snapshot stays), except in the three L7 routing
+//! kinds: a bad VirtualService, DestinationRule or ServiceEntry is left out and recorded in
+//! `Snapshot::rejected`, and the rest of the file applies (see [`crate::l7`]).
 
 pub mod istio;
+mod l7;
 pub mod local;
 mod validate;
 mod walk;
@@ -23,8 +29,9 @@ pub use watch::{reload_now, spawn_file_watcher, ConfigStore};
 
 /// A configuration error, rendered as
 /// `<file>: document <n> (<Kind> <ns>/<name>): <field>: <message>`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize)]
 #[error("{}", self.render())]
+#[serde(rename_all = "camelCase")]
 pub struct ConfigError {
     /// The file (or other source) name.
     pub file: String,
@@ -109,6 +116,10 @@ pub(crate) struct Collected {
     pub sidecars: Vec<(SidecarScope, bool)>,
     pub other_resources: Vec<serde_json::Value>,
     pub mesh: Option<(MeshConfig, usize)>,
+    /// VirtualService / DestinationRule / ServiceEntry (parsed) and L7 authorization policies.
+    pub l7: crate::l7::Resources,
+    /// L7 resources left out (parse errors so far; compile errors are added at the end).
+    pub rejected: Vec<ConfigError>,
 }
 
 /// Reads and loads a configuration file.
@@ -280,9 +291,18 @@ fn load_document(doc: &Document, source: &str, out: &mut Collected) -> Result<()
             ))
         }
     };
+    let group = api_version.split_once('/').map_or("", |(g, _)| g);
+    if l7::is_l7_kind(group, &kind) {
+        l7::load(doc, &api_version, &kind, &value, source, out);
+        return Ok(());
+    }
     istio::load(doc.index, &api_version, &kind, &value, out).map_err(|(resource, e)| {
         error(resource, Some(e.field).filter(|f| !f.is_empty()), e.message)
-    })
+    })?;
+    if group == "security.istio.io" && kind == "AuthorizationPolicy" {
+        l7::load_authorization(doc, &value, source, out)?;
+    }
+    Ok(())
 }
 
 /// A short description of a YAML value's type for error messages.

@@ -1,7 +1,8 @@
 //! Cross-document checks and resolution that turn everything collected from a file into a
 //! [`Snapshot`]: unique workload IPs, uids, service keys and VIPs, well-formed VIPs, unique
 //! policy names, waypoint addresses resolved to the waypoint's identity, and the mesh defaults
-//! (root namespace → policy scope, trust domain, outbound traffic policy) applied.
+//! (root namespace → policy scope, trust domain, outbound traffic policy) applied; then the L7
+//! resources are compiled (per-resource rejection, see [`crate::l7`]).
 
 use super::{Collected, ConfigError, Origin};
 use crate::identity::Identity;
@@ -176,6 +177,9 @@ pub(super) fn finish(c: Collected, source: &str) -> Result<Snapshot, ConfigError
     snapshot.trust_domain = mesh.trust_domain;
     snapshot.outbound_traffic_policy = mesh.outbound_traffic_policy.mode;
     snapshot.other_resources = c.other_resources;
+    let mut rejected = c.rejected;
+    snapshot.l7 = Arc::new(super::l7::finish(c.l7, &mut rejected, source));
+    snapshot.rejected = rejected;
     Ok(snapshot.indexed())
 }
 

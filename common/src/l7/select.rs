@@ -1,0 +1,221 @@
+//! Choosing where a request goes once a route matched: the weighted destination (from a random
+//! draw), the subset's endpoints (label filter), and the endpoint under the DestinationRule's
+//! load-balancing policy through a small [`Picker`] trait: round robin, random, least request
+//! (Envoy's power of two choices over per-endpoint active request counts) and consistent hash.
+//!
+//! Consistent hashing uses rendezvous (highest random weight) hashing over a stable FNV-1a hash
+//! of the key and of each endpoint's key: no ring to rebuild per snapshot, the same key always
+//! picks the same endpoint while the endpoint set is unchanged, and removing an endpoint only
+//! moves the keys that were on it.
+
+use super::destination_rule::{HashKey, LbPolicy};
+use super::matching::{header_value, parse_query, RequestInfo};
+use super::rewrite::split_path;
+use super::route::WeightedDestination;
+use crate::snapshot::{selector_matches, Endpoint};
+use http::header::COOKIE;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Picks a destination by weight: `random` (uniform `u64`) modulo the total weight. Zero-weight
+/// destinations are never picked; a lone destination always is.
+pub fn pick_weighted(dests: &[WeightedDestination], random: u64) -> Option<&WeightedDestination> {
+    if dests.len() == 1 {
+        return dests.first();
+    }
+    let total: u64 = dests.iter().map(|d| u64::from(d.weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut point = random % total;
+    for d in dests {
+        let w = u64::from(d.weight);
+        if point < w {
+            return Some(d);
+        }
+        point -= w;
+    }
+    None
+}
+
+/// The endpoints whose workload carries every label of the subset (all of them without a
+/// subset).
+pub fn subset_endpoints<'e>(
+    endpoints: &'e [Endpoint],
+    labels: Option<&BTreeMap<String, String>>,
+) -> Vec<&'e Endpoint> {
+    match labels {
+        None => endpoints.iter().collect(),
+        Some(l) => endpoints
+            .iter()
+            .filter(|e| selector_matches(l, &e.workload.labels))
+            .collect(),
+    }
+}
+
+/// One endpoint as a picker sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate<'a> {
+    /// A stable identity of the endpoint, e.g. `"10.0.0.5:8080"` (consistent hashing uses it).
+    pub key: &'a str,
+    /// Requests in flight to this endpoint (least request uses it).
+    pub active_requests: u32,
+}
+
+/// Per-request input to a picker.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PickInput {
+    /// A uniformly distributed random number.
+    pub random: u64,
+    /// The request's hash (see [`request_hash`]); consistent hash falls back to random without.
+    pub hash: Option<u64>,
+}
+
+/// Picks one of `candidates` (returns its index); `None` only when there are none.
+pub trait Picker: Send + Sync {
+    fn pick(&self, candidates: &[Candidate], input: &PickInput) -> Option<usize>;
+}
+
+/// Round robin: a shared counter, so concurrent requests spread evenly.
+#[derive(Debug, Default)]
+pub struct RoundRobin {
+    next: AtomicUsize,
+}
+
+impl Picker for RoundRobin {
+    fn pick(&self, candidates: &[Candidate], _: &PickInput) -> Option<usize> {
+        if candidates.is_empty() {
+            return None;
+        }
+        Some(self.next.fetch_add(1, Ordering::Relaxed) % candidates.len())
+    }
+}
+
+/// Uniformly random.
+#[derive(Debug, Default)]
+pub struct Random;
+
+impl Picker for Random {
+    fn pick(&self, candidates: &[Candidate], input: &PickInput) -> Option<usize> {
+        if candidates.is_empty() {
+            return None;
+        }
+        Some((input.random % candidates.len() as u64) as usize)
+    }
+}
+
+/// Least request, power of two choices: two distinct endpoints drawn at random, the one with
+/// fewer active requests wins (the first on a tie).
+#[derive(Debug, Default)]
+pub struct LeastRequest;
+
+impl Picker for LeastRequest {
+    fn pick(&self, candidates: &[Candidate], input: &PickInput) -> Option<usize> {
+        let n = candidates.len() as u64;
+        match n {
+            0 => None,
+            1 => Some(0),
+            _ => {
+                let a = input.random % n;
+                let b = (a + 1 + (input.random >> 32) % (n - 1)) % n;
+                let (a, b) = (a as usize, b as usize);
+                Some(
+                    if candidates[b].active_requests < candidates[a].active_requests {
+                        b
+                    } else {
+                        a
+                    },
+                )
+            }
+        }
+    }
+}
+
+/// Consistent hash by rendezvous hashing; random when the request has no hash.
+#[derive(Debug, Default)]
+pub struct ConsistentHash;
+
+impl Picker for ConsistentHash {
+    fn pick(&self, candidates: &[Candidate], input: &PickInput) -> Option<usize> {
+        let Some(hash) = input.hash else {
+            return Random.pick(candidates, input);
+        };
+        candidates
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, c)| (mix(hash ^ fnv1a64(c.key.as_bytes())), c.key))
+            .map(|(i, _)| i)
+    }
+}
+
+/// The picker for a policy; `None` for `PASSTHROUGH` (connect to the address the client asked
+/// for).
+pub fn picker_for(policy: &LbPolicy) -> Option<Box<dyn Picker>> {
+    match policy {
+        LbPolicy::RoundRobin => Some(Box::<RoundRobin>::default()),
+        LbPolicy::LeastRequest => Some(Box::new(LeastRequest)),
+        LbPolicy::Random => Some(Box::new(Random)),
+        LbPolicy::ConsistentHash(_) => Some(Box::new(ConsistentHash)),
+        LbPolicy::Passthrough => None,
+    }
+}
+
+/// 64-bit FNV-1a: stable across processes and releases (unlike `DefaultHasher`).
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// SplitMix64 finaliser: spreads FNV's weak low bits.
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub fn cookie_value<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"'))
+}
+
+/// The hash of a request under a consistent-hash key; `None` when the request lacks the key
+/// (header, cookie, query parameter absent; source IP unknown). With a cookie key and a `ttl`,
+/// the waypoint should then mint the cookie on the response.
+pub fn request_hash(key: &HashKey, req: &RequestInfo) -> Option<u64> {
+    match key {
+        HashKey::Header(name) => {
+            let name = http::HeaderName::from_bytes(name.as_bytes()).ok()?;
+            header_value(req.headers, &name).map(|v| fnv1a64(v.as_bytes()))
+        }
+        HashKey::Cookie { name, .. } => {
+            cookie_value(req.headers, name).map(|v| fnv1a64(v.as_bytes()))
+        }
+        HashKey::SourceIp => req
+            .source_ip
+            .map(|ip| fnv1a64(ip.to_canonical().to_string().as_bytes())),
+        HashKey::QueryParameter(name) => {
+            let query = split_path(req.path).1.strip_prefix('?').unwrap_or("");
+            parse_query(query)
+                .into_iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| fnv1a64(v.as_bytes()))
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "select_tests.rs"]
+mod tests;

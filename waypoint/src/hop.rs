@@ -1,0 +1,98 @@
+//! Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection, so a proxy removes them
+//! (and every header the `connection` header names) before passing a message on. Upgrades are
+//! the exception: `connection: upgrade` and `upgrade` travel with the request and its 101.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The protocol a message asks to upgrade to (`connection: upgrade` + `upgrade: <proto>`).
+pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if asks {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// Removes hop-by-hop headers; with `upgrade` set, re-adds `connection: upgrade` and
+/// `upgrade: <proto>` so the upgrade handshake reaches the other side.
+pub fn strip(headers: &mut HeaderMap, upgrade: Option<HeaderValue>) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+    if let Some(proto) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn removes_hop_by_hop_and_connection_named_headers() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-hop-secret"),
+            ("x-hop-secret", "no"),
+            ("keep-alive", "timeout=30"),
+            ("proxy-connection", "keep-alive"),
+            ("x-end-to-end", "yes"),
+        ]);
+        strip(&mut h, None);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-end-to-end"], "yes");
+    }
+
+    #[test]
+    fn keeps_the_upgrade_handshake() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        let proto = upgrade_protocol(&h);
+        assert_eq!(
+            proto.as_ref().map(|v| v.to_str().unwrap()),
+            Some("websocket")
+        );
+        strip(&mut h, proto);
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+        assert!(upgrade_protocol(&map(&[("upgrade", "websocket")])).is_none());
+    }
+}
