@@ -15,11 +15,10 @@ use common::identity::store::CertStore;
 use common::identity::Identity;
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Parser)]
@@ -87,23 +86,15 @@ pub struct State {
     pub drain: DrainWatch,
     pub sniff_timeout: Duration,
     pub hbone: Arc<HboneClient>,
-    round_robin: Mutex<HashMap<String, usize>>,
+    pub balancers: crate::route::Balancers,
+    pub outliers: crate::outlier::Outliers,
+    pub limits: crate::limits::Limits,
+    /// A handle to this state for tasks that outlive a request (mirrors).
+    pub me: std::sync::Weak<State>,
     active: AtomicUsize,
 }
 
 impl State {
-    /// Next round-robin index for `key` among `n` choices.
-    pub fn next_index(&self, key: &str, n: usize) -> usize {
-        if n <= 1 {
-            return 0;
-        }
-        let mut rr = self.round_robin.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = rr.entry(key.to_string()).or_insert(0);
-        let i = *slot % n;
-        *slot = slot.wrapping_add(1);
-        i
-    }
-
     pub fn track(self: &Arc<Self>) -> ActiveGuard {
         self.active.fetch_add(1, Ordering::AcqRel);
         ActiveGuard(self.clone())
@@ -164,7 +155,7 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         plain_dialer(),
     );
     let (drain, drain_watch) = Drain::new();
-    let state = Arc::new(State {
+    let state = Arc::new_cyclic(|me| State {
         config: config.clone(),
         certs: certs.clone(),
         identity: identity.clone(),
@@ -174,7 +165,10 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         drain: drain_watch,
         sniff_timeout: args.sniff_timeout,
         hbone,
-        round_robin: Mutex::new(HashMap::new()),
+        balancers: Default::default(),
+        outliers: Default::default(),
+        limits: Default::default(),
+        me: me.clone(),
         active: AtomicUsize::new(0),
     });
 

@@ -5,8 +5,8 @@ use crate::app::State;
 use crate::body::{self, Body, Counted, OnDone};
 use crate::hop;
 use crate::metrics::RequestLabels;
-use crate::route::{self, Decision, LocalReply};
-use crate::upstream::{self, UpstreamProtocol};
+use crate::pipeline;
+use crate::upstream::UpstreamProtocol;
 use common::identity::Identity;
 use common::model::{Service, Workload};
 use http::{Request, Response};
@@ -29,7 +29,7 @@ pub struct ConnContext {
 }
 
 /// One access-log line per request, with the fields of Envoy's Istio default format.
-struct RequestLog {
+pub(crate) struct RequestLog {
     start_time: SystemTime,
     start: Instant,
     method: String,
@@ -42,9 +42,9 @@ struct RequestLog {
     downstream_remote_address: String,
     response_code: u16,
     response_flags: &'static str,
-    upstream_host: String,
-    upstream_cluster: String,
-    route_name: String,
+    pub(crate) upstream_host: String,
+    pub(crate) upstream_cluster: String,
+    pub(crate) route_name: String,
     bytes_received: u64,
     bytes_sent: u64,
 }
@@ -143,9 +143,8 @@ fn humantime_rfc3339(t: SystemTime) -> String {
     )
 }
 
-fn labels(ctx: &ConnContext, decision: Option<&Decision>, code: u16, flags: &str) -> RequestLabels {
+fn labels(ctx: &ConnContext, dst: Option<&Workload>, code: u16, flags: &str) -> RequestLabels {
     let s = |v: Option<&str>| v.unwrap_or("unknown").to_string();
-    let dst = decision.map(|d| &d.endpoint);
     RequestLabels {
         reporter: "waypoint".into(),
         source_workload: s(ctx.source.as_ref().map(|w| w.workload_name())),
@@ -169,12 +168,6 @@ fn labels(ctx: &ConnContext, decision: Option<&Decision>, code: u16, flags: &str
     }
 }
 
-fn local_reply(r: &LocalReply) -> Response<Body> {
-    let mut resp = Response::new(body::full(format!("{}\n", r.body)));
-    *resp.status_mut() = r.status;
-    resp
-}
-
 /// After a 101, the two upgraded connections (client side and endpoint side) are joined and
 /// bytes flow unchanged until either closes (WebSocket and other `Upgrade` protocols).
 async fn join_upgraded(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
@@ -195,65 +188,32 @@ async fn join_upgraded(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUp
 pub async fn handle(
     state: Arc<State>,
     ctx: Arc<ConnContext>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let mut log = RequestLog::new(&req, &ctx);
-    let mut req = req;
     let upgrade = hop::upgrade_protocol(req.headers());
     let downstream_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     hop::strip(req.headers_mut(), upgrade);
     let received = Arc::new(AtomicU64::new(0));
     let req = req.map(|b| Counted::wrap(body::incoming(b), received.clone(), None));
     let snap = state.config.current();
-    let outcome = match route::decide(&state, &snap, &ctx.service, ctx.port) {
-        Err(reply) => Err((reply, None)),
-        Ok(decision) => {
-            log.upstream_host = decision.target.addr.to_string();
-            log.upstream_cluster = decision.cluster.clone();
-            log.route_name = decision.route_name.clone();
-            match state
-                .upstreams
-                .send(&decision.target, ctx.protocol, ctx.client, req)
-                .await
-            {
-                Ok(mut resp) => {
-                    let upgrade = (resp.status() == http::StatusCode::SWITCHING_PROTOCOLS)
-                        .then(|| hop::upgrade_protocol(resp.headers()))
-                        .flatten();
-                    if let (Some(_), Some(down)) = (&upgrade, downstream_upgrade) {
-                        tokio::spawn(join_upgraded(down, hyper::upgrade::on(&mut resp)));
-                    }
-                    hop::strip(resp.headers_mut(), upgrade);
-                    Ok((upstream::into_downstream(resp), decision))
-                }
-                Err(e) => {
-                    let flag = match e {
-                        upstream::UpstreamError::Connect(_) => "UF",
-                        upstream::UpstreamError::Reset(_) => "UC",
-                    };
-                    Err((
-                        LocalReply::new(http::StatusCode::SERVICE_UNAVAILABLE, flag, e.to_string()),
-                        Some(decision),
-                    ))
-                }
-            }
-        }
-    };
+    let done = pipeline::run(&state, &ctx, &snap, &mut log, req).await;
     drop(snap);
-    let (resp, decision, flags) = match outcome {
-        Ok((resp, d)) => (resp, Some(d), "-"),
-        Err((reply, d)) => (local_reply(&reply), d, reply.flag),
-    };
+    let mut resp = done.response;
+    if let (Some(up), Some(down)) = (done.upgrade, downstream_upgrade) {
+        tokio::spawn(join_upgraded(down, up));
+    }
     log.response_code = resp.status().as_u16();
-    log.response_flags = flags;
-    let labels = labels(&ctx, decision.as_ref(), log.response_code, flags);
+    log.response_flags = done.flag;
+    let labels = labels(&ctx, done.endpoint.as_deref(), log.response_code, done.flag);
     let st = state.clone();
-    let done: OnDone = Box::new(move |sent| {
+    let on_done: OnDone = Box::new(move |sent| {
         log.bytes_sent = sent;
         log.bytes_received = received.load(Ordering::Relaxed);
         let duration_ms = log.emit();
         st.metrics
             .record(&labels, duration_ms, log.bytes_received, log.bytes_sent);
     });
-    Ok(resp.map(|b| Counted::wrap(b, Arc::new(AtomicU64::new(0)), Some(done))))
+    resp = resp.map(|b| Counted::wrap(b, Arc::new(AtomicU64::new(0)), Some(on_done)));
+    Ok(resp)
 }

@@ -1,24 +1,21 @@
-//! Routing decisions: which endpoint a request goes to (or which local reply it gets). Without
-//! a VirtualService a service's requests go round robin over its healthy endpoints, as Istio's
-//! default route does.
+//! Routing decisions: the VirtualService route a request matched (or Istio's default route to
+//! the service itself), the destination it chose (weights → DestinationRule subset), and the
+//! endpoint for each attempt (load-balancing policy, minus outlier-ejected endpoints).
 
 use crate::app::State;
 use crate::upstream::Target;
+use common::l7::destination_rule::EffectivePolicy;
+use common::l7::route::{Destination, WeightedDestination};
+use common::l7::select::{self, Candidate, PickInput, Picker};
+use common::l7::LbPolicy;
 use common::model::{Service, Workload};
-use common::snapshot::Snapshot;
+use common::snapshot::{Endpoint, Snapshot};
 use http::StatusCode;
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-
-/// Where a request goes.
-#[derive(Debug, Clone)]
-pub struct Decision {
-    pub target: Target,
-    pub endpoint: Arc<Workload>,
-    /// Envoy-style cluster name: `outbound|<port>|<subset>|<host>`.
-    pub cluster: String,
-    pub route_name: String,
-}
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 /// A reply the waypoint makes itself, with Envoy's response flag.
 #[derive(Debug, Clone)]
@@ -38,53 +35,272 @@ impl LocalReply {
     }
 }
 
-/// Picks an endpoint of `service` for a request that arrived for `port`.
-pub fn decide(
-    state: &State,
+/// The destination chosen for a request: a service port, optionally a subset, with its
+/// endpoints and the DestinationRule policy in force.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub service: Arc<Service>,
+    /// Envoy-style name: `outbound|<port>|<subset>|<host>`.
+    pub name: String,
+    pub endpoints: Vec<Endpoint>,
+    pub policy: EffectivePolicy,
+}
+
+/// The endpoint picked for one attempt.
+#[derive(Debug, Clone)]
+pub struct Pick {
+    pub target: Target,
+    pub endpoint: Arc<Workload>,
+}
+
+/// The service a destination host names (FQDN or short name in `namespace`).
+fn service_for_host<'s>(
+    snap: &'s Snapshot,
+    host: &str,
+    namespace: &str,
+) -> Option<&'s Arc<Service>> {
+    let fqdn = common::l7::resolve_host(host, namespace, common::l7::DEFAULT_DOMAIN_SUFFIX);
+    snap.services
+        .iter()
+        .find(|s| s.hostname.eq_ignore_ascii_case(&fqdn) || s.hostname.eq_ignore_ascii_case(host))
+}
+
+/// Resolves a route destination (or the service itself) to a cluster.
+pub fn cluster_for(
     snap: &Snapshot,
-    service: &Service,
+    dest: Option<&Destination>,
+    service: &Arc<Service>,
     port: u16,
-) -> Result<Decision, LocalReply> {
-    let endpoints = snap.endpoints(service, port);
-    if endpoints.is_empty() {
-        return Err(LocalReply::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "UH",
-            format!("no healthy upstream for {}:{port}", service.hostname),
-        ));
-    }
-    let cluster = format!("outbound|{port}||{}", service.hostname);
-    let ep = &endpoints[state.next_index(&cluster, endpoints.len()) % endpoints.len()];
-    let ip = ep.workload.workload_ips.first().copied().ok_or_else(|| {
-        LocalReply::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "UH",
-            format!("endpoint {} has no address", ep.workload.name),
-        )
-    })?;
-    Ok(Decision {
-        target: Target {
-            addr: SocketAddr::new(ip, ep.target_port),
-            identity: ep.workload.identity(),
-            service: service.hostname.clone(),
-        },
-        endpoint: ep.workload.clone(),
-        cluster,
-        route_name: "default".to_string(),
+) -> Result<Cluster, LocalReply> {
+    let (svc, subset, port) = match dest {
+        None => (service.clone(), None, port),
+        Some(d) => {
+            let svc = service_for_host(snap, &d.host, &service.namespace)
+                .cloned()
+                .ok_or_else(|| {
+                    LocalReply::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "NC",
+                        format!("no cluster for destination host {}", d.host),
+                    )
+                })?;
+            // A destination without a port keeps the request's port when the service has it,
+            // else uses the service's only port.
+            let p = d.port.unwrap_or_else(|| {
+                if svc.ports.contains_key(&port) || svc.ports.len() != 1 {
+                    port
+                } else {
+                    svc.ports.keys().next().copied().unwrap_or(port)
+                }
+            });
+            (svc, d.subset.clone(), p)
+        }
+    };
+    let name = format!(
+        "outbound|{port}|{}|{}",
+        subset.as_deref().unwrap_or(""),
+        svc.hostname
+    );
+    let dr = snap.l7.destination_rule(&svc.hostname);
+    let labels = match (&subset, dr) {
+        (None, _) => None,
+        (Some(s), Some(dr)) => {
+            Some(dr.subset(s).map(|sub| sub.labels.clone()).ok_or_else(|| {
+                LocalReply::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "NC",
+                    format!("subset {s} of {} is not defined", svc.hostname),
+                )
+            })?)
+        }
+        (Some(s), None) => {
+            return Err(LocalReply::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "NC",
+                format!("no DestinationRule defines subset {s} of {}", svc.hostname),
+            ))
+        }
+    };
+    let all = snap.endpoints(&svc, port);
+    let endpoints: Vec<Endpoint> = select::subset_endpoints(all, labels.as_ref())
+        .into_iter()
+        .cloned()
+        .collect();
+    let policy = snap
+        .l7
+        .effective_policy(&svc.hostname, subset.as_deref(), port);
+    Ok(Cluster {
+        service: svc,
+        name,
+        endpoints,
+        policy,
     })
 }
 
-/// The routes per service, for `/config_dump`.
+/// Picks a weighted destination of a route.
+pub fn pick_destination(dests: &[WeightedDestination]) -> Option<&WeightedDestination> {
+    select::pick_weighted(dests, crate::rand::u64())
+}
+
+/// Per-cluster load-balancer state and per-endpoint in-flight request counts.
+/// A cluster's picker, remembered with the policy it was made for.
+type ClusterPicker = (LbPolicy, Arc<dyn Picker>);
+
+#[derive(Default)]
+pub struct Balancers {
+    pickers: Mutex<HashMap<String, ClusterPicker>>,
+    active: Mutex<HashMap<SocketAddr, Arc<AtomicU32>>>,
+}
+
+/// Counts a request in flight to an endpoint for as long as it lives (least request).
+pub struct InFlight(Arc<AtomicU32>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Balancers {
+    fn picker(&self, cluster: &str, policy: &LbPolicy) -> Option<Arc<dyn Picker>> {
+        let mut p = self.pickers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((pol, picker)) = p.get(cluster) {
+            if pol == policy {
+                return Some(picker.clone());
+            }
+        }
+        let picker: Arc<dyn Picker> = Arc::from(select::picker_for(policy)?);
+        p.insert(cluster.to_string(), (policy.clone(), picker.clone()));
+        Some(picker)
+    }
+
+    fn counter(&self, addr: SocketAddr) -> Arc<AtomicU32> {
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(addr)
+            .or_default()
+            .clone()
+    }
+
+    pub fn in_flight(&self, addr: SocketAddr) -> InFlight {
+        let c = self.counter(addr);
+        c.fetch_add(1, Ordering::Relaxed);
+        InFlight(c)
+    }
+}
+
+fn endpoint_addr(e: &Endpoint) -> Option<SocketAddr> {
+    e.workload
+        .workload_ips
+        .first()
+        .map(|ip| SocketAddr::new(*ip, e.target_port))
+}
+
+/// Picks the endpoint for one attempt: healthy (not ejected) endpoints, preferring ones not in
+/// `tried` (Istio retries prefer other hosts), by the cluster's load-balancing policy.
+/// `passthrough` is the address the client asked for (PASSTHROUGH policy).
+pub fn pick_endpoint(
+    state: &State,
+    cluster: &Cluster,
+    hash: Option<u64>,
+    tried: &[SocketAddr],
+    passthrough: SocketAddr,
+) -> Result<Pick, LocalReply> {
+    let mut all: Vec<(SocketAddr, &Endpoint)> = cluster
+        .endpoints
+        .iter()
+        .filter_map(|e| endpoint_addr(e).map(|a| (a, e)))
+        .collect();
+    if all.is_empty() {
+        return Err(LocalReply::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UH",
+            format!("no healthy upstream for {}", cluster.name),
+        ));
+    }
+    if let Some(outlier) = &cluster.policy.outlier_detection {
+        let addrs: Vec<SocketAddr> = all.iter().map(|(a, _)| *a).collect();
+        let ejected = state
+            .outliers
+            .ejected(&cluster.name, &addrs, outlier, Instant::now());
+        if ejected.len() < all.len() {
+            all.retain(|(a, _)| !ejected.contains(a));
+        }
+    }
+    let fresh: Vec<(SocketAddr, &Endpoint)> = all
+        .iter()
+        .filter(|(a, _)| !tried.contains(a))
+        .cloned()
+        .collect();
+    let pool = if fresh.is_empty() { all } else { fresh };
+    let Some(picker) = state
+        .balancers
+        .picker(&cluster.name, &cluster.policy.load_balancer)
+    else {
+        // PASSTHROUGH: the original destination, if it is one of the endpoints.
+        let (addr, ep) = pool
+            .iter()
+            .find(|(a, _)| a.ip() == passthrough.ip())
+            .or(pool.first())
+            .cloned()
+            .ok_or_else(|| LocalReply::new(StatusCode::SERVICE_UNAVAILABLE, "UH", "no endpoint"))?;
+        return Ok(pick(addr, ep, cluster));
+    };
+    let keys: Vec<String> = pool.iter().map(|(a, _)| a.to_string()).collect();
+    let counts: Vec<u32> = pool
+        .iter()
+        .map(|(a, _)| state.balancers.counter(*a).load(Ordering::Relaxed))
+        .collect();
+    let candidates: Vec<Candidate> = keys
+        .iter()
+        .zip(&counts)
+        .map(|(k, c)| Candidate {
+            key: k,
+            active_requests: *c,
+        })
+        .collect();
+    let i = picker
+        .pick(
+            &candidates,
+            &PickInput {
+                random: crate::rand::u64(),
+                hash,
+            },
+        )
+        .unwrap_or(0);
+    let (addr, ep) = pool[i.min(pool.len() - 1)];
+    Ok(pick(addr, ep, cluster))
+}
+
+fn pick(addr: SocketAddr, ep: &Endpoint, cluster: &Cluster) -> Pick {
+    Pick {
+        target: Target {
+            addr,
+            identity: ep.workload.identity(),
+            service: cluster.service.hostname.clone(),
+        },
+        endpoint: ep.workload.clone(),
+    }
+}
+
+/// The routes per service with a waypoint, for `/config_dump`.
 pub fn dump(snap: &Snapshot) -> serde_json::Value {
     let services: Vec<serde_json::Value> = snap
         .services
         .iter()
         .filter(|s| s.waypoint.is_some())
-        .map(|s| {
-            serde_json::json!({
+        .map(|s| match snap.l7.routes.mesh(&s.hostname) {
+            Some(table) => serde_json::json!({
                 "service": s.hostname,
-                "routes": [{"name": "default", "action": "round robin over healthy endpoints"}],
-            })
+                "virtualService": table.virtual_service,
+                "routes": &table.http,
+                "tcpRoutes": &table.tcp,
+            }),
+            None => serde_json::json!({
+                "service": s.hostname,
+                "routes": [{"name": "default", "action": "forward to the service (DestinationRule load balancing)"}],
+            }),
         })
         .collect();
     serde_json::Value::Array(services)

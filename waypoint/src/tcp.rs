@@ -6,9 +6,17 @@ use crate::route;
 use common::hbone::client::{ConnectRequest, PoolKey};
 use common::hbone::io::TunnelIo;
 use common::hbone::{forwarded_value, headers, HBONE_PORT};
+use common::l7::L4Info;
 use common::model::Service;
 use http::{HeaderMap, HeaderValue};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
+
+struct Decision {
+    target: crate::upstream::Target,
+    cluster: String,
+}
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub async fn forward<S>(state: &State, service: &Service, port: u16, client: SocketAddr, mut io: S)
@@ -16,14 +24,36 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let snap = state.config.current();
-    let decision = match route::decide(state, &snap, service, port) {
-        Ok(d) => d,
+    let svc = Arc::new(service.clone());
+    // A VirtualService `tcp` route may send the connection elsewhere (weights, subsets).
+    let info = L4Info {
+        destination_ip: None,
+        port,
+        source_labels: &BTreeMap::new(),
+        source_namespace: "",
+        sni: None,
+    };
+    let dest = snap
+        .l7
+        .routes
+        .mesh(&service.hostname)
+        .and_then(|t| t.match_tcp(&info))
+        .and_then(|r| route::pick_destination(&r.destinations))
+        .map(|d| d.destination.clone());
+    let decision = route::cluster_for(&snap, dest.as_ref(), &svc, port)
+        .and_then(|c| route::pick_endpoint(state, &c, None, &[], client).map(|p| (c, p)));
+    let (cluster, pick) = match decision {
+        Ok(v) => v,
         Err(reply) => {
             tracing::info!(target: "access", service = %service.hostname, port, %client, flag = reply.flag, "tcp: {}", reply.body);
             return;
         }
     };
     drop(snap);
+    let decision = Decision {
+        target: pick.target,
+        cluster: cluster.name,
+    };
     let key = PoolKey {
         src: state.identity.clone(),
         dst: SocketAddr::new(decision.target.addr.ip(), HBONE_PORT),

@@ -1,0 +1,186 @@
+//! Outlier detection (DestinationRule `outlierDetection`): endpoints that return consecutive
+//! 5xx or gateway errors are ejected for `baseEjectionTime × times ejected`, never more than
+//! `maxEjectionPercent` of a cluster at once, and ignored altogether when fewer than
+//! `minHealthPercent` of the endpoints would remain (Envoy's panic threshold).
+
+use common::l7::destination_rule::Outlier;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Default, Clone)]
+struct EndpointState {
+    consecutive_5xx: u32,
+    consecutive_gateway: u32,
+    ejected_until: Option<Instant>,
+    times_ejected: u32,
+}
+
+/// Ejection state of every (cluster, endpoint) this waypoint has sent to.
+#[derive(Debug, Default)]
+pub struct Outliers {
+    state: Mutex<HashMap<(String, SocketAddr), EndpointState>>,
+}
+
+/// How an attempt ended, as outlier detection counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observation {
+    Status(u16),
+    ConnectFailure,
+}
+
+impl Outliers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, SocketAddr), EndpointState>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The endpoints of `cluster` (among `all`) currently ejected, unless ejecting them would
+    /// leave fewer than `minHealthPercent` healthy (then none are treated as ejected).
+    pub fn ejected(
+        &self,
+        cluster: &str,
+        all: &[SocketAddr],
+        policy: &Outlier,
+        now: Instant,
+    ) -> Vec<SocketAddr> {
+        let state = self.lock();
+        let ejected: Vec<SocketAddr> = all
+            .iter()
+            .filter(|a| {
+                state
+                    .get(&(cluster.to_string(), **a))
+                    .and_then(|s| s.ejected_until)
+                    .is_some_and(|t| t > now)
+            })
+            .copied()
+            .collect();
+        let healthy = all.len() - ejected.len();
+        if all.is_empty() || healthy * 100 < policy.min_health_percent as usize * all.len() {
+            return Vec::new();
+        }
+        ejected
+    }
+
+    /// Records an attempt's result; returns true when it ejected the endpoint.
+    pub fn record(
+        &self,
+        cluster: &str,
+        addr: SocketAddr,
+        result: Observation,
+        policy: &Outlier,
+        cluster_size: usize,
+        now: Instant,
+    ) -> bool {
+        let mut state = self.lock();
+        let currently_ejected = state
+            .iter()
+            .filter(|((c, _), s)| c == cluster && s.ejected_until.is_some_and(|t| t > now))
+            .count();
+        let s = state.entry((cluster.to_string(), addr)).or_default();
+        let (is_5xx, is_gateway) = match result {
+            Observation::ConnectFailure => (true, true),
+            Observation::Status(code) => (code >= 500, matches!(code, 502..=504)),
+        };
+        if !is_5xx {
+            s.consecutive_5xx = 0;
+            s.consecutive_gateway = 0;
+            return false;
+        }
+        s.consecutive_5xx += 1;
+        if is_gateway {
+            s.consecutive_gateway += 1;
+        } else {
+            s.consecutive_gateway = 0;
+        }
+        let trip = (policy.consecutive_5xx_errors > 0
+            && s.consecutive_5xx >= policy.consecutive_5xx_errors)
+            || (policy.consecutive_gateway_errors > 0
+                && s.consecutive_gateway >= policy.consecutive_gateway_errors);
+        if !trip || s.ejected_until.is_some_and(|t| t > now) {
+            return false;
+        }
+        // Envoy always allows ejecting at least one endpoint.
+        let max = (cluster_size * policy.max_ejection_percent as usize / 100).max(1);
+        if currently_ejected >= max {
+            return false;
+        }
+        s.times_ejected += 1;
+        let base: Duration = policy.base_ejection_time.0;
+        s.ejected_until = Some(now + base * s.times_ejected);
+        s.consecutive_5xx = 0;
+        s.consecutive_gateway = 0;
+        tracing::info!(cluster, endpoint = %addr, times = s.times_ejected, "outlier ejected");
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::l7::spec::Duration as D;
+
+    fn policy() -> Outlier {
+        Outlier {
+            consecutive_5xx_errors: 2,
+            consecutive_gateway_errors: 0,
+            interval: D(Duration::from_secs(1)),
+            base_ejection_time: D(Duration::from_secs(10)),
+            max_ejection_percent: 50,
+            min_health_percent: 0,
+        }
+    }
+
+    fn addr(i: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, i], 80))
+    }
+
+    #[test]
+    fn consecutive_errors_eject_and_ejection_time_grows() {
+        let o = Outliers::default();
+        let p = policy();
+        let now = Instant::now();
+        let all = [addr(1), addr(2)];
+        assert!(!o.record("c", addr(1), Observation::Status(500), &p, 2, now));
+        assert!(o.record("c", addr(1), Observation::Status(503), &p, 2, now));
+        assert_eq!(o.ejected("c", &all, &p, now), vec![addr(1)]);
+        // Back after baseEjectionTime.
+        let later = now + Duration::from_secs(11);
+        assert!(o.ejected("c", &all, &p, later).is_empty());
+        // Second ejection lasts twice as long.
+        o.record("c", addr(1), Observation::Status(500), &p, 2, later);
+        assert!(o.record("c", addr(1), Observation::Status(500), &p, 2, later));
+        assert_eq!(
+            o.ejected("c", &all, &p, later + Duration::from_secs(15)),
+            vec![addr(1)]
+        );
+        assert!(o
+            .ejected("c", &all, &p, later + Duration::from_secs(21))
+            .is_empty());
+    }
+
+    #[test]
+    fn success_resets_and_max_percent_caps() {
+        let o = Outliers::default();
+        let p = policy();
+        let now = Instant::now();
+        o.record("c", addr(1), Observation::Status(500), &p, 2, now);
+        o.record("c", addr(1), Observation::Status(200), &p, 2, now);
+        assert!(!o.record("c", addr(1), Observation::Status(500), &p, 2, now));
+        assert!(o.record("c", addr(1), Observation::Status(500), &p, 2, now));
+        // 50 % of 2 endpoints: the second may not be ejected while the first is.
+        o.record("c", addr(2), Observation::ConnectFailure, &p, 2, now);
+        assert!(!o.record("c", addr(2), Observation::ConnectFailure, &p, 2, now));
+    }
+
+    #[test]
+    fn min_health_percent_disables_ejection() {
+        let o = Outliers::default();
+        let mut p = policy();
+        p.min_health_percent = 60;
+        let now = Instant::now();
+        o.record("c", addr(1), Observation::Status(500), &p, 2, now);
+        o.record("c", addr(1), Observation::Status(500), &p, 2, now);
+        assert!(o.ejected("c", &[addr(1), addr(2)], &p, now).is_empty());
+    }
+}

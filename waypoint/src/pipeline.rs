@@ -1,0 +1,558 @@
+//! The routing phases of one request, in order: match the VirtualService route (404 `NR`
+//! when none) → CORS preflight → fault injection → redirect / direct response → pick the
+//! destination (weights, subset) → L7 authorization → rewrite and header operations →
+//! circuit breaking → mirror → forward with timeout, retries and outlier detection → response
+//! header operations.
+
+use crate::app::State;
+use crate::body::{self, Body};
+use crate::hop;
+use crate::outlier::Observation;
+use crate::proxy::{ConnContext, RequestLog};
+use crate::route::{self, Cluster, LocalReply};
+use crate::upstream::{self, UpstreamError};
+use bytes::Bytes;
+use common::l7::actions::{Abort, AttemptOutcome, RetryPolicy};
+use common::l7::cors::Preflight;
+use common::l7::route::{HttpRoute, RouteAction, WeightedDestination};
+use common::l7::select::request_hash;
+use common::l7::{HttpMatch, LbPolicy, RequestInfo};
+use common::model::Workload;
+use common::snapshot::Snapshot;
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Requests with bodies up to this size are buffered so they can be retried and mirrored.
+const MAX_REPLAY_BODY: u64 = 1024 * 1024;
+
+/// What the pipeline produced.
+pub struct Done {
+    pub response: Response<Body>,
+    pub flag: &'static str,
+    pub endpoint: Option<Arc<Workload>>,
+    /// The endpoint side of an upgraded connection (after a 101).
+    pub upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+fn reply(r: LocalReply) -> Done {
+    let mut resp = Response::new(body::full(format!("{}\n", r.body)));
+    *resp.status_mut() = r.status;
+    Done {
+        response: resp,
+        flag: r.flag,
+        endpoint: None,
+        upgrade: None,
+    }
+}
+
+fn plain(status: StatusCode, headers: HeaderMap, text: String) -> Done {
+    let mut resp = Response::new(body::full(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().extend(headers);
+    Done {
+        response: resp,
+        flag: "-",
+        endpoint: None,
+        upgrade: None,
+    }
+}
+
+/// The request's path and query, and its authority (`:authority` or `Host`).
+fn target_of(req: &Request<Body>, ctx: &ConnContext) -> (String, String) {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| ctx.service.hostname.clone());
+    (path, authority)
+}
+
+pub async fn run(
+    state: &State,
+    ctx: &ConnContext,
+    snap: &Snapshot,
+    log: &mut RequestLog,
+    req: Request<Body>,
+) -> Done {
+    let (path, authority) = target_of(&req, ctx);
+    let no_labels = BTreeMap::new();
+    let info = RequestInfo {
+        method: req.method().as_str(),
+        scheme: "http",
+        authority: &authority,
+        path: &path,
+        headers: req.headers(),
+        port: ctx.port,
+        source_labels: ctx.source.as_ref().map(|w| &w.labels).unwrap_or(&no_labels),
+        source_namespace: ctx
+            .source
+            .as_ref()
+            .map(|w| w.namespace.as_str())
+            .unwrap_or(""),
+        source_ip: Some(ctx.client.ip()),
+    };
+    // Phase: match.
+    let matched: Option<HttpMatch> = match snap.l7.routes.mesh(&ctx.service.hostname) {
+        None => None,
+        Some(table) => match table.match_http(&info) {
+            Some(m) => Some(m),
+            None => {
+                log.route_name = "-".into();
+                return reply(LocalReply::new(
+                    StatusCode::NOT_FOUND,
+                    "NR",
+                    format!(
+                        "no route matched in VirtualService {}",
+                        table.virtual_service
+                    ),
+                ));
+            }
+        },
+    };
+    let route: Option<&HttpRoute> = matched.map(|m| m.route);
+    log.route_name = matched
+        .and_then(|m| m.name())
+        .unwrap_or_else(|| "default".into());
+
+    // Phase: CORS preflight.
+    if let Some(cors) = route.and_then(|r| r.cors.as_ref()) {
+        if let Some(Preflight::Respond(h)) = cors.preflight(req.method(), req.headers()) {
+            return plain(StatusCode::OK, h, String::new());
+        }
+    }
+
+    // Phase: fault injection.
+    if let Some(fault) = route.and_then(|r| r.fault.as_ref()) {
+        let d = fault.decide(crate::rand::u64(), crate::rand::u64());
+        if let Some(delay) = d.delay {
+            tokio::time::sleep(delay).await;
+        }
+        match d.abort {
+            Some(Abort::HttpStatus(code)) => {
+                let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                return reply(LocalReply::new(status, "FI", "fault filter abort"));
+            }
+            Some(Abort::GrpcStatus(code)) => {
+                let mut h = HeaderMap::new();
+                h.insert("content-type", HeaderValue::from_static("application/grpc"));
+                h.insert("grpc-status", HeaderValue::from(code));
+                h.insert(
+                    "grpc-message",
+                    HeaderValue::from_static("fault filter abort"),
+                );
+                let mut d = plain(StatusCode::OK, h, String::new());
+                d.flag = "FI";
+                return d;
+            }
+            None => {}
+        }
+    }
+
+    // Phase: action.
+    let dest: Option<&WeightedDestination> = match route.map(|r| &r.action) {
+        Some(RouteAction::Redirect(r)) => {
+            let (code, location) = r.location("http", &authority, &path, ctx.port);
+            let mut h = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                h.insert(header::LOCATION, v);
+            }
+            return plain(code, h, String::new());
+        }
+        Some(RouteAction::DirectResponse { status, body }) => {
+            let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+            return plain(status, HeaderMap::new(), body.clone().unwrap_or_default());
+        }
+        Some(RouteAction::Forward(dests)) => match route::pick_destination(dests) {
+            Some(d) => Some(d),
+            None => {
+                return reply(LocalReply::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "NC",
+                    "route has no destination with weight",
+                ))
+            }
+        },
+        None => None,
+    };
+    let cluster =
+        match route::cluster_for(snap, dest.map(|d| &d.destination), &ctx.service, ctx.port) {
+            Ok(c) => c,
+            Err(r) => return reply(r),
+        };
+    log.upstream_cluster = cluster.name.clone();
+
+    // Phase: L7 authorization (policies of the destination workloads).
+    if let Some(ep) = cluster.endpoints.first() {
+        let policies = snap.l7.policies_for(snap, &ep.workload);
+        if !policies.is_empty() {
+            let areq = common::l7::policy::AuthzRequest {
+                method: req.method().as_str(),
+                host: &authority,
+                path: &path,
+                headers: req.headers(),
+                source: Some(&ctx.peer),
+                source_ip: Some(ctx.client.ip()),
+                destination_ip: ep.workload.workload_ips.first().copied(),
+                destination_port: ep.target_port,
+            };
+            if let Err(denied) = common::l7::policy::authorize(policies, &areq) {
+                tracing::debug!(reason = %denied, "request denied by L7 policy");
+                return reply(LocalReply::new(
+                    StatusCode::FORBIDDEN,
+                    "-",
+                    "RBAC: access denied",
+                ));
+            }
+        }
+    }
+
+    // Phase: rewrite and request header operations.
+    let (mut parts, req_body) = req.into_parts();
+    let hash = match &cluster.policy.load_balancer {
+        LbPolicy::ConsistentHash(key) => request_hash(
+            key,
+            &RequestInfo {
+                headers: &parts.headers,
+                ..info_for(&parts, &authority, &path, ctx, &no_labels)
+            },
+        ),
+        _ => None,
+    };
+    if let Some(m) = matched {
+        if let Some(new_path) = m.rewritten_path(&path) {
+            parts.uri = with_path(&parts.uri, &new_path);
+        }
+        if let Some(a) = dest.and_then(|d| m.rewritten_authority(d)) {
+            if let Ok(v) = HeaderValue::from_str(a) {
+                parts.headers.insert(header::HOST, v);
+            }
+            parts.uri = with_authority(&parts.uri, a);
+        }
+    }
+    let mut request_layers = Vec::new();
+    if let Some(d) = dest {
+        request_layers.push(&d.headers.request);
+    }
+    if let Some(r) = route {
+        request_layers.push(&r.headers.request);
+    }
+    for ops in &request_layers {
+        ops.apply(&mut parts.headers);
+    }
+
+    // Phase: body buffering (for retries and mirrors).
+    let retry: Option<RetryPolicy> = match route {
+        Some(r) => r.retries.clone(),
+        None => Some(RetryPolicy::istio_default()),
+    };
+    let mirrors = route.map(|r| r.mirrors.as_slice()).unwrap_or(&[]);
+    let wants_replay = retry.as_ref().is_some_and(|r| r.attempts > 0) || !mirrors.is_empty();
+    let (replay, mut stream_body) = if wants_replay && replayable(&parts.headers) {
+        match req_body.collect().await {
+            Ok(c) => (Some(c.to_bytes()), None),
+            Err(e) => {
+                return reply(LocalReply::new(
+                    StatusCode::BAD_REQUEST,
+                    "DPE",
+                    format!("reading the request body: {e}"),
+                ))
+            }
+        }
+    } else {
+        (None, Some(req_body))
+    };
+
+    // Phase: circuit breaking.
+    let Some(admitted) = state
+        .limits
+        .admit(&cluster.name, &cluster.policy.connection_pool, ctx.protocol)
+        .await
+    else {
+        return reply(LocalReply::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UO",
+            format!(
+                "upstream overflow: {} connection pool is full",
+                cluster.name
+            ),
+        ));
+    };
+
+    // Phase: mirror (fire and forget; the response is discarded).
+    if let Some(bytes) = &replay {
+        for m in mirrors {
+            if !m.hit(crate::rand::u64()) {
+                continue;
+            }
+            match route::cluster_for(snap, Some(&m.destination), &ctx.service, ctx.port) {
+                Ok(mc) => spawn_mirror(state, ctx, mc, &parts, bytes.clone(), &authority),
+                Err(r) => tracing::debug!(reason = %r.body, "mirror destination unavailable"),
+            }
+        }
+    }
+
+    // Phase: forward, with timeout and retries.
+    let timeout = route.and_then(|r| r.timeout.as_ref()).map(|d| d.0);
+    let attempts = async {
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut retries_left = retry.as_ref().map(|r| r.attempts).unwrap_or(0);
+        loop {
+            let pick = match route::pick_endpoint(state, &cluster, hash, &tried, ctx.client) {
+                Ok(p) => p,
+                Err(r) => return (reply(r), None),
+            };
+            tried.push(pick.target.addr);
+            let body = match (&replay, stream_body.take()) {
+                (Some(b), _) => body::full(b.clone()),
+                (None, Some(b)) => b,
+                (None, None) => body::full(Bytes::new()),
+            };
+            let mut up_req = Request::from_parts(clone_parts(&parts), body);
+            *up_req.extensions_mut() = http::Extensions::new();
+            let _in_flight = state.balancers.in_flight(pick.target.addr);
+            let per_try = retry
+                .as_ref()
+                .and_then(|r| r.per_try_timeout.as_ref())
+                .map(|d| d.0);
+            let sent = state
+                .upstreams
+                .send(&pick.target, ctx.protocol, ctx.client, up_req);
+            let result = match per_try {
+                Some(t) => tokio::time::timeout(t, sent)
+                    .await
+                    .unwrap_or_else(|_| Err(UpstreamError::Reset("per-try timeout".into()))),
+                None => sent.await,
+            };
+            let outcome = match &result {
+                Ok(resp) => AttemptOutcome::Response {
+                    status: resp.status().as_u16(),
+                    grpc_status: resp
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok()),
+                },
+                Err(UpstreamError::Connect(_)) => AttemptOutcome::ConnectFailure,
+                Err(UpstreamError::Reset(_)) => AttemptOutcome::Reset {
+                    before_request: false,
+                },
+            };
+            observe(state, &cluster, pick.target.addr, outcome);
+            let can_retry = retries_left > 0
+                && replay.is_some()
+                && retry.as_ref().is_some_and(|r| r.retriable(outcome));
+            if can_retry {
+                if let Some(_token) = admitted.retry() {
+                    retries_left -= 1;
+                    if let Some(backoff) = retry.as_ref().and_then(|r| r.backoff.as_ref()) {
+                        tokio::time::sleep(backoff.0).await;
+                    }
+                    continue;
+                }
+            }
+            return match result {
+                Ok(resp) => (forwarded(resp, pick.endpoint.clone()), Some(pick)),
+                Err(e) => {
+                    let flag = match e {
+                        UpstreamError::Connect(_) => "UF",
+                        UpstreamError::Reset(_) => "UC",
+                    };
+                    let mut d = reply(LocalReply::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        flag,
+                        e.to_string(),
+                    ));
+                    d.endpoint = Some(pick.endpoint.clone());
+                    (d, Some(pick))
+                }
+            };
+        }
+    };
+    let (mut done, pick) = match timeout {
+        Some(t) => match tokio::time::timeout(t, attempts).await {
+            Ok(v) => v,
+            Err(_) => (
+                reply(LocalReply::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "UT",
+                    "upstream request timeout",
+                )),
+                None,
+            ),
+        },
+        None => attempts.await,
+    };
+    drop(admitted);
+    if let Some(p) = &pick {
+        log.upstream_host = p.target.addr.to_string();
+    }
+
+    // Phase: response header operations and CORS headers.
+    let h = done.response.headers_mut();
+    if let Some(d) = dest {
+        d.headers.response.apply(h);
+    }
+    if let Some(r) = route {
+        r.headers.response.apply(h);
+        if let Some(cors) = &r.cors {
+            let extra = cors.response_headers(&parts.headers);
+            h.extend(extra);
+        }
+    }
+    done
+}
+
+fn info_for<'a>(
+    parts: &'a http::request::Parts,
+    authority: &'a str,
+    path: &'a str,
+    ctx: &'a ConnContext,
+    no_labels: &'a BTreeMap<String, String>,
+) -> RequestInfo<'a> {
+    RequestInfo {
+        method: parts.method.as_str(),
+        scheme: "http",
+        authority,
+        path,
+        headers: &parts.headers,
+        port: ctx.port,
+        source_labels: ctx.source.as_ref().map(|w| &w.labels).unwrap_or(no_labels),
+        source_namespace: ctx
+            .source
+            .as_ref()
+            .map(|w| w.namespace.as_str())
+            .unwrap_or(""),
+        source_ip: Some(ctx.client.ip()),
+    }
+}
+
+/// A body small enough (or absent) to keep in memory for replays.
+fn replayable(headers: &HeaderMap) -> bool {
+    match headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        Some(n) => n <= MAX_REPLAY_BODY,
+        None => !headers.contains_key(header::TRANSFER_ENCODING),
+    }
+}
+
+fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
+    let mut b = Request::builder()
+        .method(p.method.clone())
+        .uri(p.uri.clone())
+        .version(p.version);
+    if let Some(h) = b.headers_mut() {
+        *h = p.headers.clone();
+    }
+    match b.body(()) {
+        Ok(r) => r.into_parts().0,
+        Err(_) => Request::new(()).into_parts().0,
+    }
+}
+
+fn with_path(uri: &Uri, path_and_query: &str) -> Uri {
+    let mut parts = uri.clone().into_parts();
+    match path_and_query.parse() {
+        Ok(pq) => parts.path_and_query = Some(pq),
+        Err(_) => return uri.clone(),
+    }
+    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+}
+
+fn with_authority(uri: &Uri, authority: &str) -> Uri {
+    if uri.authority().is_none() {
+        return uri.clone();
+    }
+    let mut parts = uri.clone().into_parts();
+    match authority.parse() {
+        Ok(a) => parts.authority = Some(a),
+        Err(_) => return uri.clone(),
+    }
+    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+}
+
+fn observe(state: &State, cluster: &Cluster, addr: SocketAddr, outcome: AttemptOutcome) {
+    let Some(policy) = &cluster.policy.outlier_detection else {
+        return;
+    };
+    let obs = match outcome {
+        AttemptOutcome::Response { status, .. } => Observation::Status(status),
+        AttemptOutcome::ConnectFailure => Observation::ConnectFailure,
+        AttemptOutcome::Reset { .. } | AttemptOutcome::RefusedStream => Observation::Status(503),
+    };
+    state.outliers.record(
+        &cluster.name,
+        addr,
+        obs,
+        policy,
+        cluster.endpoints.len(),
+        Instant::now(),
+    );
+}
+
+fn forwarded(mut resp: Response<hyper::body::Incoming>, endpoint: Arc<Workload>) -> Done {
+    let upgrade = (resp.status() == StatusCode::SWITCHING_PROTOCOLS)
+        .then(|| hop::upgrade_protocol(resp.headers()))
+        .flatten();
+    let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut resp));
+    hop::strip(resp.headers_mut(), upgrade);
+    Done {
+        response: upstream::into_downstream(resp),
+        flag: "-",
+        endpoint: Some(endpoint),
+        upgrade: on_upgrade,
+    }
+}
+
+/// Sends a copy of the request to a mirror cluster (Istio appends `-shadow` to the host) and
+/// discards the response.
+fn spawn_mirror(
+    state: &State,
+    ctx: &ConnContext,
+    cluster: Cluster,
+    parts: &http::request::Parts,
+    body: Bytes,
+    authority: &str,
+) {
+    let Some(me) = state.me.upgrade() else { return };
+    let Ok(pick) = route::pick_endpoint(&me, &cluster, None, &[], ctx.client) else {
+        return;
+    };
+    let mut p = clone_parts(parts);
+    let (host, port) = common::l7::rewrite::split_authority(authority);
+    let shadow = match port {
+        Some(port) => format!("{host}-shadow:{port}"),
+        None => format!("{host}-shadow"),
+    };
+    if let Ok(v) = HeaderValue::from_str(&shadow) {
+        p.headers.insert(header::HOST, v);
+    }
+    let proto = ctx.protocol;
+    let client = ctx.client;
+    tokio::spawn(async move {
+        let req = Request::from_parts(p, body::full(body));
+        match me.upstreams.send(&pick.target, proto, client, req).await {
+            Ok(resp) => {
+                let _ = resp.into_body().collect().await;
+            }
+            Err(e) => tracing::debug!(error = %e, "mirror request failed"),
+        }
+    });
+}
