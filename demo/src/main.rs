@@ -13,6 +13,10 @@ use tests::topology::Topology;
 use tests::ztunnel::{Ca, ZtunnelOpts, ZtunnelProcess};
 
 const MESH_YAML: &str = include_str!("mesh.yaml");
+/// Verbatim copies of `shared/scenarios/demoapp-canary.yaml` and `demoapp-weights.yaml`
+/// (the files users already have); the demo prefers the originals when `../shared` is there.
+const CANARY_YAML: &str = include_str!("../scenarios/demoapp-canary.yaml");
+const WEIGHTS_YAML: &str = include_str!("../scenarios/demoapp-weights.yaml");
 
 fn main() -> Result<()> {
     if !nix_is_root() {
@@ -21,7 +25,89 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run())
+    rt.block_on(async {
+        run().await?;
+        l7().await
+    })
+}
+
+/// A scenario file from `../shared/scenarios` when present, else the embedded copy.
+fn scenario(name: &str, embedded: &'static str) -> String {
+    let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/scenarios")
+        .join(name);
+    std::fs::read_to_string(shared).unwrap_or_else(|_| embedded.to_string())
+}
+
+/// Only the DestinationRule document of the canary file (the weights file has none: users
+/// apply both).
+fn destination_rule_of(canary: &str) -> String {
+    canary
+        .split("\n---")
+        .find(|d| d.contains("kind: DestinationRule"))
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Act two: demoapp v1.0 ×3 and v1.1 ×2 behind a waypoint, routed by the users' own
+/// VirtualService/DestinationRule files.
+async fn l7() -> Result<()> {
+    use tests::http_apps::{Http1Client, HttpMode};
+    use tests::l7mesh::L7Mesh;
+    step("L7: demoapp (v1.0 ×3, v1.1 ×2) behind a waypoint, routed by demoapp-canary.yaml");
+    let canary = scenario("demoapp-canary.yaml", CANARY_YAML);
+    let weights = scenario("demoapp-weights.yaml", WEIGHTS_YAML);
+    let mesh = L7Mesh::demoapp_canary("demo-l7")
+        .document(&canary)
+        .start()
+        .await
+        .context("starting the L7 mesh")?;
+    let _servers = mesh.start_http_servers(HttpMode::Auto)?;
+    println!(
+        "  waypoint {} at {}:15006 (inbound_CONNECT_terminate); service demoapp at {}",
+        mesh.waypoint_identity(),
+        mesh.waypoint_pod().ip,
+        mesh.vip()
+    );
+    let client = &mesh.pod("a").ns;
+    let mut http = Http1Client::connect(client, mesh.vip()).await?;
+    for path in ["/canary", "/canary/hello", "/", "/index.html"] {
+        let r = http.get(path, &[]).await?;
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+        println!(
+            "  GET {path:<14} → HTTP {} from {:<11} which received path {}",
+            r.status,
+            body["pod"].as_str().unwrap_or("?"),
+            body["path"].as_str().unwrap_or("?")
+        );
+    }
+
+    step("L7: demoapp-weights.yaml (90/10) applied by editing the config file; 1000 requests");
+    let mut config = mesh.config.clone();
+    config.documents = vec![weights.clone(), destination_rule_of(&canary)];
+    mesh.write_config(&config)?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut counts = std::collections::BTreeMap::<String, u32>::new();
+    for _ in 0..1000 {
+        let r = http.get("/", &[]).await?;
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+        let pod = body["pod"].as_str().unwrap_or("?");
+        let version = if pod.contains("v11") { "v1.1" } else { "v1.0" };
+        *counts.entry(version.to_string()).or_default() += 1;
+    }
+    for (v, n) in &counts {
+        println!("  {v}: {n} requests ({:.1} %)", *n as f64 / 10.0);
+    }
+
+    step("L7: the waypoint's access log (last four requests)");
+    let lines = mesh.waypoint().access_log_lines();
+    for l in lines.iter().rev().take(4).rev() {
+        println!("  {l}");
+    }
+    step("Tearing down the L7 mesh");
+    drop(mesh);
+    println!("  done");
+    Ok(())
 }
 
 fn nix_is_root() -> bool {

@@ -40,7 +40,7 @@ fn tune_allocator() {
     // SAFETY: mallopt only changes allocator thresholds; called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 4 * 1024 * 1024);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 * 1024 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 2 * 1024 * 1024);
     }
 }
 
