@@ -160,6 +160,11 @@ pub struct Service {
     pub ports: BTreeMap<u16, u16>,
     #[serde(default)]
     pub subject_alt_names: Vec<String>,
+    /// Service port → application protocol, as Kubernetes' `appProtocol` or Istio's port-name
+    /// convention gives it (`http`, `http2`, `grpc`, `tcp`, `http-web`, …); our extension. Ports
+    /// without one are sniffed by the waypoint.
+    #[serde(default, deserialize_with = "port_keys::protocols")]
+    pub app_protocols: BTreeMap<u16, String>,
     #[serde(default)]
     pub waypoint: Option<GatewayAddress>,
     #[serde(default)]
@@ -168,7 +173,46 @@ pub struct Service {
     pub ip_families: Option<String>,
 }
 
+/// How a waypoint treats a service port, from its declared application protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum PortProtocol {
+    /// HTTP/1.1 (h2c prior knowledge is still recognised).
+    Http,
+    /// HTTP/2 cleartext: `http2`, `grpc`, `h2c`.
+    Http2,
+    /// Opaque TCP: `tcp`, `tls`, `https`, databases…
+    Tcp,
+    /// Nothing declared: sniff the first bytes.
+    Sniff,
+}
+
+impl PortProtocol {
+    /// Istio's rules: `appProtocol`, or the port name's `<protocol>[-<suffix>]` prefix.
+    pub fn parse(value: &str) -> PortProtocol {
+        let v = value.to_ascii_lowercase();
+        if v == "grpc-web" {
+            return PortProtocol::Http;
+        }
+        let prefix = v.split('-').next().unwrap_or("");
+        match prefix {
+            "http" | "http1" | "http11" => PortProtocol::Http,
+            "http2" | "grpc" | "h2c" => PortProtocol::Http2,
+            "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "kafka" | "zookeeper"
+            | "amqp" | "mqtt" | "nats" | "postgres" => PortProtocol::Tcp,
+            _ => PortProtocol::Sniff,
+        }
+    }
+}
+
 impl Service {
+    /// How a waypoint treats `port` (see [`PortProtocol`]).
+    pub fn port_protocol(&self, port: u16) -> PortProtocol {
+        self.app_protocols
+            .get(&port)
+            .map(|p| PortProtocol::parse(p))
+            .unwrap_or(PortProtocol::Sniff)
+    }
+
     /// `<ns>/<hostname>`, the key workloads use in their `services` map.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.hostname)
@@ -377,12 +421,16 @@ mod port_keys {
     }
 
     #[derive(Deserialize)]
-    struct PortMap(BTreeMap<PortKey, u16>);
+    struct PortMap<V = u16>(BTreeMap<PortKey, V>);
 
-    impl PortMap {
-        fn into_map(self) -> BTreeMap<u16, u16> {
+    impl<V> PortMap<V> {
+        fn into_map(self) -> BTreeMap<u16, V> {
             self.0.into_iter().map(|(k, v)| (k.0, v)).collect()
         }
+    }
+
+    pub fn protocols<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u16, String>, D::Error> {
+        Ok(PortMap::<String>::deserialize(d)?.into_map())
     }
 
     pub fn flat<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u16, u16>, D::Error> {
@@ -394,5 +442,22 @@ mod port_keys {
     ) -> Result<BTreeMap<String, BTreeMap<u16, u16>>, D::Error> {
         let raw = BTreeMap::<String, PortMap>::deserialize(d)?;
         Ok(raw.into_iter().map(|(k, v)| (k, v.into_map())).collect())
+    }
+}
+
+#[cfg(test)]
+mod protocol_tests {
+    use super::PortProtocol;
+
+    #[test]
+    fn protocol_from_app_protocol_or_port_name() {
+        assert_eq!(PortProtocol::parse("http"), PortProtocol::Http);
+        assert_eq!(PortProtocol::parse("http-80"), PortProtocol::Http);
+        assert_eq!(PortProtocol::parse("grpc"), PortProtocol::Http2);
+        assert_eq!(PortProtocol::parse("http2-api"), PortProtocol::Http2);
+        assert_eq!(PortProtocol::parse("grpc-web"), PortProtocol::Http);
+        assert_eq!(PortProtocol::parse("TCP"), PortProtocol::Tcp);
+        assert_eq!(PortProtocol::parse("redis"), PortProtocol::Tcp);
+        assert_eq!(PortProtocol::parse("web"), PortProtocol::Sniff);
     }
 }

@@ -10,6 +10,7 @@ use common::hbone::io::TunnelIo;
 use common::hbone::server::{serve_connection, IncomingConnect};
 use common::hbone::{forwarded_for, headers};
 use common::identity::Identity;
+use common::model::PortProtocol;
 use common::tls;
 use http::StatusCode;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -115,7 +116,19 @@ async fn handle_stream(
         Err(_) => return,
     };
     let mut io = TunnelIo::new(tunnel);
-    let (detected, prefix) = match sniff::detect(&mut io, state.sniff_timeout).await {
+    // Protocol selection as Istio does it: the port's declared protocol, else sniffing.
+    let declared = service.port_protocol(target.port());
+    if declared == PortProtocol::Tcp {
+        let io = Prefixed::new(bytes::Bytes::new(), io);
+        crate::tcp::forward(&state, &service, target.port(), client, io).await;
+        return;
+    }
+    // A declared HTTP port waits for its client however long it takes to speak.
+    let sniff_timeout = match declared {
+        PortProtocol::Sniff => state.sniff_timeout,
+        _ => Duration::from_secs(3600),
+    };
+    let (detected, prefix) = match sniff::detect(&mut io, sniff_timeout).await {
         Ok(v) => v,
         Err(e) => {
             tracing::debug!(listener = LISTENER, error = %e, "stream failed while sniffing");
@@ -123,10 +136,10 @@ async fn handle_stream(
         }
     };
     let io = Prefixed::new(prefix, io);
-    let protocol = match detected {
-        Detected::Http1 => UpstreamProtocol::Http1,
-        Detected::H2c => UpstreamProtocol::H2c,
-        Detected::Tcp => {
+    let protocol = match (declared, detected) {
+        (PortProtocol::Http2, _) | (_, Detected::H2c) => UpstreamProtocol::H2c,
+        (PortProtocol::Http, _) | (_, Detected::Http1) => UpstreamProtocol::Http1,
+        _ => {
             crate::tcp::forward(&state, &service, target.port(), client, io).await;
             return;
         }

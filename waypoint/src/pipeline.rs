@@ -329,9 +329,30 @@ pub async fn run(
                 .as_ref()
                 .and_then(|r| r.per_try_timeout.as_ref())
                 .map(|d| d.0);
+            let pool = &cluster.policy.connection_pool;
+            let proto = upstream::protocol_for(ctx.protocol, pool);
+            if proto == upstream::UpstreamProtocol::H2c {
+                *up_req.version_mut() = http::Version::HTTP_2;
+                if up_req.uri().authority().is_none() {
+                    let host = up_req
+                        .headers()
+                        .get(header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .unwrap_or(&authority)
+                        .to_string();
+                    let pq = up_req
+                        .uri()
+                        .path_and_query()
+                        .map(|p| p.as_str().to_string())
+                        .unwrap_or_else(|| "/".into());
+                    if let Ok(u) = format!("http://{host}{pq}").parse() {
+                        *up_req.uri_mut() = u;
+                    }
+                }
+            }
             let sent = state
                 .upstreams
-                .send(&pick.target, ctx.protocol, ctx.client, up_req);
+                .send(&pick.target, proto, ctx.client, pool, up_req);
             let result = match per_try {
                 Some(t) => tokio::time::timeout(t, sent)
                     .await
@@ -548,7 +569,13 @@ fn spawn_mirror(
     let client = ctx.client;
     tokio::spawn(async move {
         let req = Request::from_parts(p, body::full(body));
-        match me.upstreams.send(&pick.target, proto, client, req).await {
+        let pool = cluster.policy.connection_pool.clone();
+        let proto = upstream::protocol_for(proto, &pool);
+        match me
+            .upstreams
+            .send(&pick.target, proto, client, &pool, req)
+            .await
+        {
             Ok(resp) => {
                 let _ = resp.into_body().collect().await;
             }

@@ -7,6 +7,7 @@ use common::hbone::client::{ConnectRequest, HboneClient, PoolKey, StreamLease};
 use common::hbone::io::TunnelIo;
 use common::hbone::{forwarded_value, headers, HBONE_PORT};
 use common::identity::Identity;
+use common::l7::destination_rule::ConnectionPool;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -55,6 +56,9 @@ impl Sender {
 struct Pooled {
     sender: Sender,
     _lease: Arc<StreamLease>,
+    /// Requests this connection has carried (DestinationRule `maxRequestsPerConnection`).
+    requests: u32,
+    idle_since: std::time::Instant,
 }
 
 /// One endpoint to forward to.
@@ -89,15 +93,22 @@ impl Upstreams {
         }
     }
 
-    fn take_idle(&self, key: IdleKey) -> Option<Pooled> {
+    fn take_idle(&self, key: IdleKey, limits: &ConnectionPool) -> Option<Pooled> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(&key)?;
-        list.retain(|p| !p.sender.is_closed());
+        let max_idle = limits.idle_timeout.0;
+        list.retain(|p| !p.sender.is_closed() && p.idle_since.elapsed() < max_idle);
         let i = list.iter().position(|p| p.sender.is_ready())?;
         Some(list.swap_remove(i))
     }
 
-    fn put_idle(&self, key: IdleKey, p: Pooled) {
+    fn put_idle(&self, key: IdleKey, mut p: Pooled, limits: &ConnectionPool) {
+        if limits.max_requests_per_connection > 0
+            && p.requests >= limits.max_requests_per_connection
+        {
+            return; // dropping it closes the connection once its response is done
+        }
+        p.idle_since = std::time::Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(key).or_default();
         if list.len() < self.max_idle_per_endpoint {
@@ -155,6 +166,8 @@ impl Upstreams {
         Ok(Pooled {
             sender,
             _lease: Arc::new(lease),
+            requests: 0,
+            idle_since: std::time::Instant::now(),
         })
     }
 
@@ -165,14 +178,28 @@ impl Upstreams {
         target: &Target,
         proto: UpstreamProtocol,
         client: SocketAddr,
+        limits: &ConnectionPool,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let key = (target.addr, proto, client.ip());
-        let pooled = match self.take_idle(key) {
+        let pooled = match self.take_idle(key, limits) {
             Some(p) => p,
-            None => self.connect(target, proto, client).await?,
+            None => tokio::time::timeout(
+                limits.connect_timeout.0,
+                self.connect(target, proto, client),
+            )
+            .await
+            .map_err(|_| {
+                UpstreamError::Connect(format!("connect timeout {:?}", limits.connect_timeout.0))
+            })??,
         };
-        let Pooled { sender, _lease } = pooled;
+        let Pooled {
+            sender,
+            _lease,
+            requests,
+            idle_since,
+        } = pooled;
+        let requests = requests + 1;
         match sender {
             Sender::H1(mut s) => {
                 let fut = s.send_request(req);
@@ -185,7 +212,10 @@ impl Upstreams {
                         Pooled {
                             sender: Sender::H1(s),
                             _lease,
+                            requests,
+                            idle_since,
                         },
+                        limits,
                     );
                 }
                 resp
@@ -198,11 +228,24 @@ impl Upstreams {
                     Pooled {
                         sender: Sender::H2(s.clone()),
                         _lease,
+                        requests,
+                        idle_since,
                     },
+                    limits,
                 );
                 send.await.map_err(|e| UpstreamError::Reset(e.to_string()))
             }
         }
+    }
+}
+
+/// The protocol of the upstream leg: the client's, unless the DestinationRule upgrades
+/// HTTP/1.1 to HTTP/2 (`h2UpgradePolicy: UPGRADE` without `useClientProtocol`).
+pub fn protocol_for(downstream: UpstreamProtocol, limits: &ConnectionPool) -> UpstreamProtocol {
+    if limits.h2_upgrade && !limits.use_client_protocol {
+        UpstreamProtocol::H2c
+    } else {
+        downstream
     }
 }
 

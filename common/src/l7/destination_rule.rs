@@ -264,6 +264,10 @@ pub struct ConnectionPool {
     pub max_requests_per_connection: u32,
     pub max_retries: u32,
     pub idle_timeout: Duration,
+    /// `h2UpgradePolicy: UPGRADE`: HTTP/1.1 requests go upstream as HTTP/2.
+    pub h2_upgrade: bool,
+    /// `useClientProtocol: true`: the upstream leg always speaks the client's protocol.
+    pub use_client_protocol: bool,
 }
 
 impl Default for ConnectionPool {
@@ -276,6 +280,8 @@ impl Default for ConnectionPool {
             max_requests_per_connection: 0,
             max_retries: u32::MAX,
             idle_timeout: Duration(std::time::Duration::from_secs(3600)),
+            h2_upgrade: false,
+            use_client_protocol: false,
         }
     }
 }
@@ -428,6 +434,11 @@ fn pool(p: Option<&ConnectionPoolSettings>) -> ConnectionPool {
             .unwrap_or(out.max_requests_per_connection);
         out.max_retries = http.max_retries.unwrap_or(out.max_retries);
         out.idle_timeout = http.idle_timeout.unwrap_or(out.idle_timeout);
+        out.h2_upgrade = http
+            .h2_upgrade_policy
+            .as_deref()
+            .is_some_and(|p| p.eq_ignore_ascii_case("UPGRADE"));
+        out.use_client_protocol = http.use_client_protocol.unwrap_or(false);
     }
     out
 }
