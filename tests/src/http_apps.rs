@@ -140,6 +140,28 @@ impl Drop for HttpServer {
 
 /// Starts the test HTTP server in `ns` on `addr`, answering as pod `pod`.
 pub fn http_server(ns: &Netns, addr: SocketAddr, pod: &str, mode: HttpMode) -> Result<HttpServer> {
+    http_server_inner(ns, addr, pod, mode, None)
+}
+
+/// Like [`http_server`], but every response without an `x-status` request header gets status
+/// `status` (a pod that always fails, e.g. for outlier detection).
+pub fn http_server_with_status(
+    ns: &Netns,
+    addr: SocketAddr,
+    pod: &str,
+    mode: HttpMode,
+    status: u16,
+) -> Result<HttpServer> {
+    http_server_inner(ns, addr, pod, mode, StatusCode::from_u16(status).ok())
+}
+
+fn http_server_inner(
+    ns: &Netns,
+    addr: SocketAddr,
+    pod: &str,
+    mode: HttpMode,
+    default_status: Option<StatusCode>,
+) -> Result<HttpServer> {
     let listener = ns.tcp_listener(addr)?;
     let addr = listener.local_addr()?;
     let records = Arc::new(Mutex::new(Vec::new()));
@@ -156,7 +178,7 @@ pub fn http_server(ns: &Netns, addr: SocketAddr, pod: &str, mode: HttpMode) -> R
             let (recs, pod) = (recs.clone(), pod_name.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
-                    handle(req, pod.clone(), peer, conn, recs.clone())
+                    handle(req, pod.clone(), peer, conn, recs.clone(), default_status)
                 });
                 let mut builder =
                     hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -239,6 +261,7 @@ async fn handle(
     peer: SocketAddr,
     conn: u64,
     records: Arc<Mutex<Vec<HttpRecord>>>,
+    default_status: Option<StatusCode>,
 ) -> Result<Response<RespBody>, Infallible> {
     let upgrade = is_upgrade(&req).map(|proto| (proto, hyper::upgrade::on(&mut req)));
     let (parts, body) = req.into_parts();
@@ -289,6 +312,7 @@ async fn handle(
     let status = hdr("x-status")
         .and_then(|v| v.parse::<u16>().ok())
         .and_then(|s| StatusCode::from_u16(s).ok())
+        .or(default_status)
         .unwrap_or(StatusCode::OK);
 
     if let Some((proto, on_upgrade)) = upgrade {

@@ -311,6 +311,7 @@ pub async fn run(
     let attempts = async {
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut retries_left = retry.as_ref().map(|r| r.attempts).unwrap_or(0);
+        let mut _retry_slot = None;
         loop {
             let pick = match route::pick_endpoint(state, &cluster, hash, &tried, ctx.client) {
                 Ok(p) => p,
@@ -378,7 +379,10 @@ pub async fn run(
                 && replay.is_some()
                 && retry.as_ref().is_some_and(|r| r.retriable(outcome));
             if can_retry {
-                if let Some(_token) = admitted.retry() {
+                if let Some(token) = admitted.retry() {
+                    // Held until the next retry replaces it or the request ends, so
+                    // `maxRetries` caps retries in flight, not just their backoff.
+                    _retry_slot = Some(token);
                     retries_left -= 1;
                     if let Some(backoff) = retry.as_ref().and_then(|r| r.backoff.as_ref()) {
                         tokio::time::sleep(backoff.0).await;

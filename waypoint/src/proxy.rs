@@ -119,6 +119,21 @@ impl RequestLog {
     }
 }
 
+/// A random UUID (version 4) for `x-request-id`.
+fn request_id() -> String {
+    let (a, b) = (crate::rand::u64(), crate::rand::u64());
+    let a = (a & 0xffff_ffff_ffff_0fff) | 0x0000_0000_0000_4000;
+    let b = (b & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xffff,
+        b >> 48,
+        b & 0xffff_ffff_ffff
+    )
+}
+
 /// RFC 3339 UTC with milliseconds, without pulling in a time-formatting crate.
 fn humantime_rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
@@ -190,6 +205,12 @@ pub async fn handle(
     ctx: Arc<ConnContext>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    // Like Envoy, give every request an id the endpoint and the access log share.
+    if !req.headers().contains_key("x-request-id") {
+        if let Ok(v) = http::HeaderValue::from_str(&request_id()) {
+            req.headers_mut().insert("x-request-id", v);
+        }
+    }
     let mut log = RequestLog::new(&req, &ctx);
     let upgrade = hop::upgrade_protocol(req.headers());
     let downstream_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
@@ -216,4 +237,16 @@ pub async fn handle(
     });
     resp = resp.map(|b| Counted::wrap(b, Arc::new(AtomicU64::new(0)), Some(on_done)));
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_ids_are_uuid_v4() {
+        let id = super::request_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
+        assert_ne!(id, super::request_id());
+    }
 }
