@@ -1,6 +1,7 @@
 //! Moving bytes between the two legs of a proxied connection (TCP ↔ HBONE stream, TCP ↔ TCP)
 //! with half-close honoured, large reusable buffers, and byte counts kept even when a leg fails.
 
+use crate::hbone::io::h2_err;
 use crate::hbone::H2Stream;
 use bytes::{Bytes, BytesMut};
 use std::io;
@@ -18,15 +19,6 @@ pub struct CopyResult {
     pub error: Option<io::Error>,
 }
 
-fn h2_io(e: h2::Error) -> io::Error {
-    if e.is_io() {
-        e.into_io()
-            .unwrap_or_else(|| io::Error::other("h2 io error"))
-    } else {
-        io::Error::other(e)
-    }
-}
-
 /// Reads from `rd` and sends as DATA frames on `send`; END_STREAM on EOF.
 async fn read_to_h2<R: AsyncRead + Unpin>(
     rd: &mut R,
@@ -38,7 +30,7 @@ async fn read_to_h2<R: AsyncRead + Unpin>(
         buf.reserve(CHUNK);
         let n = rd.read_buf(&mut buf).await?;
         if n == 0 {
-            send.send_data(Bytes::new(), true).map_err(h2_io)?;
+            send.send_data(Bytes::new(), true).map_err(h2_err)?;
             return Ok(());
         }
         count.fetch_add(n as u64, Ordering::Relaxed);
@@ -47,14 +39,14 @@ async fn read_to_h2<R: AsyncRead + Unpin>(
             send.reserve_capacity(data.len());
             let cap = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
                 Some(Ok(c)) => c,
-                Some(Err(e)) => return Err(h2_io(e)),
+                Some(Err(e)) => return Err(crate::hbone::io::h2_err(e)),
                 None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed")),
             };
             if cap == 0 {
                 continue;
             }
             let chunk = data.split_to(cap.min(data.len()));
-            send.send_data(chunk, false).map_err(h2_io)?;
+            send.send_data(chunk, false).map_err(h2_err)?;
         }
     }
 }
@@ -66,11 +58,11 @@ async fn h2_to_write<W: AsyncWrite + Unpin>(
     count: &AtomicU64,
 ) -> io::Result<()> {
     while let Some(chunk) = recv.data().await {
-        let chunk = chunk.map_err(h2_io)?;
+        let chunk = chunk.map_err(h2_err)?;
         let n = chunk.len();
         wr.write_all(&chunk).await?;
         count.fetch_add(n as u64, Ordering::Relaxed);
-        recv.flow_control().release_capacity(n).map_err(h2_io)?;
+        recv.flow_control().release_capacity(n).map_err(h2_err)?;
     }
     wr.shutdown().await
 }

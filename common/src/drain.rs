@@ -32,3 +32,15 @@ impl DrainWatch {
         *self.0.borrow()
     }
 }
+
+/// Resolves on SIGTERM or SIGINT: the moment a proxy starts draining.
+pub async fn shutdown_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -185,7 +185,7 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
     ready.store(true, Ordering::Release);
     tracing::info!(listener = "inbound_CONNECT_terminate", addr = %args.listen, identity = %identity, "waypoint ready");
 
-    wait_for_shutdown().await?;
+    common::drain::shutdown_signal().await?;
     ready.store(false, Ordering::Release);
     drain.start();
     let deadline = Instant::now() + args.drain_timeout;
@@ -207,17 +207,6 @@ async fn rotate(certs: Arc<CertStore>, id: Identity, ttl: Duration) {
             tracing::error!(identity = %id, error = %e, "cannot issue certificate");
         }
     }
-}
-
-async fn wait_for_shutdown() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
 }
 
 fn admin_handlers(

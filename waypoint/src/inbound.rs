@@ -7,11 +7,9 @@ use crate::proxy::{self, ConnContext};
 use crate::sniff::{self, Detected, Prefixed};
 use crate::upstream::UpstreamProtocol;
 use common::hbone::io::TunnelIo;
-use common::hbone::server::{serve_connection, IncomingConnect};
-use common::hbone::{forwarded_for, headers};
+use common::hbone::server::{accept_tls, serve_connection, IncomingConnect};
 use common::identity::Identity;
 use common::model::PortProtocol;
-use common::tls;
 use http::StatusCode;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::net::SocketAddr;
@@ -52,24 +50,14 @@ async fn handle_connection(state: Arc<State>, stream: TcpStream, peer: SocketAdd
             return;
         }
     };
-    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config.clone());
-    let accept = acceptor.accept(tls::buffered(stream));
-    let mut tls_stream = match tokio::time::timeout(Duration::from_secs(10), accept).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::info!(listener = LISTENER, %peer, error = %e, "TLS handshake failed");
-            return;
-        }
-        Err(_) => return,
-    };
-    tls_stream
-        .get_mut()
-        .1
-        .set_buffer_limit(Some(tls::TLS_SEND_BUFFER_LIMIT));
-    let peer_id = match tls::peer_identity(tls_stream.get_ref().1.peer_certificates()) {
-        Ok(id) => id,
-        Err(_) => return,
-    };
+    let (tls_stream, peer_id) =
+        match accept_tls(stream, cert.server_config.clone(), Duration::from_secs(10)).await {
+            Ok(v) => v,
+            Err(why) => {
+                tracing::info!(listener = LISTENER, %peer, "{why}");
+                return;
+            }
+        };
     let st = state.clone();
     let pid = peer_id.clone();
     let r = serve_connection(
@@ -92,12 +80,7 @@ async fn handle_stream(
 ) {
     let _guard = state.track();
     let target = req.authority;
-    let client = req
-        .headers
-        .get(headers::FORWARDED)
-        .and_then(|v| v.to_str().ok())
-        .and_then(forwarded_for)
-        .unwrap_or(peer);
+    let client = req.client(peer);
     let snap = state.config.current();
     let Some(service) = snap.service_by_vip(target.ip()).cloned() else {
         tracing::info!(listener = LISTENER, %target, %client, "no service at this address");

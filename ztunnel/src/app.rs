@@ -165,7 +165,7 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         "ztunnel ready"
     );
 
-    wait_for_shutdown_signal().await?;
+    common::drain::shutdown_signal().await?;
     tracing::info!(timeout = ?args.drain_timeout, active = state.active_connections(), "draining");
     ready.store(false, Ordering::Release);
     drain.start();
@@ -183,17 +183,6 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         tracing::info!("drained");
     }
     tasks.abort_all();
-    Ok(())
-}
-
-async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
     Ok(())
 }
 

@@ -28,7 +28,8 @@ impl TunnelIo {
     }
 }
 
-fn h2_err(e: h2::Error) -> io::Error {
+/// An HTTP/2 error as an I/O error (the underlying one when there is one).
+pub fn h2_err(e: h2::Error) -> io::Error {
     if e.is_io() {
         e.into_io()
             .unwrap_or_else(|| io::Error::other("h2 io error"))

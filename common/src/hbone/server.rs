@@ -20,7 +20,40 @@ pub struct IncomingConnect {
     recv: RecvStream,
 }
 
+/// A terminated HBONE transport: TLS over a buffered TCP socket.
+pub type HboneTls = tokio_rustls::server::TlsStream<tokio::io::BufReader<tokio::net::TcpStream>>;
+
+/// Terminates mTLS on an accepted HBONE socket (buffered transport, large send buffer) and
+/// returns the peer's SPIFFE identity. The error says why, for the access log.
+pub async fn accept_tls(
+    stream: tokio::net::TcpStream,
+    config: std::sync::Arc<rustls::ServerConfig>,
+    timeout: std::time::Duration,
+) -> Result<(HboneTls, crate::identity::Identity), String> {
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(crate::tls::buffered(stream));
+    let mut tls = match tokio::time::timeout(timeout, accept).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
+        Err(_) => return Err(format!("TLS handshake timed out after {timeout:?}")),
+    };
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(crate::tls::TLS_SEND_BUFFER_LIMIT));
+    let id = crate::tls::peer_identity(tls.get_ref().1.peer_certificates())
+        .map_err(|e| format!("peer has no identity: {e}"))?;
+    Ok((tls, id))
+}
+
 impl IncomingConnect {
+    /// The original client: the `forwarded: for=` address, else the TCP peer.
+    pub fn client(&self, peer: SocketAddr) -> SocketAddr {
+        self.headers
+            .get(super::headers::FORWARDED)
+            .and_then(|v| v.to_str().ok())
+            .and_then(super::forwarded_for)
+            .unwrap_or(peer)
+    }
+
     /// Answers 200 and returns the tunnel stream.
     pub fn accept(mut self) -> Result<H2Stream, h2::Error> {
         let send = self

@@ -6,11 +6,10 @@ use super::access_log::AccessLog;
 use crate::metrics::{Reporter, SecurityPolicy, TcpLabels};
 use crate::state::ProxyState;
 use common::copy::copy_tcp_h2;
-use common::hbone::server::{serve_connection, IncomingConnect};
-use common::hbone::{forwarded_for, forwarded_host, headers};
+use common::hbone::server::{accept_tls, serve_connection, IncomingConnect};
+use common::hbone::{forwarded_host, headers};
 use common::identity::Identity;
 use common::model::Protocol;
-use common::tls;
 use http::StatusCode;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,34 +51,17 @@ pub async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr)
             return;
         }
     };
-    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config.clone());
-    let accept = acceptor.accept(tls::buffered(stream));
-    let mut tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            state.metrics.refused.inc();
-            let mut log = AccessLog::new("inbound_hbone_refused", peer, local);
-            log.error = Some(format!("TLS handshake failed: {e}"));
-            log.emit();
-            return;
-        }
-        Err(_) => {
-            state.metrics.refused.inc();
-            tracing::info!(%peer, "TLS handshake timed out");
-            return;
-        }
-    };
-    tls_stream
-        .get_mut()
-        .1
-        .set_buffer_limit(Some(tls::TLS_SEND_BUFFER_LIMIT));
-    let peer_id = match tls::peer_identity(tls_stream.get_ref().1.peer_certificates()) {
-        Ok(id) => id,
-        Err(e) => {
-            tracing::info!(%peer, error = %e, "peer has no identity");
-            return;
-        }
-    };
+    let (tls_stream, peer_id) =
+        match accept_tls(stream, cert.server_config.clone(), HANDSHAKE_TIMEOUT).await {
+            Ok(v) => v,
+            Err(why) => {
+                state.metrics.refused.inc();
+                let mut log = AccessLog::new("inbound_hbone_refused", peer, local);
+                log.error = Some(why);
+                log.emit();
+                return;
+            }
+        };
     let st = state.clone();
     let pid = peer_id.clone();
     let result = serve_connection(
@@ -103,12 +85,7 @@ async fn handle_stream(
 ) {
     let _guard = state.track();
     let target = req.authority;
-    let client = req
-        .headers
-        .get(headers::FORWARDED)
-        .and_then(|v| v.to_str().ok())
-        .and_then(forwarded_for)
-        .unwrap_or(peer);
+    let client = req.client(peer);
     let mut log = AccessLog::new("inbound_hbone", client, target);
     log.peer_identity = Some(peer_id.clone());
     log.upstream = Some(target);
