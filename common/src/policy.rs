@@ -21,6 +21,9 @@ pub struct ConnectionInfo<'a> {
     pub dst: &'a Workload,
     pub dst_ip: IpAddr,
     pub dst_port: u16,
+    /// The peer is the destination's waypoint, which already enforced the L7 policies: those
+    /// with L7 rules are not evaluated again here (they would fail closed at L4), the rest are.
+    pub via_waypoint: bool,
 }
 
 /// Why a connection was refused.
@@ -35,7 +38,9 @@ pub struct Denied {
 /// Decides whether `conn` is allowed under the policies of `snapshot`.
 pub fn authorize(snapshot: &Snapshot, conn: &ConnectionInfo) -> Result<(), Denied> {
     let src = Source::new(conn);
-    let applicable: Vec<&Arc<Authorization>> = applicable_policies(snapshot, conn.dst).collect();
+    let applicable: Vec<&Arc<Authorization>> = applicable_policies(snapshot, conn.dst)
+        .filter(|p| !(conn.via_waypoint && p.has_l7_rules))
+        .collect();
     if let Some(deny) = applicable
         .iter()
         .find(|p| p.action == PolicyAction::Deny && policy_matches(p, &src))
@@ -245,6 +250,7 @@ workloads:
             dst,
             dst_ip: dst.workload_ips[0],
             dst_port: port,
+            via_waypoint: false,
         };
         authorize(s, &conn)
     }
@@ -531,5 +537,42 @@ policies:
             ip
         ));
         assert!(address_matches(&AddressMatch::Ip(ip), ip));
+    }
+
+    #[test]
+    fn l7_policies_are_skipped_for_traffic_from_the_waypoint() {
+        let s = crate::config::load_str(
+            r#"
+workloads:
+- {uid: p, name: p, namespace: default, workloadIps: [10.0.0.5], labels: {app: productpage}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: get-only, namespace: default}
+spec:
+  selector: {matchLabels: {app: productpage}}
+  action: ALLOW
+  rules:
+  - to:
+    - operation: {methods: ["GET"]}
+"#,
+            "t.yaml",
+        )
+        .unwrap();
+        let dst = &s.workloads[0];
+        let wp = Identity::parse("cluster.local/ns/default/sa/waypoint").unwrap();
+        let mut conn = ConnectionInfo {
+            src_ip: "10.0.0.9".parse().unwrap(),
+            src_identity: Some(&wp),
+            dst,
+            dst_ip: dst.workload_ips[0],
+            dst_port: 9080,
+            via_waypoint: false,
+        };
+        // At L4 an ALLOW rule with L7 fields matches nothing: fail closed...
+        assert!(authorize(&s, &conn).is_err());
+        // ...unless the waypoint already enforced it.
+        conn.via_waypoint = true;
+        assert!(authorize(&s, &conn).is_ok());
     }
 }

@@ -123,6 +123,8 @@ pub struct Service {
     pub ports: BTreeMap<u16, u16>,
     /// `waypoint: {destination: "/<ip>", hboneMtlsPort: <port>}` when set.
     pub waypoint: Option<(String, u16)>,
+    /// `appProtocols: {port: protocol}` (our extension; ports without one are sniffed).
+    pub app_protocols: BTreeMap<u16, String>,
 }
 
 impl Service {
@@ -134,11 +136,19 @@ impl Service {
             vip: vip.to_string(),
             ports: BTreeMap::new(),
             waypoint: None,
+            app_protocols: BTreeMap::new(),
         }
     }
 
     pub fn port(mut self, port: u16, target: u16) -> Self {
         self.ports.insert(port, target);
+        self
+    }
+
+    /// Declares the application protocol of service port `port` (`http`, `http2`, `grpc`,
+    /// `tcp`, …), rendered as `appProtocols: {port: proto}`.
+    pub fn app_protocol(mut self, port: u16, proto: &str) -> Self {
+        self.app_protocols.insert(port, proto.to_string());
         self
     }
 
@@ -169,6 +179,14 @@ impl Service {
                 out,
                 ", waypoint: {{destination: \"/{ip}\", hboneMtlsPort: {port}}}"
             );
+        }
+        if !self.app_protocols.is_empty() {
+            let v: Vec<String> = self
+                .app_protocols
+                .iter()
+                .map(|(p, proto)| format!("{p}: {}", quote(proto)))
+                .collect();
+            let _ = write!(out, ", appProtocols: {{{}}}", v.join(", "));
         }
         out.push_str("}\n");
     }

@@ -69,6 +69,7 @@ pub struct L7MeshBuilder {
     documents: Vec<String>,
     waypoint_args: Vec<String>,
     sniff_timeout: Option<String>,
+    app_protocols: Vec<(u16, String)>,
 }
 
 impl L7MeshBuilder {
@@ -147,6 +148,12 @@ impl L7MeshBuilder {
         self
     }
 
+    /// Declares the application protocol of service port `port` (`appProtocols`).
+    pub fn app_protocol(mut self, port: u16, proto: &str) -> Self {
+        self.app_protocols.push((port, proto.to_string()));
+        self
+    }
+
     /// `--sniff-timeout` of the waypoint.
     pub fn sniff_timeout(mut self, t: &str) -> Self {
         self.sniff_timeout = Some(t.to_string());
@@ -189,6 +196,9 @@ impl L7MeshBuilder {
             .waypoint(self.waypoint_ip(), WAYPOINT_PORT);
         for (p, t) in &self.ports {
             svc = svc.port(*p, *t);
+        }
+        for (p, proto) in &self.app_protocols {
+            svc = svc.app_protocol(*p, proto);
         }
         cfg = cfg.service(svc);
         for ep in &self.endpoints {
@@ -288,6 +298,7 @@ impl L7Mesh {
             documents: Vec::new(),
             waypoint_args: Vec::new(),
             sniff_timeout: None,
+            app_protocols: Vec::new(),
         }
     }
 

@@ -74,6 +74,7 @@ pub fn authorize(
     src_ip: IpAddr,
     identity: Option<&Identity>,
 ) -> Result<(), Denied> {
+    let via_waypoint = identity.is_some_and(|id| is_waypoint_of(snap, dst, id));
     policy::authorize(
         snap,
         &ConnectionInfo {
@@ -82,8 +83,24 @@ pub fn authorize(
             dst,
             dst_ip: target.ip(),
             dst_port: target.port(),
+            via_waypoint,
         },
     )
+}
+
+/// Whether `peer` is the waypoint of `dst` or of one of the services `dst` serves.
+fn is_waypoint_of(snap: &Snapshot, dst: &Workload, peer: &Identity) -> bool {
+    let is = |wp: &Option<common::model::GatewayAddress>| {
+        wp.as_ref()
+            .and_then(|w| w.identity.as_ref())
+            .is_some_and(|id| id == peer)
+    };
+    is(&dst.waypoint)
+        || dst
+            .services
+            .keys()
+            .filter_map(|k| snap.service_by_key(k))
+            .any(|svc| is(&svc.waypoint))
 }
 
 /// Opens the connection to a local pod, with the client's IP as source where possible.
