@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 
 const ECHO_HOST: &str = "echo.default.svc.cluster.local";
 const DEMO_HOST: &str = "demoapp.default.svc.cluster.local";
-const SCENARIOS: &str = "/work/shared/scenarios";
+const SCENARIOS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/scenarios");
 
 fn scenario(name: &str) -> String {
     let path = format!("{SCENARIOS}/{name}");

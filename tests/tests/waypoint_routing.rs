@@ -1,6 +1,6 @@
 //! VirtualService / DestinationRule routing at the waypoint, end to end: the demoapp canary
 //! shape (service `demoapp` at 10.96.0.20:80 → 8080, endpoints v1.0 ×3 and v1.1 ×2) behind a
-//! waypoint, with the user scenarios from /work/shared/scenarios pasted unchanged into the
+//! waypoint, with the user scenarios from ../shared/scenarios pasted unchanged into the
 //! config, and hand-written VirtualServices / DestinationRules for the other routing features.
 //! Checked at the client, at the endpoints (test servers record every request) and in the
 //! waypoint's access log.
@@ -15,7 +15,7 @@ use tests::l7mesh::L7Mesh;
 use tests::support::within;
 use tests::waypoint::field;
 
-const SCENARIOS: &str = "/work/shared/scenarios";
+const SCENARIOS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/scenarios");
 const HOST: &str = "demoapp.default.svc.cluster.local";
 const V10: [&str; 3] = ["demo-v10-0", "demo-v10-1", "demo-v10-2"];
 const V11: [&str; 2] = ["demo-v11-0", "demo-v11-1"];
