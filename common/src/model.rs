@@ -165,6 +165,9 @@ pub struct Service {
     /// without one are sniffed by the waypoint.
     #[serde(default, deserialize_with = "port_keys::protocols")]
     pub app_protocols: BTreeMap<u16, String>,
+    /// Service labels (our extension), e.g. `istio.io/use-waypoint: <gateway>`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub waypoint: Option<GatewayAddress>,
     #[serde(default)]

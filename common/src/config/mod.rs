@@ -17,6 +17,7 @@ pub mod local;
 mod validate;
 mod walk;
 pub mod watch;
+pub mod waypoints;
 
 use crate::model::{Authorization, PeerAuthentication, Service, SidecarScope, Workload};
 use crate::snapshot::Snapshot;

@@ -122,9 +122,15 @@ pub(super) fn finish(c: Collected, source: &str) -> Result<Snapshot, ConfigError
         }
         resolved_workloads.push(Arc::new(w));
     }
+    let gateways = super::waypoints::waypoint_gateways(&c.other_resources);
+    let namespace_waypoints = super::waypoints::namespace_waypoints(&c.other_resources);
+    let plain_workloads: Vec<&crate::model::Workload> =
+        workloads.iter().map(|(w, _, _)| w).collect();
     let mut resolved_services = Vec::with_capacity(services.len());
     for (s, origin) in &services {
         let mut s = s.clone();
+        super::waypoints::bind(&mut s, &gateways, &namespace_waypoints, &plain_workloads)
+            .map_err(|m| err(source, origin, "labels", m))?;
         if let Some(gw) = s.waypoint.as_mut() {
             resolve(gw, origin)?;
         }

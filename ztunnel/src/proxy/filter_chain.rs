@@ -110,7 +110,8 @@ pub fn select(
             return Err(Refusal::RegistryOnly(dst));
         }
         if let Some(wp) = &svc.waypoint {
-            return waypoint_chain(wp, dst, Some(svc.clone()), None).map(|c| (source, c));
+            return waypoint_chain(snap, wp, dst, Some(svc.clone()), None, pick)
+                .map(|c| (source, c));
         }
         let endpoints = snap.endpoints(svc, dst.port());
         if endpoints.is_empty() {
@@ -145,7 +146,8 @@ pub fn select(
         if let Some(wp) = &w.waypoint {
             // Traffic from the waypoint itself must not loop back to it.
             if !wp.destination.ends_with(&format!("/{}", src.ip())) {
-                return waypoint_chain(wp, dst, None, Some(w.clone())).map(|c| (source, c));
+                return waypoint_chain(snap, wp, dst, None, Some(w.clone()), pick)
+                    .map(|c| (source, c));
             }
         }
         return Ok((source, workload_chain(node, w.clone(), dst, None)));
@@ -185,22 +187,41 @@ fn workload_chain(
     }
 }
 
+/// The waypoint to tunnel to. Its address is a waypoint pod, or the VIP of the waypoint's
+/// Service (a scaled waypoint): then one of its pods is picked like any service endpoint.
 fn waypoint_chain(
+    snap: &Snapshot,
     wp: &common::model::GatewayAddress,
     authority: SocketAddr,
     service: Option<Arc<Service>>,
     workload: Option<Arc<Workload>>,
+    pick: impl FnOnce(&str, usize) -> usize,
 ) -> Result<Chain, Refusal> {
+    let unknown = || Refusal::UnknownWaypoint(wp.destination.clone());
     let ip: IpAddr = wp
         .destination
         .rsplit('/')
         .next()
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| Refusal::UnknownWaypoint(wp.destination.clone()))?;
-    let identity = wp
-        .identity
-        .clone()
-        .ok_or_else(|| Refusal::UnknownWaypoint(wp.destination.clone()))?;
+        .ok_or_else(unknown)?;
+    let identity = wp.identity.clone().ok_or_else(unknown)?;
+    let ip = match snap.service_by_vip(ip) {
+        None => ip,
+        Some(wsvc) => {
+            let pods: Vec<IpAddr> = wsvc
+                .ports
+                .keys()
+                .flat_map(|p| snap.endpoints(wsvc, *p))
+                .filter_map(|e| e.workload.workload_ips.first().copied())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            if pods.is_empty() {
+                return Err(unknown());
+            }
+            pods[pick(&wsvc.key(), pods.len()) % pods.len()]
+        }
+    };
     Ok(Chain::Waypoint {
         waypoint: SocketAddr::new(ip, wp.hbone_mtls_port),
         identity,
@@ -282,6 +303,27 @@ services:
                 assert_eq!(waypoint, "10.244.2.50:15006".parse().unwrap());
                 assert_eq!(identity.service_account, "waypoint");
                 assert_eq!(authority, "10.96.0.20:80".parse().unwrap());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn waypoint_behind_its_own_service_vip_picks_a_waypoint_pod() {
+        let extra = r#"
+- {uid: w2, name: wp2, namespace: default, serviceAccount: waypoint, workloadIps: [10.244.2.51], protocol: HBONE, node: n2, services: {"default/wp.default.svc.cluster.local": {15006: 15006}}}
+"#;
+        let text = CONFIG
+            .replace(
+                "services:\n- {name: echo",
+                &format!("{}services:\n- {{name: echo", extra.trim_start()),
+            )
+            .replace("\"/10.244.2.50\"", "\"/10.96.0.99\"")
+            + "- {name: wp, namespace: default, hostname: wp.default.svc.cluster.local, vips: [\"/10.96.0.99\"], ports: {15006: 15006}}\n";
+        let s = common::config::load_str(&text, "test.yaml").unwrap();
+        match sel(&s, "10.244.1.2:5000", "10.96.0.20:80").unwrap() {
+            Chain::Waypoint { waypoint, .. } => {
+                assert_eq!(waypoint, "10.244.2.51:15006".parse().unwrap())
             }
             other => panic!("unexpected {other:?}"),
         }
