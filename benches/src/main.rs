@@ -7,7 +7,14 @@
 //! `cargo build --release -p benches -p ztunnel && target/release/benches [--quick]`
 //! (or `cargo run --release -p benches -- --quick` once ztunnel is built in release). The
 //! ztunnel binary is the one next to this executable (or `$ZTUNNEL_BIN`).
+//!
+//! `benches --l7 [--quick]` runs the L7 benchmark instead (see [`l7`]): keep-alive HTTP/1.1
+//! direct vs ztunnel → waypoint → ztunnel vs Envoy as an L7 proxy; build it with
+//! `cargo build --release -p benches -p ztunnel -p waypoint`.
 
+mod envoy_l7;
+mod httpload;
+mod l7;
 mod load;
 mod procfs;
 mod report;
@@ -19,15 +26,18 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tests::mesh::{echo_vip, raise_nofile_limit, standard_config};
 
-const USAGE: &str = "usage: benches [--quick]
+const USAGE: &str = "usage: benches [--l7] [--quick]
   raw TCP vs ztunnel vs Envoy on a two-node netns topology (needs root, nft, Envoy)
+  --l7      the L7 benchmark instead: HTTP/1.1 direct vs ztunnel → waypoint → ztunnel vs Envoy
   --quick   short smoke run (seconds instead of a minute or two)";
 
 fn main() -> Result<()> {
     let mut quick = false;
+    let mut l7 = false;
     for arg in std::env::args().skip(1) {
         match arg.as_str() {
             "--quick" => quick = true,
+            "--l7" => l7 = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -38,7 +48,11 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run(quick))
+    if l7 {
+        rt.block_on(l7::run(quick))
+    } else {
+        rt.block_on(run(quick))
+    }
 }
 
 async fn run(quick: bool) -> Result<()> {

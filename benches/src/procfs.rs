@@ -66,3 +66,21 @@ impl CpuMeter {
         Ok(cpu_seconds_of(&self.pids)? - self.start)
     }
 }
+
+/// Busy CPU seconds of the whole machine so far (all CPUs: user, nice, system, irq, softirq,
+/// steal; not idle or iowait), from the first line of `/proc/stat`.
+pub fn machine_busy_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    anyhow::ensure!(f.len() >= 8, "malformed /proc/stat: {line}");
+    // user nice system idle iowait irq softirq steal
+    let busy = f[0] + f[1] + f[2] + f[5] + f[6] + f[7];
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(busy as f64 / hz)
+}
