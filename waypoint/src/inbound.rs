@@ -134,6 +134,7 @@ async fn handle_stream(
         peer: peer_id,
         source,
         protocol,
+        series: Default::default(),
     });
     let svc = hyper::service::service_fn(move |req| proxy::handle(state.clone(), ctx.clone(), req));
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

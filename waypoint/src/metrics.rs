@@ -81,20 +81,31 @@ impl Metrics {
         }
     }
 
-    pub fn record(
-        &self,
-        labels: &RequestLabels,
-        duration_ms: f64,
-        req_bytes: u64,
-        resp_bytes: u64,
-    ) {
-        self.requests.get_or_create(labels).inc();
-        self.duration_ms.get_or_create(labels).observe(duration_ms);
-        self.request_bytes
-            .get_or_create(labels)
-            .observe(req_bytes as f64);
-        self.response_bytes
-            .get_or_create(labels)
-            .observe(resp_bytes as f64);
+    /// The series of one label set, to record into without looking them up again.
+    pub fn handles(&self, labels: &RequestLabels) -> RequestHandles {
+        RequestHandles {
+            requests: self.requests.get_or_create(labels).clone(),
+            duration_ms: self.duration_ms.get_or_create(labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(labels).clone(),
+        }
+    }
+}
+
+/// Handles on the four series of one label set (cheap clones of the registered metrics).
+#[derive(Clone)]
+pub struct RequestHandles {
+    requests: Counter,
+    duration_ms: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+impl RequestHandles {
+    pub fn record(&self, duration_ms: f64, req_bytes: u64, resp_bytes: u64) {
+        self.requests.inc();
+        self.duration_ms.observe(duration_ms);
+        self.request_bytes.observe(req_bytes as f64);
+        self.response_bytes.observe(resp_bytes as f64);
     }
 }

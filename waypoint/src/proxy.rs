@@ -4,7 +4,7 @@
 use crate::app::State;
 use crate::body::{self, Body, Counted, OnDone};
 use crate::hop;
-use crate::metrics::RequestLabels;
+use crate::metrics::{RequestHandles, RequestLabels};
 use crate::pipeline;
 use crate::upstream::UpstreamProtocol;
 use common::identity::Identity;
@@ -12,6 +12,7 @@ use common::model::{Service, Workload};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +27,30 @@ pub struct ConnContext {
     pub peer: Identity,
     pub source: Option<Arc<Workload>>,
     pub protocol: UpstreamProtocol,
+    /// Metric series already resolved on this connection, by (endpoint uid, code, flags): the
+    /// label set is the same for most requests of a connection, so it is built once.
+    pub series: std::sync::Mutex<HashMap<(String, u16, &'static str), RequestHandles>>,
+}
+
+impl ConnContext {
+    fn series(
+        &self,
+        state: &State,
+        dst: Option<&Workload>,
+        code: u16,
+        flags: &'static str,
+    ) -> RequestHandles {
+        let key = (dst.map(|w| w.uid.clone()).unwrap_or_default(), code, flags);
+        let mut cache = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = cache.get(&key) {
+            return h.clone();
+        }
+        let h = state.metrics.handles(&labels(self, dst, code, flags));
+        if cache.len() < 256 {
+            cache.insert(key, h.clone());
+        }
+        h
+    }
 }
 
 /// One access-log line per request, with the fields of Envoy's Istio default format.
@@ -94,6 +119,9 @@ impl RequestLog {
 
     fn emit(&self) -> f64 {
         let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+            return duration_ms;
+        }
         let start_time = humantime_rfc3339(self.start_time);
         let line = serde_json::json!({
             "start_time": start_time,
@@ -226,14 +254,17 @@ pub async fn handle(
     }
     log.response_code = resp.status().as_u16();
     log.response_flags = done.flag;
-    let labels = labels(&ctx, done.endpoint.as_deref(), log.response_code, done.flag);
-    let st = state.clone();
+    let series = ctx.series(
+        &state,
+        done.endpoint.as_deref(),
+        log.response_code,
+        done.flag,
+    );
     let on_done: OnDone = Box::new(move |sent| {
         log.bytes_sent = sent;
         log.bytes_received = received.load(Ordering::Relaxed);
         let duration_ms = log.emit();
-        st.metrics
-            .record(&labels, duration_ms, log.bytes_received, log.bytes_sent);
+        series.record(duration_ms, log.bytes_received, log.bytes_sent);
     });
     resp = resp.map(|b| Counted::wrap(b, Arc::new(AtomicU64::new(0)), Some(on_done)));
     Ok(resp)
