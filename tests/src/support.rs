@@ -1,5 +1,5 @@
 //! Small helpers that keep test bodies short: deadlines around async steps, socket addresses
-//! from strings, and polling a condition until it holds.
+//! from strings, polling a condition until it holds, and stopping child processes.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -39,4 +39,27 @@ where
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Stops a child process: SIGTERM, then SIGKILL after 5 s. A child that already exited is only
+/// reaped (its pid may belong to someone else by now). `what` names it in the kill message.
+pub fn terminate(child: Option<std::process::Child>, what: &str) {
+    let Some(mut child) = child else {
+        return;
+    };
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("{what} ignored SIGTERM; killing");
+    let _ = child.kill();
+    let _ = child.wait();
 }

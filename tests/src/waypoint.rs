@@ -332,24 +332,7 @@ impl WaypointProcess {
 
     /// Stops the process: SIGTERM, then SIGKILL after 5 s.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!("waypoint {} ignored SIGTERM; killing", self.name);
-        let _ = child.kill();
-        let _ = child.wait();
+        crate::support::terminate(self.child.take(), &format!("waypoint {}", self.name));
     }
 }
 

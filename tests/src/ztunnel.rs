@@ -398,25 +398,7 @@ impl ZtunnelProcess {
 
     /// Stops the process: SIGTERM, then SIGKILL after 5 s.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        // Already exited (and reaped): its pid may belong to someone else by now.
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!("ztunnel on {} ignored SIGTERM; killing", self.node);
-        let _ = child.kill();
-        let _ = child.wait();
+        crate::support::terminate(self.child.take(), &format!("ztunnel on {}", self.node));
     }
 }
 
