@@ -515,9 +515,7 @@ impl EnvoyProcess {
 
     /// The last `n` lines of Envoy's own log.
     pub fn log_tail(&self, n: usize) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        crate::support::log_tail(&self.log, n)
     }
 
     /// Stops the process: SIGTERM, then SIGKILL after 5 s.

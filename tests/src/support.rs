@@ -63,3 +63,34 @@ pub fn terminate(child: Option<std::process::Child>, what: &str) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// The last `n` lines of a process's log file (empty if it cannot be read).
+pub fn log_tail(path: &std::path::Path, n: usize) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Waits until a line of the log file at `path` contains every needle; returns that line.
+/// `what` names the process in the error, which carries the log's tail.
+pub async fn wait_log_line(
+    path: &std::path::Path,
+    what: &str,
+    needles: &[&str],
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(line) = log.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+            return Ok(line.to_string());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "no log line of {what} contains all of {needles:?}; log tail:\n{}",
+                log_tail(path, 20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -250,31 +250,18 @@ impl WaypointProcess {
 
     /// The last `n` lines of the log.
     pub fn log_tail(&self, n: usize) -> String {
-        let log = self.log();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        crate::support::log_tail(&self.log, n)
     }
 
     /// Waits until a log line contains every needle; returns that line.
     pub async fn wait_log_line(&self, needles: &[&str], timeout: Duration) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(line) = self
-                .log()
-                .lines()
-                .find(|l| needles.iter().all(|n| l.contains(n)))
-            {
-                return Ok(line.to_string());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "no log line of waypoint {} contains all of {needles:?}; log tail:\n{}",
-                    self.name,
-                    self.log_tail(20)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        crate::support::wait_log_line(
+            &self.log,
+            &format!("waypoint {}", self.name),
+            needles,
+            timeout,
+        )
+        .await
     }
 
     /// The HTTP access-log entries so far (one JSON object per request, fields `method`,

@@ -312,32 +312,19 @@ impl ZtunnelProcess {
 
     /// The last `n` lines of the log.
     pub fn log_tail(&self, n: usize) -> String {
-        let log = self.log();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        crate::support::log_tail(&self.log, n)
     }
 
     /// Waits until a log line (e.g. the access-log line of a connection) contains every needle;
     /// returns that line. Evidence that a connection went through this ztunnel.
     pub async fn wait_log_line(&self, needles: &[&str], timeout: Duration) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(line) = self
-                .log()
-                .lines()
-                .find(|l| needles.iter().all(|n| l.contains(n)))
-            {
-                return Ok(line.to_string());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "no log line of ztunnel {} contains all of {needles:?}; log tail:\n{}",
-                    self.node,
-                    self.log_tail(20)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        crate::support::wait_log_line(
+            &self.log,
+            &format!("ztunnel {}", self.node),
+            needles,
+            timeout,
+        )
+        .await
     }
 
     /// `GET /config_dump` (raw JSON text).
