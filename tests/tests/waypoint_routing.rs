@@ -553,6 +553,73 @@ spec:
     );
 }
 
+/// `exportTo` at the waypoint (namespace `default`): a VirtualService private to another
+/// namespace is ignored, and of the visible ones the waypoint's own namespace wins over one
+/// listed earlier in another namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_to_decides_which_virtual_service_the_waypoint_uses() {
+    let vs = |name: &str, ns: &str, export: &str| {
+        format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: {name}
+  namespace: {ns}
+spec:
+  hosts:
+  - {HOST}
+  exportTo: {export}
+  http:
+  - headers:
+      request:
+        set:
+          x-vs: {ns}-{name}
+    route:
+    - destination:
+        host: {HOST}
+"#
+        )
+    };
+    let (private, public, local) = (
+        vs("private", "team", "[.]"),
+        vs("public", "shared", "[\"*\"]"),
+        vs("local", "default", "[.]"),
+    );
+    // Only the other namespace's VirtualServices: the public one applies.
+    let (mesh, servers) = demo_mesh("rt-export", &[&private, &public]).await;
+    let mut c = client(&mesh).await;
+    let r = get(&mut c, "/e", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let rec = server(&servers, &r.pod()).records().pop().unwrap();
+    assert_eq!(rec.header("x-vs"), Some("shared-public"), "{rec:?}");
+    let dump = mesh.waypoint().config_dump().await.unwrap();
+    let used: Vec<&serde_json::Value> = dump["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| &s["virtualService"])
+        .collect();
+    assert_eq!(
+        used,
+        [&serde_json::json!("shared/public")],
+        "config_dump shows the table the waypoint uses: {}",
+        dump["routes"]
+    );
+    drop(c);
+    drop(servers);
+    drop(mesh);
+
+    // Add the waypoint namespace's own (private) one: it wins.
+    let (mesh, servers) = demo_mesh("rt-export2", &[&private, &public, &local]).await;
+    let mut c = client(&mesh).await;
+    for _ in 0..3 {
+        let r = get(&mut c, "/e", &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let rec = server(&servers, &r.pod()).records().pop().unwrap();
+        assert_eq!(rec.header("x-vs"), Some("default-local"), "{rec:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fault_abort_percentage() {
     let vs = r#"
@@ -957,6 +1024,44 @@ async fn consistent_hash_is_sticky() {
     }
     let distinct: std::collections::BTreeSet<&String> = owner.values().collect();
     assert!(distinct.len() >= 3, "20 users on {distinct:?}");
+}
+
+/// `httpCookie` with a `ttl`: a client without the cookie gets one minted by the waypoint
+/// (`Set-Cookie`), and requests carrying it stick to one endpoint; fresh clients spread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_cookie_is_minted_and_sticks() {
+    let dr = dr_with_policy(
+        "loadBalancer:\n  consistentHash:\n    httpCookie:\n      name: stick\n      path: /\n      ttl: 60s",
+    );
+    let (mesh, _servers) = demo_mesh("rt-cookie", &[&dr]).await;
+    let mut c = client(&mesh).await;
+    let mut pods = std::collections::BTreeSet::new();
+    for i in 0..12 {
+        let r = get(&mut c, "/", &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let set = r
+            .header("set-cookie")
+            .unwrap_or_else(|| panic!("request {i}: no Set-Cookie: {:?}", r.headers))
+            .to_string();
+        assert!(
+            set.starts_with("stick=\"") && set.contains("Max-Age=60") && set.contains("Path=/"),
+            "{set}"
+        );
+        let cookie = set.split(';').next().unwrap().to_string();
+        let first = r.pod();
+        pods.insert(first.clone());
+        for _ in 0..5 {
+            let again = get(&mut c, "/", &[("cookie", &cookie)]).await;
+            assert_eq!(again.status, 200);
+            assert_eq!(again.pod(), first, "{cookie} moved");
+            assert_eq!(
+                again.header("set-cookie"),
+                None,
+                "no new cookie when the client has one"
+            );
+        }
+    }
+    assert!(pods.len() >= 2, "12 minted cookies all on {pods:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

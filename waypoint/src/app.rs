@@ -226,7 +226,7 @@ fn admin_handlers(
                         "identity": s.identity.to_string(),
                         "configGeneration": s.config.generation(),
                         "config": &*snap,
-                        "routes": crate::route::dump(&snap),
+                        "routes": crate::route::dump(&snap, &s.identity.namespace),
                     }))
                 }
                 (&Method::GET, "/healthz") => admin_http::text(StatusCode::OK, "ok"),

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use common::l7::actions::{Abort, AttemptOutcome, RetryPolicy};
 use common::l7::cors::Preflight;
 use common::l7::route::{HttpRoute, RouteAction, WeightedDestination};
-use common::l7::select::request_hash;
+use common::l7::select::{mint_cookie, request_hash};
 use common::l7::{HttpMatch, LbPolicy, RequestInfo};
 use common::model::Workload;
 use common::snapshot::Snapshot;
@@ -107,7 +107,11 @@ pub async fn run(
         source_ip: Some(ctx.client.ip()),
     };
     // Phase: match.
-    let matched: Option<HttpMatch> = match snap.l7.routes.mesh(&ctx.service.hostname) {
+    let matched: Option<HttpMatch> = match snap
+        .l7
+        .routes
+        .mesh(&ctx.service.hostname, &state.identity.namespace)
+    {
         None => None,
         Some(table) => match table.match_http(&info) {
             Some(m) => Some(m),
@@ -189,11 +193,16 @@ pub async fn run(
         },
         None => None,
     };
-    let cluster =
-        match route::cluster_for(snap, dest.map(|d| &d.destination), &ctx.service, ctx.port) {
-            Ok(c) => c,
-            Err(r) => return reply(r),
-        };
+    let cluster = match route::cluster_for(
+        snap,
+        &state.identity.namespace,
+        dest.map(|d| &d.destination),
+        &ctx.service,
+        ctx.port,
+    ) {
+        Ok(c) => c,
+        Err(r) => return reply(r),
+    };
     log.upstream_cluster = cluster.name.clone();
 
     // Phase: L7 authorization (policies of the destination workloads).
@@ -223,6 +232,7 @@ pub async fn run(
 
     // Phase: rewrite and request header operations.
     let (mut parts, req_body) = req.into_parts();
+    let mut minted = None;
     let hash = match &cluster.policy.load_balancer {
         LbPolicy::ConsistentHash(key) => request_hash(
             key,
@@ -230,7 +240,12 @@ pub async fn run(
                 headers: &parts.headers,
                 ..info_for(&parts, &authority, &path, ctx, &no_labels)
             },
-        ),
+        )
+        .or_else(|| {
+            // A cookie policy with a ttl and no cookie yet: mint one and stick to its hash.
+            minted = mint_cookie(key, crate::rand::u64());
+            minted.as_ref().map(|m| m.hash)
+        }),
         _ => None,
     };
     if let Some(m) = matched {
@@ -299,7 +314,13 @@ pub async fn run(
             if !m.hit(crate::rand::u64()) {
                 continue;
             }
-            match route::cluster_for(snap, Some(&m.destination), &ctx.service, ctx.port) {
+            match route::cluster_for(
+                snap,
+                &state.identity.namespace,
+                Some(&m.destination),
+                &ctx.service,
+                ctx.port,
+            ) {
                 Ok(mc) => spawn_mirror(state, ctx, mc, &parts, bytes.clone(), &authority),
                 Err(r) => tracing::debug!(reason = %r.body, "mirror destination unavailable"),
             }
@@ -427,8 +448,11 @@ pub async fn run(
         log.upstream_host = p.target.addr.to_string();
     }
 
-    // Phase: response header operations and CORS headers.
+    // Phase: response header operations, minted hash cookie and CORS headers.
     let h = done.response.headers_mut();
+    if let Some(m) = minted {
+        h.append(header::SET_COOKIE, m.set_cookie);
+    }
     if let Some(d) = dest {
         d.headers.response.apply(h);
     }

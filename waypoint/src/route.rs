@@ -65,9 +65,11 @@ fn service_for_host<'s>(
         .find(|s| s.hostname.eq_ignore_ascii_case(&fqdn) || s.hostname.eq_ignore_ascii_case(host))
 }
 
-/// Resolves a route destination (or the service itself) to a cluster.
+/// Resolves a route destination (or the service itself) to a cluster, with the
+/// DestinationRule exported to the waypoint's namespace `viewer`.
 pub fn cluster_for(
     snap: &Snapshot,
+    viewer: &str,
     dest: Option<&Destination>,
     service: &Arc<Service>,
     port: u16,
@@ -101,7 +103,7 @@ pub fn cluster_for(
         subset.as_deref().unwrap_or(""),
         svc.hostname
     );
-    let dr = snap.l7.destination_rule(&svc.hostname);
+    let dr = snap.l7.destination_rule(&svc.hostname, viewer);
     let labels = match (&subset, dr) {
         (None, _) => None,
         (Some(s), Some(dr)) => {
@@ -128,7 +130,7 @@ pub fn cluster_for(
         .collect();
     let policy = snap
         .l7
-        .effective_policy(&svc.hostname, subset.as_deref(), port);
+        .effective_policy(&svc.hostname, viewer, subset.as_deref(), port);
     Ok(Cluster {
         service: svc,
         name,
@@ -284,13 +286,14 @@ fn pick(addr: SocketAddr, ep: &Endpoint, cluster: &Cluster) -> Pick {
     }
 }
 
-/// The routes per service with a waypoint, for `/config_dump`.
-pub fn dump(snap: &Snapshot) -> serde_json::Value {
+/// The routes per service with a waypoint as a waypoint in namespace `viewer` uses them, for
+/// `/config_dump`.
+pub fn dump(snap: &Snapshot, viewer: &str) -> serde_json::Value {
     let services: Vec<serde_json::Value> = snap
         .services
         .iter()
         .filter(|s| s.waypoint.is_some())
-        .map(|s| match snap.l7.routes.mesh(&s.hostname) {
+        .map(|s| match snap.l7.routes.mesh(&s.hostname, viewer) {
             Some(table) => serde_json::json!({
                 "service": s.hostname,
                 "virtualService": table.virtual_service,

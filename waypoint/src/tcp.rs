@@ -36,11 +36,11 @@ where
     let dest = snap
         .l7
         .routes
-        .mesh(&service.hostname)
+        .mesh(&service.hostname, &state.identity.namespace)
         .and_then(|t| t.match_tcp(&info))
         .and_then(|r| route::pick_destination(&r.destinations))
         .map(|d| d.destination.clone());
-    let decision = route::cluster_for(&snap, dest.as_ref(), &svc, port)
+    let decision = route::cluster_for(&snap, &state.identity.namespace, dest.as_ref(), &svc, port)
         .and_then(|c| route::pick_endpoint(state, &c, None, &[], client).map(|p| (c, p)));
     let (cluster, pick) = match decision {
         Ok(v) => v,

@@ -103,24 +103,37 @@ pub fn host_matches(pattern: &str, host: &str) -> bool {
 /// DestinationRules by host, plus the hosts whose rule was rejected (for error messages).
 #[derive(Debug, Default)]
 pub(crate) struct DrIndex {
-    pub by_host: BTreeMap<String, Arc<DestinationPolicy>>,
+    pub by_host: BTreeMap<String, Vec<Arc<DestinationPolicy>>>,
     pub rejected: BTreeMap<String, String>,
 }
 
 impl DrIndex {
-    /// The rule for `host`: exact host first, else the most specific wildcard.
-    pub fn lookup(&self, host: &str) -> Option<&Arc<DestinationPolicy>> {
-        lookup_host(&self.by_host, host)
+    /// The rule a proxy in `viewer` uses for `host` ([`lookup_rule`]).
+    pub fn lookup(&self, host: &str, viewer: &str) -> Option<&Arc<DestinationPolicy>> {
+        lookup_rule(&self.by_host, host, viewer)
     }
 }
 
-pub(crate) fn lookup_host<'m, T>(map: &'m BTreeMap<String, T>, host: &str) -> Option<&'m T> {
-    map.get(host).or_else(|| {
-        map.iter()
-            .filter(|(p, _)| p.starts_with('*') && host_matches(p, host))
-            .max_by_key(|(p, _)| p.len())
-            .map(|(_, v)| v)
-    })
+/// The DestinationRule a proxy in namespace `viewer` uses for `host`: among the rules exported
+/// to `viewer`, an exact host first, else the most specific wildcard; of several for one host,
+/// `viewer`'s own, then the one in the host's namespace, then the first.
+pub(crate) fn lookup_rule<'m>(
+    by_host: &'m BTreeMap<String, Vec<Arc<DestinationPolicy>>>,
+    host: &str,
+    viewer: &str,
+) -> Option<&'m Arc<DestinationPolicy>> {
+    let preferred = super::export::host_namespace(host);
+    let pick =
+        |rules: &'m Vec<Arc<DestinationPolicy>>| super::export::choose(rules, viewer, preferred);
+    if let Some(r) = by_host.get(host).and_then(pick) {
+        return Some(r);
+    }
+    let mut wildcards: Vec<(&String, &'m Vec<Arc<DestinationPolicy>>)> = by_host
+        .iter()
+        .filter(|(p, _)| p.starts_with('*') && host_matches(p, host))
+        .collect();
+    wildcards.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+    wildcards.into_iter().find_map(|(_, rules)| pick(rules))
 }
 
 /// Rejects the second and later resources with the same namespace/name.
@@ -180,17 +193,20 @@ pub fn compile(res: Resources, domain: &str) -> (L7Config, Vec<Rejected>) {
     for dr in dedupe("DestinationRule", res.destination_rules, &mut rejected) {
         let host = resolve_host(&dr.spec.host, &dr.namespace, domain);
         let label = format!("DestinationRule {}/{}", dr.namespace, dr.name);
-        let checked =
-            destination_rule::validate(&dr.spec).and_then(|()| match drs.by_host.get(&host) {
-                Some(first) => Err((
-                    "spec.host".into(),
-                    format!(
-                        "host {host} already has DestinationRule {}/{} (one rule per host)",
-                        first.namespace, first.name
-                    ),
-                )),
-                None => Ok(()),
-            });
+        let same_ns = drs
+            .by_host
+            .get(&host)
+            .and_then(|rules| rules.iter().find(|r| r.namespace == dr.namespace));
+        let checked = destination_rule::validate(&dr.spec).and_then(|()| match same_ns {
+            Some(first) => Err((
+                "spec.host".into(),
+                format!(
+                    "host {host} already has DestinationRule {}/{} in this namespace (one rule per host and namespace)",
+                    first.namespace, first.name
+                ),
+            )),
+            None => Ok(()),
+        });
         if let Err(e) = checked {
             drs.rejected.entry(host).or_insert(label);
             rejected.push(reject("DestinationRule", &dr, e));
@@ -204,7 +220,7 @@ pub fn compile(res: Resources, domain: &str) -> (L7Config, Vec<Rejected>) {
             subsets: dr.spec.subsets,
             export_to: dr.spec.export_to,
         };
-        drs.by_host.insert(host, Arc::new(policy));
+        drs.by_host.entry(host).or_default().push(Arc::new(policy));
     }
 
     let mut service_entries = Vec::new();
@@ -301,26 +317,26 @@ pub fn compile(res: Resources, domain: &str) -> (L7Config, Vec<Rejected>) {
         }
     }
 
-    // Route tables per (gateway, host); the first VirtualService for a host wins.
+    // Route tables per (gateway, host), in file order. Within one namespace the first
+    // VirtualService for a host wins; across namespaces `exportTo` decides per proxy.
     let mut routes = RouteTables::default();
     for (i, c) in tables {
         let vs = &vss[i];
         let key = format!("{}/{}", vs.namespace, vs.name);
         for gw in &c.gateways {
-            let Some(table) = c.table_for(gw, &key) else {
+            let Some(table) = c.table_for(gw, &key, &vs.namespace) else {
                 continue;
             };
             let table = Arc::new(table);
             let hosts = routes.gateways.entry(gw.clone()).or_default();
             for host in &c.hosts {
-                match hosts.get(host) {
+                let tables = hosts.entry(host.clone()).or_default();
+                match tables.iter().find(|t| t.namespace == vs.namespace) {
                     Some(first) => warnings.push(format!(
-                        "VirtualService {key}: host {host} on gateway {gw} is already routed by VirtualService {}; ignored for that host",
+                        "VirtualService {key}: host {host} on gateway {gw} is already routed by VirtualService {} in the same namespace; ignored for that host",
                         first.virtual_service
                     )),
-                    None => {
-                        hosts.insert(host.clone(), table.clone());
-                    }
+                    None => tables.push(table.clone()),
                 }
             }
         }
@@ -347,7 +363,7 @@ impl CompiledVs {
     /// The table this VirtualService contributes on `gateway`: match blocks bound to other
     /// gateways are dropped, and routes left without match blocks with them. `None` when
     /// nothing is left.
-    fn table_for(&self, gateway: &str, key: &str) -> Option<RouteTable> {
+    fn table_for(&self, gateway: &str, key: &str, namespace: &str) -> Option<RouteTable> {
         let keep = |gws: &Vec<String>| gws.is_empty() || gws.iter().any(|g| g == gateway);
         let mut http = Vec::new();
         for entry in &self.http {
@@ -396,6 +412,7 @@ impl CompiledVs {
         }
         Some(RouteTable {
             virtual_service: key.to_string(),
+            namespace: namespace.to_string(),
             hosts: self.hosts.clone(),
             http,
             tcp,

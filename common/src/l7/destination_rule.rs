@@ -323,6 +323,15 @@ pub struct DestinationPolicy {
     pub export_to: Vec<String>,
 }
 
+impl super::export::Exported for DestinationPolicy {
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    fn export_to(&self) -> &[String] {
+        &self.export_to
+    }
+}
+
 /// The four policies a level can set.
 #[derive(Clone, Default)]
 struct Level {
@@ -468,6 +477,9 @@ pub fn validate(spec: &DestinationRuleSpec) -> Result<(), (String, String)> {
             "missing (the host the rule applies to)".into(),
         ));
     }
+    if let Err((i, message)) = super::export::validate(&spec.export_to) {
+        return Err((format!("spec.exportTo[{i}]"), message));
+    }
     if let Some(tp) = &spec.traffic_policy {
         validate_policy(tp, "spec.trafficPolicy")?;
     }
@@ -542,6 +554,23 @@ fn validate_lb(lb: &LoadBalancerSettings, path: &str) -> Result<(), (String, Str
                 ch.use_source_ip == Some(true),
                 ch.http_query_parameter_name.is_some(),
             ];
+            if let Some(c) = &ch.http_cookie {
+                let cpath = format!("{path}.consistentHash.httpCookie");
+                if c.name.is_empty() || !c.name.bytes().all(is_cookie_name_byte) {
+                    return Err((
+                        format!("{cpath}.name"),
+                        format!("{:?} is not a cookie name (an HTTP token)", c.name),
+                    ));
+                }
+                if let Some(p) = &c.path {
+                    if !p.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b';') {
+                        return Err((
+                            format!("{cpath}.path"),
+                            format!("{p:?} is not a cookie path (visible ASCII without ';')"),
+                        ));
+                    }
+                }
+            }
             match keys.iter().filter(|k| **k).count() {
                 1 => Ok(()),
                 0 => Err((format!("{path}.consistentHash"), "set one of httpHeaderName, httpCookie, useSourceIp, httpQueryParameterName".into())),
@@ -550,4 +579,9 @@ fn validate_lb(lb: &LoadBalancerSettings, path: &str) -> Result<(), (String, Str
         }
         _ => Ok(()),
     }
+}
+
+/// A byte of an HTTP token (RFC 9110), which a cookie name must be.
+fn is_cookie_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }

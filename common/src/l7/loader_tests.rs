@@ -26,8 +26,16 @@ fn bad_regex_is_rejected_and_the_rest_applies() {
         e[0].starts_with("test.yaml: document 2 (VirtualService shop/bad): spec.http[0].match[1].uri.regex: invalid regex \"/items/(\""),
         "{}", e[0]
     );
-    assert!(s.l7.routes.mesh("cart.shop.svc.cluster.local").is_none());
-    assert!(s.l7.routes.mesh("good.default.svc.cluster.local").is_some());
+    assert!(s
+        .l7
+        .routes
+        .mesh("cart.shop.svc.cluster.local", "default")
+        .is_none());
+    assert!(s
+        .l7
+        .routes
+        .mesh("good.default.svc.cluster.local", "default")
+        .is_some());
     assert_eq!(
         s.workloads.len(),
         1,
@@ -82,7 +90,7 @@ fn unknown_subsets_are_rejected() {
         ["test.yaml: document 1 (VirtualService default/demoapp): spec.http[0].route[0].destination.subset: subset \"v12\" is not defined by DestinationRule default/demoapp for host demoapp.default.svc.cluster.local (subsets: v10)"]
     );
     assert!(
-        s.l7.destination_rule(DEMOAPP).is_some(),
+        s.l7.destination_rule(DEMOAPP, "default").is_some(),
         "the rule itself applies"
     );
     let bad_dr = dr.replace(
@@ -156,13 +164,13 @@ fn second_virtual_service_for_a_host_is_ignored_for_it() {
     assert!(s.rejected.is_empty());
     assert_eq!(
         s.l7.routes
-            .mesh("good.default.svc.cluster.local")
+            .mesh("good.default.svc.cluster.local", "default")
             .map(|t| t.virtual_service.as_str()),
         Some("default/good")
     );
     assert_eq!(
         s.l7.routes
-            .mesh("other.default.svc.cluster.local")
+            .mesh("other.default.svc.cluster.local", "default")
             .map(|t| t.virtual_service.as_str()),
         Some("default/later")
     );
@@ -196,12 +204,15 @@ spec:
 "#,
     );
     assert!(s.rejected.is_empty(), "{:?}", s.rejected);
-    let mesh = s.l7.routes.mesh("site.example.com").expect("mesh table");
+    let mesh =
+        s.l7.routes
+            .mesh("site.example.com", "default")
+            .expect("mesh table");
     assert_eq!(mesh.http.len(), 1);
     assert!(mesh.match_http(&Req::get("/").info()).is_none());
     let public =
         s.l7.routes
-            .get("web/public", "site.example.com")
+            .get("web/public", "site.example.com", "default")
             .expect("gateway table");
     assert_eq!(public.http.len(), 1);
     let m = public
@@ -245,7 +256,7 @@ spec:
     assert_eq!(s.l7.warnings.len(), 1, "{:?}", s.l7.warnings);
     assert!(s.l7.warnings[0]
         .contains("spec.http[1].delegate: VirtualService default/ghost does not exist"));
-    let table = s.l7.routes.mesh(DEMOAPP).expect("table");
+    let table = s.l7.routes.mesh(DEMOAPP, "default").expect("table");
     assert_eq!(table.http.len(), 3, "two delegate routes + the catch-all");
     let route = |req: Req| {
         table.match_http(&req.info()).map(|m| {
@@ -307,7 +318,7 @@ spec:
     assert!(s.rejected.is_empty(), "{:?}", s.rejected);
     let t =
         s.l7.routes
-            .mesh("db.default.svc.cluster.local")
+            .mesh("db.default.svc.cluster.local", "default")
             .expect("table");
     let labels = BTreeMap::new();
     let conn = |port, ip: &str, sni| L4Info {
@@ -344,7 +355,7 @@ fn config_dump_shows_compiled_routes_and_rejections() {
     yaml.push_str("\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: broken}\nspec: {hosts: [x], http: [{route: [{destination: {host: x}}], fault: {abort: {httpStatus: 999}}}]}\n");
     let s = load(&yaml);
     let json = serde_json::to_value(&s).expect("serialisable");
-    let table = &json["l7"]["routes"]["gateways"]["mesh"][DEMOAPP];
+    let table = &json["l7"]["routes"]["gateways"]["mesh"][DEMOAPP][0];
     assert_eq!(table["virtualService"], "default/demoapp");
     assert_eq!(table["http"][0]["matches"][0]["uri"]["prefix"], "/canary");
     assert_eq!(table["http"][0]["rewrite"]["uri"], "/");
@@ -357,7 +368,7 @@ fn config_dump_shows_compiled_routes_and_rejections() {
         "Istio's default retry policy is shown"
     );
     assert_eq!(
-        json["l7"]["destinationRules"][DEMOAPP]["subsets"][1]["labels"]["version"],
+        json["l7"]["destinationRules"][DEMOAPP][0]["subsets"][1]["labels"]["version"],
         "v1.1"
     );
     assert_eq!(
@@ -384,19 +395,21 @@ spec:
 "#,
     );
     assert_eq!(
-        s.l7.effective_policy(DEMOAPP, None, 80).load_balancer,
+        s.l7.effective_policy(DEMOAPP, "default", None, 80)
+            .load_balancer,
         LbPolicy::LeastRequest
     );
     assert_eq!(
-        s.l7.effective_policy(DEMOAPP, Some("v1"), 80).load_balancer,
+        s.l7.effective_policy(DEMOAPP, "default", Some("v1"), 80)
+            .load_balancer,
         LbPolicy::ConsistentHash(destination_rule::HashKey::Header("x-user".into()))
     );
     assert_eq!(
-        s.l7.effective_policy("other.example.com", None, 80),
+        s.l7.effective_policy("other.example.com", "default", None, 80),
         EffectivePolicy::default()
     );
     assert_eq!(
-        s.l7.subset_labels(DEMOAPP, "v1")
+        s.l7.subset_labels(DEMOAPP, "default", "v1")
             .map(|l| l["version"].as_str()),
         Some("v1")
     );

@@ -10,16 +10,17 @@
 //! The configuration loader compiles these kinds per resource: a VirtualService,
 //! DestinationRule or ServiceEntry that fails to parse (unknown field, wrong type, bad duration)
 //! or to compile (bad regex, weights not summing to 100, unknown subset, duplicate name, a second
-//! DestinationRule for a host…) is left out, logged, and listed in `Snapshot::rejected` with its
+//! DestinationRule for a host in one namespace, a bad `exportTo`…) is left out, logged, and listed in `Snapshot::rejected` with its
 //! resource and field; every other resource of the file still applies. A VirtualService that
 //! names a subset of a rejected DestinationRule is rejected in turn (its message says so).
-//! Conflicts that do not make a resource wrong (two VirtualServices for one host: the first in
-//! file order wins; a delegate that does not exist: the route is skipped) are
+//! Conflicts that do not make a resource wrong (two VirtualServices for one host in one
+//! namespace: the first in file order wins; a delegate that does not exist: the route is skipped) are
 //! [`L7Config::warnings`]. Every other kind, including AuthorizationPolicy, keeps the
 //! all-or-nothing rule: one error fails the whole load and the last good snapshot stays.
 //!
 //! # Life of a request (what the waypoint does with this module)
-//! `routes.mesh(service hostname)` → no table: forward to the service; else
+//! `routes.mesh(service hostname, waypoint namespace)` (the table exported to the waypoint's
+//! namespace, [`export`]) → no table: forward to the service; else
 //! `table.match_http(&request)` → none: 404; else per the route's action: redirect / direct
 //! response, or fault → [`select::pick_weighted`] → the DestinationRule's
 //! [`destination_rule::DestinationPolicy::effective`] policy → [`select::subset_endpoints`] →
@@ -31,6 +32,7 @@ pub mod compile;
 mod compile_match;
 pub mod cors;
 pub mod destination_rule;
+pub mod export;
 pub mod matching;
 pub mod policy;
 pub mod rewrite;
@@ -58,8 +60,9 @@ use std::sync::Arc;
 #[serde(rename_all = "camelCase")]
 pub struct L7Config {
     pub routes: RouteTables,
-    /// By resolved host (FQDN or wildcard).
-    pub destination_rules: BTreeMap<String, Arc<DestinationPolicy>>,
+    /// By resolved host (FQDN or wildcard); several for one host come from different
+    /// namespaces, in configuration order ([`export`] picks per proxy).
+    pub destination_rules: BTreeMap<String, Vec<Arc<DestinationPolicy>>>,
     pub service_entries: Vec<Arc<ServiceEntry>>,
     pub authorization_policies: BTreeMap<String, Arc<L7Policy>>,
     /// Conflicts resolved by a rule rather than by rejecting a resource.
@@ -68,21 +71,34 @@ pub struct L7Config {
 }
 
 impl L7Config {
-    /// The DestinationRule for `host`: exact first, else the most specific wildcard rule.
-    pub fn destination_rule(&self, host: &str) -> Option<&Arc<DestinationPolicy>> {
-        compile::lookup_host(&self.destination_rules, &host.to_ascii_lowercase())
+    /// The DestinationRule a proxy in namespace `viewer` uses for `host`: exported to `viewer`,
+    /// exact host first, else the most specific wildcard rule.
+    pub fn destination_rule(&self, host: &str, viewer: &str) -> Option<&Arc<DestinationPolicy>> {
+        compile::lookup_rule(&self.destination_rules, &host.to_ascii_lowercase(), viewer)
     }
 
-    /// The policy in force for a destination (defaults when no DestinationRule applies).
-    pub fn effective_policy(&self, host: &str, subset: Option<&str>, port: u16) -> EffectivePolicy {
-        self.destination_rule(host)
+    /// The policy in force for a destination as seen from `viewer` (defaults when no
+    /// DestinationRule applies).
+    pub fn effective_policy(
+        &self,
+        host: &str,
+        viewer: &str,
+        subset: Option<&str>,
+        port: u16,
+    ) -> EffectivePolicy {
+        self.destination_rule(host, viewer)
             .map(|dr| dr.effective(subset, port))
             .unwrap_or_default()
     }
 
-    /// The labels of `subset` of `host`'s DestinationRule.
-    pub fn subset_labels(&self, host: &str, subset: &str) -> Option<&BTreeMap<String, String>> {
-        self.destination_rule(host)?
+    /// The labels of `subset` of `host`'s DestinationRule as seen from `viewer`.
+    pub fn subset_labels(
+        &self,
+        host: &str,
+        viewer: &str,
+        subset: &str,
+    ) -> Option<&BTreeMap<String, String>> {
+        self.destination_rule(host, viewer)?
             .subset(subset)
             .map(|s| &s.labels)
     }
@@ -121,6 +137,8 @@ mod ser {
     }
 }
 
+#[cfg(test)]
+mod export_tests;
 #[cfg(test)]
 mod loader_tests;
 #[cfg(test)]

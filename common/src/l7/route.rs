@@ -212,6 +212,8 @@ pub struct L4Route {
 pub struct RouteTable {
     /// `<namespace>/<name>` of the VirtualService.
     pub virtual_service: String,
+    #[serde(skip)]
+    pub namespace: String,
     pub hosts: Vec<String>,
     pub http: Vec<HttpRoute>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -223,32 +225,52 @@ pub struct RouteTable {
 }
 
 /// Route tables of every gateway, keyed by gateway (`mesh`, or `<ns>/<gateway>`) then host
-/// (FQDN or wildcard pattern such as `*.example.com` / `*`).
+/// (FQDN or wildcard pattern such as `*.example.com` / `*`); several tables for one host come
+/// from VirtualServices in different namespaces, in configuration order, and `exportTo` decides
+/// which one a proxy uses ([`super::export`]).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RouteTables {
-    pub gateways: BTreeMap<String, BTreeMap<String, Arc<RouteTable>>>,
+    pub gateways: BTreeMap<String, BTreeMap<String, Vec<Arc<RouteTable>>>>,
+}
+
+impl super::export::Exported for RouteTable {
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    fn export_to(&self) -> &[String] {
+        &self.export_to
+    }
 }
 
 impl RouteTables {
-    /// The table for `host` on `gateway`: an exact host first, else the most specific wildcard.
+    /// The table a proxy in namespace `viewer` uses for `host` on `gateway`: an exact host
+    /// first, else the most specific wildcard, among the tables exported to `viewer`.
     /// `None` means no VirtualService applies: route to the service itself.
-    pub fn get(&self, gateway: &str, host: &str) -> Option<&Arc<RouteTable>> {
+    pub fn get<'t>(
+        &'t self,
+        gateway: &str,
+        host: &str,
+        viewer: &str,
+    ) -> Option<&'t Arc<RouteTable>> {
         let hosts = self.gateways.get(gateway)?;
         let host = host.trim_end_matches('.').to_ascii_lowercase();
-        hosts.get(&host).or_else(|| {
-            hosts
-                .iter()
-                .filter(|(pattern, _)| {
-                    pattern.starts_with('*') && super::compile::host_matches(pattern, &host)
-                })
-                .max_by_key(|(pattern, _)| pattern.len())
-                .map(|(_, t)| t)
-        })
+        let pick = |tables: &'t Vec<Arc<RouteTable>>| super::export::choose(tables, viewer, None);
+        if let Some(t) = hosts.get(&host).and_then(pick) {
+            return Some(t);
+        }
+        let mut wildcards: Vec<(&String, &'t Vec<Arc<RouteTable>>)> = hosts
+            .iter()
+            .filter(|(pattern, _)| {
+                pattern.starts_with('*') && super::compile::host_matches(pattern, &host)
+            })
+            .collect();
+        wildcards.sort_by_key(|(pattern, _)| std::cmp::Reverse(pattern.len()));
+        wildcards.into_iter().find_map(|(_, tables)| pick(tables))
     }
 
-    /// The table the waypoint uses for `host` (gateway `mesh`).
-    pub fn mesh(&self, host: &str) -> Option<&Arc<RouteTable>> {
-        self.get(MESH_GATEWAY, host)
+    /// The table a waypoint in namespace `viewer` uses for `host` (gateway `mesh`).
+    pub fn mesh(&self, host: &str, viewer: &str) -> Option<&Arc<RouteTable>> {
+        self.get(MESH_GATEWAY, host, viewer)
     }
 
     pub fn is_empty(&self) -> bool {

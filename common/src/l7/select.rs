@@ -191,9 +191,44 @@ pub fn cookie_value<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<&'h 
         .map(|(_, v)| v.trim_matches('"'))
 }
 
+/// A cookie the waypoint mints for a request without the consistent-hash cookie, as Envoy
+/// does when the policy has a `ttl`: the request is hashed on the new value and the response
+/// carries `Set-Cookie`, so the client's next requests stick to the same endpoint.
+#[derive(Debug, Clone)]
+pub struct MintedCookie {
+    pub hash: u64,
+    pub set_cookie: http::HeaderValue,
+}
+
+/// Mints the cookie of `key` from `seed` (any per-request random number): `None` unless `key`
+/// is a cookie key with a `ttl`. A zero `ttl` gives a session cookie (no `Max-Age`).
+pub fn mint_cookie(key: &HashKey, seed: u64) -> Option<MintedCookie> {
+    let HashKey::Cookie {
+        name,
+        path,
+        ttl: Some(ttl),
+    } = key
+    else {
+        return None;
+    };
+    let value = format!("{:016x}", mix(seed));
+    let mut cookie = format!("{name}=\"{value}\"");
+    if !ttl.is_zero() {
+        cookie.push_str(&format!("; Max-Age={}", ttl.0.as_secs().max(1)));
+    }
+    if let Some(p) = path {
+        cookie.push_str(&format!("; Path={p}"));
+    }
+    cookie.push_str("; HttpOnly");
+    Some(MintedCookie {
+        hash: fnv1a64(value.as_bytes()),
+        set_cookie: http::HeaderValue::from_str(&cookie).ok()?,
+    })
+}
+
 /// The hash of a request under a consistent-hash key; `None` when the request lacks the key
 /// (header, cookie, query parameter absent; source IP unknown). With a cookie key and a `ttl`,
-/// the waypoint should then mint the cookie on the response.
+/// the waypoint then mints the cookie ([`mint_cookie`]).
 pub fn request_hash(key: &HashKey, req: &RequestInfo) -> Option<u64> {
     match key {
         HashKey::Header(name) => {

@@ -252,6 +252,36 @@ fn request_hash_reads_each_key_kind() {
 }
 
 #[test]
+fn minted_cookie_hashes_like_the_cookie_it_sets() {
+    use crate::l7::spec::Duration as SpecDuration;
+    let key = |ttl: Option<u64>| HashKey::Cookie {
+        name: "sticky".into(),
+        path: Some("/app".into()),
+        ttl: ttl.map(|s| SpecDuration(std::time::Duration::from_secs(s))),
+    };
+    assert!(mint_cookie(&key(None), 7).is_none(), "no ttl: no cookie");
+    assert!(mint_cookie(&HashKey::SourceIp, 7).is_none());
+    let m = mint_cookie(&key(Some(3600)), 7).expect("minted");
+    let text = m.set_cookie.to_str().unwrap().to_string();
+    assert!(text.starts_with("sticky=\""), "{text}");
+    assert!(
+        text.ends_with("; Max-Age=3600; Path=/app; HttpOnly"),
+        "{text}"
+    );
+    // The client sends back `name=value` (quotes included): same hash, same endpoint.
+    let pair = text.split(';').next().unwrap().to_string();
+    let req = Req::get("/app").header("cookie", &pair);
+    assert_eq!(request_hash(&key(Some(3600)), &req.info()), Some(m.hash));
+    let other = mint_cookie(&key(Some(3600)), 8).expect("minted");
+    assert_ne!(other.hash, m.hash, "different seeds, different cookies");
+    let session = mint_cookie(&key(Some(0)), 7).expect("minted");
+    assert!(
+        !session.set_cookie.to_str().unwrap().contains("Max-Age"),
+        "a zero ttl makes a session cookie"
+    );
+}
+
+#[test]
 fn pickers_exist_for_every_policy_but_passthrough() {
     let c = candidates(&KEYS, &[0; 4]);
     for p in [
@@ -431,5 +461,13 @@ fn invalid_rules_name_the_field() {
     assert_eq!(
         check("host: x\ntrafficPolicy: {portLevelSettings: [{port: {number: 80}}, {port: {number: 80}}]}").0,
         "spec.trafficPolicy.portLevelSettings[1].port.number"
+    );
+    assert_eq!(
+        check("host: x\ntrafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: \"a b\", ttl: 1s}}}}").0,
+        "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.name"
+    );
+    assert_eq!(
+        check("host: x\ntrafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: s, path: \"/a;b\"}}}}").0,
+        "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.path"
     );
 }

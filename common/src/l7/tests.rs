@@ -129,7 +129,10 @@ pub(crate) fn destinations(m: &HttpMatch) -> Vec<(String, Option<String>, u32)> 
 }
 
 pub(crate) fn subset_for(s: &Snapshot, host: &str, req: &Req) -> Option<String> {
-    let table = s.l7.routes.mesh(host).expect("a table for the host");
+    let table =
+        s.l7.routes
+            .mesh(host, "default")
+            .expect("a table for the host");
     let m = table.match_http(&req.info())?;
     destinations(&m)[0].1.clone()
 }
@@ -143,7 +146,7 @@ fn canary_scenario_loads_unchanged() {
         "VirtualService and DestinationRule are typed now"
     );
     let dr =
-        s.l7.destination_rule(DEMOAPP)
+        s.l7.destination_rule(DEMOAPP, "default")
             .expect("DestinationRule for demoapp");
     let subsets: Vec<(&str, &str)> = dr
         .subsets
@@ -151,7 +154,10 @@ fn canary_scenario_loads_unchanged() {
         .map(|s| (s.name.as_str(), s.labels["version"].as_str()))
         .collect();
     assert_eq!(subsets, [("v10", "v1.0"), ("v11", "v1.1")]);
-    let table = s.l7.routes.mesh(DEMOAPP).expect("routes for demoapp");
+    let table =
+        s.l7.routes
+            .mesh(DEMOAPP, "default")
+            .expect("routes for demoapp");
     assert_eq!(table.virtual_service, "default/demoapp");
     assert_eq!(table.http.len(), 2);
 }
@@ -159,7 +165,7 @@ fn canary_scenario_loads_unchanged() {
 #[test]
 fn canary_prefix_rewrites_to_v11() {
     let s = load_scenario("demoapp-canary.yaml");
-    let table = s.l7.routes.mesh(DEMOAPP).expect("table");
+    let table = s.l7.routes.mesh(DEMOAPP, "default").expect("table");
     for (path, rewritten) in [
         ("/canary", "/"),
         ("/canary/x", "/x"),
@@ -180,7 +186,7 @@ fn canary_prefix_rewrites_to_v11() {
 #[test]
 fn everything_else_goes_to_v10_unchanged() {
     let s = load_scenario("demoapp-canary.yaml");
-    let table = s.l7.routes.mesh(DEMOAPP).expect("table");
+    let table = s.l7.routes.mesh(DEMOAPP, "default").expect("table");
     for path in ["/", "/index.html", "/can", "/Canary"] {
         let req = Req::get(path);
         let m = table.match_http(&req.info()).expect("default route");
@@ -208,7 +214,7 @@ fn weights_with_canary_rule() -> Snapshot {
 fn weights_scenario_splits_90_10() {
     let s = weights_with_canary_rule();
     assert!(s.rejected.is_empty(), "{:?}", s.rejected);
-    let table = s.l7.routes.mesh(DEMOAPP).expect("table");
+    let table = s.l7.routes.mesh(DEMOAPP, "default").expect("table");
     let req = Req::get("/");
     let m = table.match_http(&req.info()).expect("route");
     assert_eq!(
@@ -240,7 +246,7 @@ fn weights_scenario_splits_90_10() {
 #[test]
 fn weights_scenario_alone_loads_but_its_subsets_need_a_rule() {
     let s = load_scenario("demoapp-weights.yaml");
-    assert!(s.l7.routes.mesh(DEMOAPP).is_none());
+    assert!(s.l7.routes.mesh(DEMOAPP, "default").is_none());
     assert_eq!(s.rejected.len(), 1);
     let e = s.rejected[0].to_string();
     assert!(
@@ -256,13 +262,17 @@ fn bookinfo_routes_bind_to_their_gateway_only() {
     assert_eq!(s.other_resources.len(), 1, "the Gateway stays untyped");
     assert!(
         s.l7.routes
-            .mesh("productpage.default.svc.cluster.local")
+            .mesh("productpage.default.svc.cluster.local", "default")
             .is_none(),
         "not bound to mesh"
     );
     let table =
         s.l7.routes
-            .get("default/bookinfo-gateway", "bookinfo.example.com")
+            .get(
+                "default/bookinfo-gateway",
+                "bookinfo.example.com",
+                "default",
+            )
             .expect("`*` host");
     for path in [
         "/productpage",
@@ -308,7 +318,10 @@ fn serviceentry_scenario_loads_with_its_timeout_route() {
         service_entry::Resolution::Static
     );
     assert!(s.l7.service_entries[0].covers("www.googleapis.com"));
-    let table = s.l7.routes.mesh("www.googleapis.com").expect("table");
+    let table =
+        s.l7.routes
+            .mesh("www.googleapis.com", "default")
+            .expect("table");
     let m = table.match_http(&Req::get("/").info()).expect("route");
     assert_eq!(m.route.timeout.map(|t| t.0.as_secs()), Some(10));
     assert_eq!(
@@ -331,18 +344,24 @@ spec:
 "#,
     );
     let routes = &s.l7.routes;
-    assert!(routes.mesh("reviews.prod.svc.cluster.local").is_some());
+    assert!(routes
+        .mesh("reviews.prod.svc.cluster.local", "default")
+        .is_some());
     assert!(
-        routes.mesh("ratings.other").is_some(),
+        routes.mesh("ratings.other", "default").is_some(),
         "dotted names are taken as written"
     );
     assert!(
-        routes.mesh("details.prod.svc.cluster.local").is_some(),
+        routes
+            .mesh("details.prod.svc.cluster.local", "default")
+            .is_some(),
         "lower-cased, trailing dot dropped"
     );
-    assert!(routes.mesh("reviews.default.svc.cluster.local").is_none());
+    assert!(routes
+        .mesh("reviews.default.svc.cluster.local", "default")
+        .is_none());
     let m = routes
-        .mesh("reviews.prod.svc.cluster.local")
+        .mesh("reviews.prod.svc.cluster.local", "default")
         .and_then(|t| t.match_http(&Req::get("/").info()))
         .expect("route");
     assert_eq!(destinations(&m)[0].0, "reviews-v2.prod.svc.cluster.local");
@@ -360,7 +379,11 @@ fn wildcard_hosts_pick_the_most_specific_table() {
             + &vs("narrow", "*.api.example.com")
             + &vs("exact", "a.api.example.com")),
     );
-    let table = |h: &str| s.l7.routes.mesh(h).map(|t| t.virtual_service.clone());
+    let table = |h: &str| {
+        s.l7.routes
+            .mesh(h, "default")
+            .map(|t| t.virtual_service.clone())
+    };
     assert_eq!(table("a.api.example.com").as_deref(), Some("default/exact"));
     assert_eq!(
         table("b.api.example.com").as_deref(),
@@ -379,7 +402,7 @@ fn with_match(matches: &str) -> Snapshot {
 
 fn hits(s: &Snapshot, req: &Req) -> bool {
     s.l7.routes
-        .mesh(DEMOAPP)
+        .mesh(DEMOAPP, "default")
         .expect("table")
         .match_http(&req.info())
         .is_some()
@@ -543,7 +566,7 @@ spec:
     route: [{destination: {host: demoapp, port: {number: 3}}}]
 "#,
     );
-    let table = s.l7.routes.mesh(DEMOAPP).expect("table");
+    let table = s.l7.routes.mesh(DEMOAPP, "default").expect("table");
     let name = |req: Req| table.match_http(&req.info()).and_then(|m| m.name());
     assert_eq!(
         name(Req::get("/api/x").method("POST")).as_deref(),
@@ -576,7 +599,7 @@ fn authority_rewrite_precedence() {
         ))
     };
     let authority = |s: &Snapshot| {
-        let table = s.l7.routes.mesh(DEMOAPP).expect("table");
+        let table = s.l7.routes.mesh(DEMOAPP, "default").expect("table");
         let req = Req::get("/");
         let m = table.match_http(&req.info()).expect("route");
         let RouteAction::Forward(d) = &m.route.action else {

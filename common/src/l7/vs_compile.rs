@@ -66,7 +66,7 @@ fn destination(d: &vs::Destination, path: &str, ctx: &Ctx) -> Result<Destination
     let host = resolve_host(&d.host, ctx.namespace, ctx.domain);
     let subset = d.subset.clone().filter(|s| !s.is_empty());
     if let Some(subset) = &subset {
-        match ctx.drs.lookup(&host) {
+        match ctx.drs.lookup(&host, ctx.namespace) {
             Some(dr) if dr.subset(subset).is_some() => {}
             Some(dr) => {
                 let names: Vec<&str> = dr.subsets.iter().map(|s| s.name.as_str()).collect();
@@ -411,6 +411,9 @@ pub(crate) fn compile_virtual_service(
     }
     if spec.http.is_empty() && spec.tcp.is_empty() && spec.tls.is_empty() {
         return err("spec", "at least one of http, tcp, tls is required");
+    }
+    if let Err((i, message)) = super::export::validate(&spec.export_to) {
+        return err(format!("spec.exportTo[{i}]"), message);
     }
     let mut http = Vec::with_capacity(spec.http.len());
     for (i, r) in spec.http.iter().enumerate() {
