@@ -9,7 +9,8 @@
 //! ztunnel binary is the one next to this executable (or `$ZTUNNEL_BIN`).
 //!
 //! `benches --l7 [--quick]` runs the L7 benchmark instead (see [`l7`]): keep-alive HTTP/1.1
-//! direct vs ztunnel → waypoint → ztunnel vs Envoy as an L7 proxy; build it with
+//! direct vs ztunnel → waypoint → ztunnel vs ztunnel → Envoy as the waypoint → ztunnel (what
+//! Istio ambient runs today) vs Envoy as a bare L7 proxy; build it with
 //! `cargo build --release -p benches -p ztunnel -p waypoint`.
 
 mod envoy_l7;
@@ -28,7 +29,8 @@ use tests::mesh::{echo_vip, raise_nofile_limit, standard_config};
 
 const USAGE: &str = "usage: benches [--l7] [--quick]
   raw TCP vs ztunnel vs Envoy on a two-node netns topology (needs root, nft, Envoy)
-  --l7      the L7 benchmark instead: HTTP/1.1 direct vs ztunnel → waypoint → ztunnel vs Envoy
+  --l7      the L7 benchmark instead: HTTP/1.1 direct vs ztunnel → waypoint → ztunnel vs
+            ztunnel → Envoy waypoint → ztunnel vs Envoy
   --quick   short smoke run (seconds instead of a minute or two)";
 
 fn main() -> Result<()> {

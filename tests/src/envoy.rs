@@ -2,7 +2,10 @@
 //! bootstrap YAML for an HBONE server (mTLS + HTTP/2 CONNECT terminated into a backend) and an
 //! HBONE client (plain TCP tunnelled as HTTP/2 CONNECT over mTLS) from Rust templates, and
 //! [`EnvoyProcess`], a guard that runs Envoy inside a namespace, waits until it is live, reads its
-//! admin stats and access log, and stops it on drop.
+//! admin stats and access log, and stops it on drop. The pieces of those templates (mTLS
+//! transport sockets, the CONNECT-terminating connection manager, the tunnelling TCP proxy, the
+//! HBONE upstream cluster) are public, so other bootstraps ([`EnvoyBuilder::bootstrap`]) can be
+//! composed from them.
 
 use crate::admin;
 use crate::netns::Netns;
@@ -95,6 +98,8 @@ pub struct EnvoyBuilder {
     client: Option<HboneClient>,
     concurrency: Option<u32>,
     log_level: String,
+    /// A bootstrap of the caller's (every top-level key but `admin`) and its socket listeners.
+    custom: Option<(String, Vec<SocketAddr>)>,
 }
 
 impl EnvoyBuilder {
@@ -106,7 +111,17 @@ impl EnvoyBuilder {
             client: None,
             concurrency: None,
             log_level: "warning".to_string(),
+            custom: None,
         }
+    }
+
+    /// Runs a bootstrap of the caller's instead of the HBONE server and client: `yaml` holds
+    /// every top-level key but `admin` (which [`EnvoyBuilder::render`] puts first), at column 0;
+    /// `listeners` are the socket listeners [`EnvoyBuilder::start`] waits for. The pieces below
+    /// ([`hbone_connect_hcm`], [`downstream_mtls`], [`hbone_upstream_cluster`], …) compose into it.
+    pub fn bootstrap(mut self, yaml: &str, listeners: &[SocketAddr]) -> Self {
+        self.custom = Some((yaml.to_string(), listeners.to_vec()));
+        self
     }
 
     /// Adds the HBONE server listener (`hbone_in`) and its backend cluster.
@@ -136,12 +151,14 @@ impl EnvoyBuilder {
     /// The bootstrap YAML for an admin port and access-log file.
     pub fn render(&self, admin_port: u16, access_log: &Path) -> String {
         let log = access_log.display().to_string();
-        let mut y = String::new();
-        let _ = write!(
-            y,
-            "admin:\n  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }}\n\
-             static_resources:\n  listeners:\n"
+        let mut y = format!(
+            "admin:\n  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }}\n"
         );
+        if let Some((custom, _)) = &self.custom {
+            y.push_str(custom);
+            return y;
+        }
+        y.push_str("static_resources:\n  listeners:\n");
         if let Some(s) = &self.server {
             y.push_str(&server_listener(s, &log));
         }
@@ -212,12 +229,15 @@ impl EnvoyBuilder {
             access_log,
             admin_port,
         };
-        let listeners: Vec<SocketAddr> = self
-            .server
-            .iter()
-            .map(|s| s.listen)
-            .chain(self.client.iter().map(|c| c.listen))
-            .collect();
+        let listeners: Vec<SocketAddr> = match &self.custom {
+            Some((_, listeners)) => listeners.clone(),
+            None => self
+                .server
+                .iter()
+                .map(|s| s.listen)
+                .chain(self.client.iter().map(|c| c.listen))
+                .collect(),
+        };
         envoy
             .wait_live(&listeners, Duration::from_secs(30))
             .await
@@ -226,95 +246,106 @@ impl EnvoyBuilder {
     }
 }
 
-/// TLS 1.3 only, ALPN h2, our certificate and the mesh root; `validation` is the SAN matcher.
+/// Prefixes every line of `text` with `prefix` (the pieces below are rendered at column 0).
+pub fn indent(text: &str, prefix: &str) -> String {
+    text.lines().fold(String::new(), |mut y, line| {
+        let _ = writeln!(y, "{prefix}{line}");
+        y
+    })
+}
+
+/// `common_tls_context`: TLS 1.3 only, ALPN h2, our certificate and the mesh root;
+/// `san_matcher` is the peer's URI SAN matcher.
 fn common_tls_context(certs: &CertFiles, san_matcher: &str) -> String {
     format!(
-        "          common_tls_context:\n\
-         \x20           tls_params: {{ tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }}\n\
-         \x20           alpn_protocols: [\"h2\"]\n\
-         \x20           tls_certificates: [{{ certificate_chain: {{ filename: \"{cert}\" }}, private_key: {{ filename: \"{key}\" }} }}]\n\
-         \x20           validation_context:\n\
-         \x20             trusted_ca: {{ filename: \"{ca}\" }}\n\
-         \x20             match_typed_subject_alt_names: [{{ san_type: URI, matcher: {san_matcher} }}]\n",
+        "common_tls_context:\n\
+         \x20 tls_params: {{ tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }}\n\
+         \x20 alpn_protocols: [\"h2\"]\n\
+         \x20 tls_certificates: [{{ certificate_chain: {{ filename: \"{cert}\" }}, private_key: {{ filename: \"{key}\" }} }}]\n\
+         \x20 validation_context:\n\
+         \x20   trusted_ca: {{ filename: \"{ca}\" }}\n\
+         \x20   match_typed_subject_alt_names: [{{ san_type: URI, matcher: {san_matcher} }}]\n",
         cert = certs.cert.display(),
         key = certs.key.display(),
         ca = certs.ca.display(),
     )
 }
 
-/// Tab-separated `key=value` fields, parsed back by [`parse_access_log_line`].
-const SERVER_LOG_FORMAT: &str = "listener=hbone_in\tmethod=%REQ(:METHOD)%\tauthority=%REQ(:AUTHORITY)%\tpath=%REQ(:PATH)%\tprotocol=%PROTOCOL%\tcode=%RESPONSE_CODE%\tflags=%RESPONSE_FLAGS%\ttls=%DOWNSTREAM_TLS_VERSION%\tsni=%REQUESTED_SERVER_NAME%\tpeer_san=%DOWNSTREAM_PEER_URI_SAN%\tlocal_san=%DOWNSTREAM_LOCAL_URI_SAN%\tpeer_cert_validity_end=%DOWNSTREAM_PEER_CERT_V_END%\tforwarded=%REQ(FORWARDED)%\tbaggage=%REQ(BAGGAGE)%\trx=%BYTES_RECEIVED%\ttx=%BYTES_SENT%\n";
-
-const CLIENT_LOG_FORMAT: &str = "listener=tcp_out\tdownstream=%DOWNSTREAM_REMOTE_ADDRESS%\tupstream=%UPSTREAM_HOST%\tupstream_tls=%UPSTREAM_TLS_VERSION%\tupstream_san=%UPSTREAM_PEER_URI_SAN%\tflags=%RESPONSE_FLAGS%\trx=%BYTES_RECEIVED%\ttx=%BYTES_SENT%\n";
-
-fn access_log_config(indent: &str, path: &str, format: &str) -> String {
-    // The format goes through YAML as a double-quoted scalar.
-    let escaped = format
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\t', "\\t")
-        .replace('\n', "\\n");
+/// A filter chain's `transport_socket` for the HBONE server side: mTLS presenting `certs`,
+/// requiring a client certificate from the same CA whose URI SAN starts with
+/// `client_san_prefix`.
+pub fn downstream_mtls(certs: &CertFiles, client_san_prefix: &str) -> String {
     format!(
-        "{indent}access_log:\n\
-         {indent}- name: envoy.access_loggers.file\n\
-         {indent}  typed_config:\n\
-         {indent}    \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n\
-         {indent}    path: \"{path}\"\n\
-         {indent}    log_format: {{ text_format_source: {{ inline_string: \"{escaped}\" }} }}\n"
+        "transport_socket:\n\
+         \x20 name: envoy.transport_sockets.tls\n\
+         \x20 typed_config:\n\
+         \x20   \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n\
+         \x20   require_client_certificate: true\n{}",
+        indent(
+            &common_tls_context(certs, &format!("{{ prefix: \"{client_san_prefix}\" }}")),
+            "    "
+        )
     )
 }
 
-fn server_listener(s: &HboneServer, log: &str) -> String {
-    let mut y = format!(
-        "  - name: hbone_in\n\
-         \x20   address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }}\n\
-         \x20   filter_chains:\n\
-         \x20   - transport_socket:\n\
-         \x20       name: envoy.transport_sockets.tls\n\
-         \x20       typed_config:\n\
-         \x20         \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n\
-         \x20         require_client_certificate: true\n",
-        ip = s.listen.ip(),
-        port = s.listen.port(),
-    );
-    y.push_str(&common_tls_context(
-        &s.certs,
-        &format!("{{ prefix: \"{}\" }}", s.client_san_prefix),
-    ));
-    let _ = write!(
-        y,
-        "      filters:\n\
-         \x20     - name: envoy.filters.network.http_connection_manager\n\
-         \x20       typed_config:\n\
-         \x20         \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n\
-         \x20         stat_prefix: {SERVER_STAT_PREFIX}\n\
-         \x20         codec_type: HTTP2\n\
-         \x20         http2_protocol_options: {{ allow_connect: true }}\n\
-         \x20         upgrade_configs: [{{ upgrade_type: CONNECT }}]\n"
-    );
-    y.push_str(&access_log_config("          ", log, SERVER_LOG_FORMAT));
-    y.push_str(
-        "          route_config:\n\
-         \x20           virtual_hosts:\n\
-         \x20           - name: all\n\
-         \x20             domains: [\"*\"]\n\
-         \x20             routes:\n\
-         \x20             - match: { connect_matcher: {} }\n\
-         \x20               route:\n\
-         \x20                 cluster: hbone_backend\n\
-         \x20                 upgrade_configs: [{ upgrade_type: CONNECT, connect_config: {} }]\n\
-         \x20         http_filters:\n\
-         \x20         - name: envoy.filters.http.router\n\
-         \x20           typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }\n",
-    );
-    y
+/// A cluster's `transport_socket` for the HBONE client side: mTLS presenting `certs`, no SNI
+/// (HBONE clients send none), the server's URI SAN must equal `server_identity`.
+pub fn upstream_mtls(certs: &CertFiles, server_identity: &str) -> String {
+    format!(
+        "transport_socket:\n\
+         \x20 name: envoy.transport_sockets.tls\n\
+         \x20 typed_config:\n\
+         \x20   \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n{}",
+        indent(
+            &common_tls_context(certs, &format!("{{ exact: \"{server_identity}\" }}")),
+            "    "
+        )
+    )
 }
 
-fn client_listener(c: &HboneClient, log: &str) -> String {
-    let mut headers = String::new();
-    if !c.headers.is_empty() {
-        let hs: Vec<String> = c
-            .headers
+/// A network filter (list item) terminating HBONE: an HTTP/2-only connection manager that
+/// accepts CONNECT and hands each CONNECT stream's payload to `cluster` as a TCP connection.
+/// `access_log` is an `access_log:` block at column 0, or empty.
+pub fn hbone_connect_hcm(stat_prefix: &str, cluster: &str, access_log: &str) -> String {
+    format!(
+        "- name: envoy.filters.network.http_connection_manager\n\
+         \x20 typed_config:\n\
+         \x20   \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n\
+         \x20   stat_prefix: {stat_prefix}\n\
+         \x20   codec_type: HTTP2\n\
+         \x20   http2_protocol_options: {{ allow_connect: true }}\n\
+         \x20   upgrade_configs: [{{ upgrade_type: CONNECT }}]\n\
+         {access_log}\
+         \x20   route_config:\n\
+         \x20     virtual_hosts:\n\
+         \x20     - name: all\n\
+         \x20       domains: [\"*\"]\n\
+         \x20       routes:\n\
+         \x20       - match: {{ connect_matcher: {{}} }}\n\
+         \x20         route:\n\
+         \x20           cluster: {cluster}\n\
+         \x20           upgrade_configs: [{{ upgrade_type: CONNECT, connect_config: {{}} }}]\n\
+         \x20   http_filters:\n\
+         \x20   - name: envoy.filters.http.router\n\
+         \x20     typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}\n",
+        access_log = indent(access_log, "    "),
+    )
+}
+
+/// A network filter (list item) originating HBONE: a TCP proxy that tunnels each downstream
+/// connection as one HTTP/2 CONNECT stream (`:authority` = `authority`, plus `headers`, whose
+/// values may use Envoy substitution operators) over `cluster` (an
+/// [`hbone_upstream_cluster`]). `access_log` is an `access_log:` block at column 0, or empty.
+pub fn hbone_tunnel_tcp_proxy(
+    stat_prefix: &str,
+    cluster: &str,
+    authority: &str,
+    headers: &[(String, String)],
+    access_log: &str,
+) -> String {
+    let mut extra = String::new();
+    if !headers.is_empty() {
+        let hs: Vec<String> = headers
             .iter()
             .map(|(k, v)| {
                 format!(
@@ -323,25 +354,111 @@ fn client_listener(c: &HboneClient, log: &str) -> String {
                 )
             })
             .collect();
-        headers = format!(", headers_to_add: [{}]", hs.join(", "));
+        extra = format!(", headers_to_add: [{}]", hs.join(", "));
     }
-    let mut y = format!(
+    format!(
+        "- name: envoy.filters.network.tcp_proxy\n\
+         \x20 typed_config:\n\
+         \x20   \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\n\
+         \x20   stat_prefix: {stat_prefix}\n\
+         \x20   cluster: {cluster}\n\
+         \x20   tunneling_config: {{ hostname: \"{authority}\"{extra} }}\n\
+         {access_log}",
+        access_log = indent(access_log, "    "),
+    )
+}
+
+/// A cluster (list item) named `name` speaking HTTP/2 over [`upstream_mtls`] to `upstream` (an
+/// HBONE server: a ztunnel's `<pod IP>:15008` or a waypoint), for [`hbone_tunnel_tcp_proxy`].
+pub fn hbone_upstream_cluster(
+    name: &str,
+    certs: &CertFiles,
+    upstream: SocketAddr,
+    server_identity: &str,
+) -> String {
+    format!(
+        "- name: {name}\n\
+         \x20 type: STATIC\n\
+         \x20 connect_timeout: 5s\n\
+         \x20 typed_extension_protocol_options:\n\
+         \x20   envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n\
+         \x20     \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n\
+         \x20     explicit_http_config: {{ http2_protocol_options: {{}} }}\n\
+         {tls}\
+         \x20 load_assignment:\n\
+         \x20   cluster_name: {name}\n\
+         \x20   endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }} }} }}] }}]\n",
+        tls = indent(&upstream_mtls(certs, server_identity), "  "),
+        ip = upstream.ip(),
+        port = upstream.port(),
+    )
+}
+
+/// Tab-separated `key=value` fields, parsed back by [`parse_access_log_line`].
+const SERVER_LOG_FORMAT: &str = "listener=hbone_in\tmethod=%REQ(:METHOD)%\tauthority=%REQ(:AUTHORITY)%\tpath=%REQ(:PATH)%\tprotocol=%PROTOCOL%\tcode=%RESPONSE_CODE%\tflags=%RESPONSE_FLAGS%\ttls=%DOWNSTREAM_TLS_VERSION%\tsni=%REQUESTED_SERVER_NAME%\tpeer_san=%DOWNSTREAM_PEER_URI_SAN%\tlocal_san=%DOWNSTREAM_LOCAL_URI_SAN%\tpeer_cert_validity_end=%DOWNSTREAM_PEER_CERT_V_END%\tforwarded=%REQ(FORWARDED)%\tbaggage=%REQ(BAGGAGE)%\trx=%BYTES_RECEIVED%\ttx=%BYTES_SENT%\n";
+
+const CLIENT_LOG_FORMAT: &str = "listener=tcp_out\tdownstream=%DOWNSTREAM_REMOTE_ADDRESS%\tupstream=%UPSTREAM_HOST%\tupstream_tls=%UPSTREAM_TLS_VERSION%\tupstream_san=%UPSTREAM_PEER_URI_SAN%\tflags=%RESPONSE_FLAGS%\trx=%BYTES_RECEIVED%\ttx=%BYTES_SENT%\n";
+
+/// An `access_log:` block at column 0 writing `format` to the file `path`.
+fn access_log_config(path: &str, format: &str) -> String {
+    // The format goes through YAML as a double-quoted scalar.
+    let escaped = format
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\t', "\\t")
+        .replace('\n', "\\n");
+    format!(
+        "access_log:\n\
+         - name: envoy.access_loggers.file\n\
+         \x20 typed_config:\n\
+         \x20   \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n\
+         \x20   path: \"{path}\"\n\
+         \x20   log_format: {{ text_format_source: {{ inline_string: \"{escaped}\" }} }}\n"
+    )
+}
+
+fn server_listener(s: &HboneServer, log: &str) -> String {
+    format!(
+        "  - name: hbone_in\n\
+         \x20   address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }}\n\
+         \x20   filter_chains:\n\
+         \x20   - filters:\n\
+         {hcm}\
+         {tls}",
+        ip = s.listen.ip(),
+        port = s.listen.port(),
+        hcm = indent(
+            &hbone_connect_hcm(
+                SERVER_STAT_PREFIX,
+                "hbone_backend",
+                &access_log_config(log, SERVER_LOG_FORMAT)
+            ),
+            "      "
+        ),
+        tls = indent(&downstream_mtls(&s.certs, &s.client_san_prefix), "      "),
+    )
+}
+
+fn client_listener(c: &HboneClient, log: &str) -> String {
+    format!(
         "  - name: tcp_out\n\
          \x20   address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }}\n\
          \x20   filter_chains:\n\
          \x20   - filters:\n\
-         \x20     - name: envoy.filters.network.tcp_proxy\n\
-         \x20       typed_config:\n\
-         \x20         \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\n\
-         \x20         stat_prefix: {CLIENT_STAT_PREFIX}\n\
-         \x20         cluster: {CLIENT_CLUSTER}\n\
-         \x20         tunneling_config: {{ hostname: \"{authority}\"{headers} }}\n",
+         {proxy}",
         ip = c.listen.ip(),
         port = c.listen.port(),
-        authority = c.authority,
-    );
-    y.push_str(&access_log_config("          ", log, CLIENT_LOG_FORMAT));
-    y
+        proxy = indent(
+            &hbone_tunnel_tcp_proxy(
+                CLIENT_STAT_PREFIX,
+                CLIENT_CLUSTER,
+                &c.authority,
+                &c.headers,
+                &access_log_config(log, CLIENT_LOG_FORMAT)
+            ),
+            "      "
+        ),
+    )
 }
 
 fn backend_cluster(s: &HboneServer) -> String {
@@ -358,34 +475,10 @@ fn backend_cluster(s: &HboneServer) -> String {
 }
 
 fn upstream_cluster(c: &HboneClient) -> String {
-    let mut y = format!(
-        "  - name: {CLIENT_CLUSTER}\n\
-         \x20   type: STATIC\n\
-         \x20   connect_timeout: 5s\n\
-         \x20   typed_extension_protocol_options:\n\
-         \x20     envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n\
-         \x20       \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n\
-         \x20       explicit_http_config: {{ http2_protocol_options: {{}} }}\n\
-         \x20   transport_socket:\n\
-         \x20     name: envoy.transport_sockets.tls\n\
-         \x20     typed_config:\n\
-         \x20       \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n"
-    );
-    // No `sni`: HBONE clients send none. Two fewer spaces of indentation than downstream.
-    let tls = common_tls_context(&c.certs, &format!("{{ exact: \"{}\" }}", c.server_identity));
-    for line in tls.lines() {
-        y.push_str(line.strip_prefix("  ").unwrap_or(line));
-        y.push('\n');
-    }
-    let _ = write!(
-        y,
-        "    load_assignment:\n\
-         \x20     cluster_name: {CLIENT_CLUSTER}\n\
-         \x20     endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }} }} }}] }}]\n",
-        ip = c.upstream.ip(),
-        port = c.upstream.port(),
-    );
-    y
+    indent(
+        &hbone_upstream_cluster(CLIENT_CLUSTER, &c.certs, c.upstream, &c.server_identity),
+        "  ",
+    )
 }
 
 /// A localhost TCP port that is free inside `ns` right now.
