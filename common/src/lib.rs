@@ -12,5 +12,6 @@ pub mod l7;
 pub mod logging;
 pub mod model;
 pub mod policy;
+pub mod shards;
 pub mod snapshot;
 pub mod tls;

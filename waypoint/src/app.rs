@@ -71,6 +71,8 @@ pub struct RunArgs {
     pub log_json: bool,
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,
+    /// Data-plane shards: threads with a single-thread runtime each, every connection living
+    /// on one of them (default: number of CPUs).
     #[arg(long)]
     pub worker_threads: Option<usize>,
 }
@@ -112,12 +114,10 @@ impl Drop for ActiveGuard {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let Command::Run(args) = args.command;
     let log = common::logging::init(args.log_json, &args.log_level).map_err(anyhow::Error::msg)?;
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    rt.enable_all().thread_name("waypoint-worker");
-    if let Some(n) = args.worker_threads {
-        rt.worker_threads(n.max(1));
-    }
-    rt.build()?.block_on(run_async(*args, log))
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(*args, log))
 }
 
 fn own_identity(store: &ConfigStore, workload: &str) -> anyhow::Result<Identity> {
@@ -180,7 +180,12 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         "waypoint-admin",
         admin_handlers(&args, state.clone(), log, ready.clone()),
     )?;
-    let accept = tokio::spawn(crate::inbound::serve(listener, state.clone()));
+    let shards = Arc::new(common::shards::Shards::start(
+        args.worker_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        "waypoint-worker",
+    )?);
+    let accept = tokio::spawn(crate::inbound::serve(listener, state.clone(), shards));
     tokio::spawn(rotate(certs, identity.clone(), args.cert_ttl));
     ready.store(true, Ordering::Release);
     tracing::info!(listener = "inbound_CONNECT_terminate", addr = %args.listen, identity = %identity, "waypoint ready");

@@ -10,6 +10,7 @@ use common::hbone::io::TunnelIo;
 use common::hbone::server::{accept_tls, serve_connection, IncomingConnect};
 use common::identity::Identity;
 use common::model::PortProtocol;
+use common::shards::Shards;
 use http::StatusCode;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::net::SocketAddr;
@@ -19,7 +20,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub const LISTENER: &str = "inbound_CONNECT_terminate";
 
-pub async fn serve(listener: TcpListener, state: Arc<State>) {
+/// Accepts until drain; each connection lives on the least-loaded shard.
+pub async fn serve(listener: TcpListener, state: Arc<State>, shards: Arc<Shards>) {
     let mut drain = state.drain.clone();
     loop {
         let (stream, peer) = tokio::select! {
@@ -35,9 +37,10 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
-        tokio::spawn(async move {
-            let _guard = state.track();
+        let guard = state.track();
+        shards.dispatch(stream, peer, move |stream, peer| async move {
             handle_connection(state, stream, peer).await;
+            drop(guard);
         });
     }
 }

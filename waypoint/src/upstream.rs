@@ -72,13 +72,16 @@ pub struct Target {
     pub service: String,
 }
 
-type IdleKey = (SocketAddr, UpstreamProtocol, std::net::IpAddr);
+/// (shard, endpoint, protocol, original client IP).
+type IdleKey = (usize, SocketAddr, UpstreamProtocol, std::net::IpAddr);
 
 pub struct Upstreams {
     hbone: Arc<HboneClient>,
     identity: Identity,
-    /// Idle connections per (endpoint, protocol, original client IP): the client IP travels in
-    /// the tunnel's `forwarded` header, so a connection is only reused for the same client.
+    /// Idle connections per (shard, endpoint, protocol, original client IP): a connection is
+    /// driven on the shard that opened it and reused only there ([`common::shards`]); the
+    /// client IP travels in the tunnel's `forwarded` header, so a connection is only reused
+    /// for the same client.
     idle: Mutex<HashMap<IdleKey, Vec<Pooled>>>,
     max_idle_per_endpoint: usize,
 }
@@ -97,7 +100,8 @@ impl Upstreams {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(&key)?;
         let max_idle = limits.idle_timeout.0;
-        list.retain(|p| !p.sender.is_closed() && p.idle_since.elapsed() < max_idle);
+        let now = std::time::Instant::now();
+        list.retain(|p| !p.sender.is_closed() && now.duration_since(p.idle_since) < max_idle);
         let i = list.iter().position(|p| p.sender.is_ready())?;
         Some(list.swap_remove(i))
     }
@@ -181,7 +185,7 @@ impl Upstreams {
         limits: &ConnectionPool,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let key = (target.addr, proto, client.ip());
+        let key = (common::shards::current(), target.addr, proto, client.ip());
         let pooled = match self.take_idle(key, limits) {
             Some(p) => p,
             None => tokio::time::timeout(

@@ -1,6 +1,8 @@
 //! Wiring of the running agent: load config and CA, bind the listeners, install capture, serve,
-//! rotate certificates, and drain on SIGTERM. Threading: the data plane runs on a multi-thread
-//! runtime; admin, metrics and readiness run on their own single-thread runtime.
+//! rotate certificates, and drain on SIGTERM. Threading: the data plane runs on shards (one
+//! thread and single-thread runtime per CPU, [`common::shards`]); the accept loops, config
+//! watcher and certificate rotation on the main thread's runtime; admin, metrics and readiness
+//! on their own single-thread runtime.
 
 use crate::admin::{self, AdminState};
 use crate::capture::{self, CaptureSpec};
@@ -50,13 +52,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     tune_allocator();
     let log = common::logging::init(args.log_format == LogFormat::Json, &args.log_level)
         .map_err(anyhow::Error::msg)?;
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    rt.enable_all().thread_name("ztunnel-worker");
-    if let Some(n) = args.worker_threads {
-        rt.worker_threads(n.max(1));
-    }
-    let rt = rt.build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(run_async(args, log))
+}
+
+/// One shard per CPU.
+fn default_shards() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn local_identities(store: &ConfigStore, node: &str) -> Vec<Identity> {
@@ -133,23 +137,30 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         CaptureMode::None => None,
     };
 
+    let shards = Arc::new(common::shards::Shards::start(
+        args.worker_threads.unwrap_or_else(default_shards),
+        "ztunnel-worker",
+    )?);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(proxy::serve(
         "outbound",
         outbound,
         state.clone(),
+        shards.clone(),
         proxy::outbound::handle,
     ));
     tasks.spawn(proxy::serve(
         "inbound",
         inbound,
         state.clone(),
+        shards.clone(),
         proxy::inbound::handle,
     ));
     tasks.spawn(proxy::serve(
         "inbound_plaintext",
         inbound_plain,
         state.clone(),
+        shards.clone(),
         proxy::inbound_passthrough::handle,
     ));
     tokio::spawn(rotate_certificates(

@@ -140,7 +140,8 @@ pub struct RunArgs {
     /// Initial log filter (tracing EnvFilter syntax); changeable at runtime via /logging.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,
-    /// Data-plane worker threads (default: number of CPUs).
+    /// Data-plane shards: threads with a single-thread runtime each, every connection living
+    /// on one of them (default: number of CPUs).
     #[arg(long)]
     pub worker_threads: Option<usize>,
 }

@@ -1,6 +1,8 @@
 //! HBONE client: opens CONNECT streams over pooled mTLS HTTP/2 connections. Connections are
-//! pooled per (source identity, destination address, expected identities), carry up to
-//! `max_streams_per_conn` streams each, are kept alive with PINGs and released when idle.
+//! pooled per (shard, source identity, destination address, expected identities), carry up to
+//! `max_streams_per_conn` streams each, are kept alive with PINGs and released when idle. Each
+//! shard ([`crate::shards`]) has its own connections, driven on its own thread, and spreads
+//! its streams over its share of `parallel_connections`.
 
 use super::{H2Settings, H2Stream, HboneError};
 use crate::identity::store::CertStore;
@@ -93,7 +95,8 @@ pub struct HboneClient {
     settings: H2Settings,
     timings: PoolTimings,
     dialer: Dialer,
-    pools: Mutex<HashMap<PoolKey, KeyPool>>,
+    /// Per (shard, key).
+    pools: Mutex<HashMap<(usize, PoolKey), KeyPool>>,
     epoch: Arc<Instant>,
     connections_opened: AtomicU64,
 }
@@ -137,7 +140,7 @@ impl HboneClient {
             .sum()
     }
 
-    fn lock_pools(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, KeyPool>> {
+    fn lock_pools(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, PoolKey), KeyPool>> {
         self.pools.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -193,7 +196,11 @@ impl HboneClient {
 
     /// A pooled connection with room for one more stream, opening one if needed.
     async fn checkout(&self, key: &PoolKey, fresh: bool) -> Result<Arc<PooledConn>, HboneError> {
-        let pool = self.lock_pools().entry(key.clone()).or_default().clone();
+        let pool = self
+            .lock_pools()
+            .entry((crate::shards::current(), key.clone()))
+            .or_default()
+            .clone();
         let cert = self
             .certs
             .get(&key.src)
@@ -218,7 +225,8 @@ impl HboneClient {
                 .min_by_key(|c| c.active.load(Ordering::Acquire));
             if let Some(c) = current {
                 let active = c.active.load(Ordering::Acquire);
-                let spread = active > 0 && conns.len() < self.settings.parallel_connections;
+                let spread = active > 0
+                    && conns.len() < crate::shards::per_shard(self.settings.parallel_connections);
                 if !spread && active < self.settings.max_streams_per_conn {
                     // We hold the key's lock: nobody else can check out from this set.
                     c.active.fetch_add(1, Ordering::AcqRel);

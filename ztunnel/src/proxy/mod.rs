@@ -16,20 +16,23 @@ use crate::state::ProxyState;
 use common::identity::Identity;
 use common::model::Workload;
 use common::policy::{self, ConnectionInfo, Denied};
+use common::shards::Shards;
 use common::snapshot::Snapshot;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 
-/// Accepts until drain; each connection runs `handler` on its own task, tracked for drain.
+/// Accepts until drain; each connection runs `handler` on the least-loaded shard, tracked for
+/// drain.
 pub async fn serve<F, Fut>(
     name: &'static str,
     listener: TcpListener,
     state: Arc<ProxyState>,
+    shards: Arc<Shards>,
     handler: F,
 ) where
-    F: Fn(Arc<ProxyState>, TcpStream, SocketAddr) -> Fut,
+    F: Fn(Arc<ProxyState>, TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut drain = state.drain.clone();
@@ -45,9 +48,9 @@ pub async fn serve<F, Fut>(
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let guard = state.track();
-                let fut = handler(state.clone(), stream, peer);
-                tokio::spawn(async move {
-                    fut.await;
+                let (state, handler) = (state.clone(), handler.clone());
+                shards.dispatch(stream, peer, move |stream, peer| async move {
+                    handler(state, stream, peer).await;
                     drop(guard);
                 });
             }
@@ -60,7 +63,6 @@ pub async fn serve<F, Fut>(
     }
 }
 
-/// Closes a connection with a TCP reset, so the client sees a refusal rather than EOF.
 pub fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
     drop(stream);
