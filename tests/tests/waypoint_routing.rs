@@ -1065,8 +1065,14 @@ async fn consistent_hash_cookie_is_minted_and_sticks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn least_request_and_random_spread() {
-    for (label, policy) in [("rt-lr", "LEAST_REQUEST"), ("rt-random", "RANDOM")] {
+/// LEAST_REQUEST and RANDOM spread; so does PASSTHROUGH here: the original destination is the
+/// service VIP, not an endpoint, so the waypoint picks as kube-proxy would for the VIP.
+async fn least_request_random_and_passthrough_spread() {
+    for (label, policy) in [
+        ("rt-lr", "LEAST_REQUEST"),
+        ("rt-random", "RANDOM"),
+        ("rt-pass", "PASSTHROUGH"),
+    ] {
         let dr = dr_with_policy(&format!("loadBalancer:\n  simple: {policy}"));
         let (mesh, servers) = demo_mesh(label, &[&dr]).await;
         let replies = load(&mesh, 4, 300, "/", &[]).await;

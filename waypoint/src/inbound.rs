@@ -106,7 +106,12 @@ async fn handle_stream(
     let declared = service.port_protocol(target.port());
     if declared == PortProtocol::Tcp {
         let io = Prefixed::new(bytes::Bytes::new(), io);
-        crate::tcp::forward(&state, &service, target.port(), client, io).await;
+        let conn = crate::tcp::L4Conn {
+            target,
+            client,
+            source: source.as_deref(),
+        };
+        crate::tcp::forward(&state, &service, conn, io).await;
         return;
     }
     // A declared HTTP port waits for its client however long it takes to speak.
@@ -126,13 +131,19 @@ async fn handle_stream(
         (PortProtocol::Http2, _) | (_, Detected::H2c) => UpstreamProtocol::H2c,
         (PortProtocol::Http, _) | (_, Detected::Http1) => UpstreamProtocol::Http1,
         _ => {
-            crate::tcp::forward(&state, &service, target.port(), client, io).await;
+            let conn = crate::tcp::L4Conn {
+                target,
+                client,
+                source: source.as_deref(),
+            };
+            crate::tcp::forward(&state, &service, conn, io).await;
             return;
         }
     };
     let ctx = Arc::new(ConnContext {
         service,
         port: target.port(),
+        target,
         client,
         peer: peer_id,
         source,

@@ -334,7 +334,7 @@ pub async fn run(
         let mut retries_left = retry.as_ref().map(|r| r.attempts).unwrap_or(0);
         let mut _retry_slot = None;
         loop {
-            let pick = match route::pick_endpoint(state, &cluster, hash, &tried, ctx.client) {
+            let pick = match route::pick_endpoint(state, &cluster, hash, &tried, ctx.target) {
                 Ok(p) => p,
                 Err(r) => return (reply(r), None),
             };
@@ -581,7 +581,7 @@ fn spawn_mirror(
     authority: &str,
 ) {
     let Some(me) = state.me.upgrade() else { return };
-    let Ok(pick) = route::pick_endpoint(&me, &cluster, None, &[], ctx.client) else {
+    let Ok(pick) = route::pick_endpoint(&me, &cluster, None, &[], ctx.target) else {
         return;
     };
     let mut p = clone_parts(parts);

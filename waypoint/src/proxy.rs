@@ -23,6 +23,9 @@ use std::time::{Instant, SystemTime};
 pub struct ConnContext {
     pub service: Arc<Service>,
     pub port: u16,
+    /// The CONNECT authority: the service VIP and port the client dialled (the original
+    /// destination, for `PASSTHROUGH`).
+    pub target: SocketAddr,
     pub client: SocketAddr,
     pub peer: Identity,
     pub source: Option<Arc<Workload>>,

@@ -201,13 +201,15 @@ fn endpoint_addr(e: &Endpoint) -> Option<SocketAddr> {
 
 /// Picks the endpoint for one attempt: healthy (not ejected) endpoints, preferring ones not in
 /// `tried` (Istio retries prefer other hosts), by the cluster's load-balancing policy.
-/// `passthrough` is the address the client asked for (PASSTHROUGH policy).
+/// `original` is the address the client asked for: `PASSTHROUGH` forwards there when it is an
+/// endpoint; a service VIP is not one, and then the pick is random, as kube-proxy's would be
+/// for a connection to the VIP.
 pub fn pick_endpoint(
     state: &State,
     cluster: &Cluster,
     hash: Option<u64>,
     tried: &[SocketAddr],
-    passthrough: SocketAddr,
+    original: SocketAddr,
 ) -> Result<Pick, LocalReply> {
     let mut all: Vec<(SocketAddr, &Endpoint)> = cluster
         .endpoints
@@ -240,11 +242,12 @@ pub fn pick_endpoint(
         .balancers
         .picker(&cluster.name, &cluster.policy.load_balancer)
     else {
-        // PASSTHROUGH: the original destination, if it is one of the endpoints.
+        // PASSTHROUGH: the original destination if it is an endpoint, else as kube-proxy.
+        let random = || pool.get((crate::rand::u64() % pool.len() as u64) as usize);
         let (addr, ep) = pool
             .iter()
-            .find(|(a, _)| a.ip() == passthrough.ip())
-            .or(pool.first())
+            .find(|(a, _)| a.ip() == original.ip())
+            .or_else(random)
             .cloned()
             .ok_or_else(|| LocalReply::new(StatusCode::SERVICE_UNAVAILABLE, "UH", "no endpoint"))?;
         return Ok(pick(addr, ep, cluster));

@@ -19,18 +19,30 @@ struct Decision {
 }
 use tokio::io::{AsyncRead, AsyncWrite};
 
-pub async fn forward<S>(state: &State, service: &Service, port: u16, client: SocketAddr, mut io: S)
+/// The tunnelled connection being forwarded at L4.
+pub struct L4Conn<'a> {
+    /// The CONNECT authority: the service VIP and port the client dialled.
+    pub target: SocketAddr,
+    /// The original client (from `forwarded`, else the peer).
+    pub client: SocketAddr,
+    /// The client's workload, when the client IP is one.
+    pub source: Option<&'a common::model::Workload>,
+}
+
+pub async fn forward<S>(state: &State, service: &Service, conn: L4Conn<'_>, mut io: S)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let (port, client) = (conn.target.port(), conn.client);
     let snap = state.config.current();
     let svc = Arc::new(service.clone());
     // A VirtualService `tcp` route may send the connection elsewhere (weights, subsets).
+    let no_labels = BTreeMap::new();
     let info = L4Info {
-        destination_ip: None,
+        destination_ip: Some(conn.target.ip()),
         port,
-        source_labels: &BTreeMap::new(),
-        source_namespace: "",
+        source_labels: conn.source.map_or(&no_labels, |w| &w.labels),
+        source_namespace: conn.source.map_or("", |w| w.namespace.as_str()),
         sni: None,
     };
     let dest = snap
@@ -41,7 +53,7 @@ where
         .and_then(|r| route::pick_destination(&r.destinations))
         .map(|d| d.destination.clone());
     let decision = route::cluster_for(&snap, &state.identity.namespace, dest.as_ref(), &svc, port)
-        .and_then(|c| route::pick_endpoint(state, &c, None, &[], client).map(|p| (c, p)));
+        .and_then(|c| route::pick_endpoint(state, &c, None, &[], conn.target).map(|p| (c, p)));
     let (cluster, pick) = match decision {
         Ok(v) => v,
         Err(reply) => {
