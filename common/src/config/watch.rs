@@ -189,16 +189,29 @@ pub fn spawn_file_watcher(
             if !changed {
                 continue;
             }
-            let result = match String::from_utf8(bytes) {
-                Ok(text) => store.apply_text(&text, &source, fp.hash),
+            // Parsing a large file takes a while: off the runtime thread, so the accept loops
+            // that share it keep accepting.
+            let (parse_store, parse_source) = (store.clone(), source.clone());
+            let parsed = tokio::task::spawn_blocking(move || match String::from_utf8(bytes) {
+                Ok(text) => parse_store.apply_text(&text, &parse_source, fp.hash),
                 Err(e) => Err(ConfigError {
-                    file: source.clone(),
+                    file: parse_source.clone(),
                     document: None,
                     resource: None,
                     field: None,
                     message: format!("not UTF-8: {e}"),
                 }),
-            };
+            })
+            .await;
+            let result = parsed.unwrap_or_else(|e| {
+                Err(ConfigError {
+                    file: source.clone(),
+                    document: None,
+                    resource: None,
+                    field: None,
+                    message: format!("loading failed: {e}"),
+                })
+            });
             match result {
                 Ok(()) => {
                     tracing::info!(file = %source, generation = store.generation(), "configuration reloaded")
