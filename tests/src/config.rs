@@ -21,6 +21,9 @@ pub struct Workload {
     pub services: BTreeMap<String, BTreeMap<u16, u16>>,
     /// False renders `status: Unhealthy` (excluded from service endpoints).
     pub healthy: bool,
+    /// `waypoint: {destination: "/<ip>", hboneMtlsPort: <port>}` when set: traffic addressed
+    /// to this workload's own IP goes through that waypoint.
+    pub waypoint: Option<(String, u16)>,
 }
 
 impl Workload {
@@ -37,7 +40,15 @@ impl Workload {
             labels: BTreeMap::new(),
             services: BTreeMap::new(),
             healthy: true,
+            waypoint: None,
         }
+    }
+
+    /// Sends traffic addressed to this workload through the waypoint at `ip` (HBONE port
+    /// `hbone_port`).
+    pub fn waypoint(mut self, ip: impl ToString, hbone_port: u16) -> Self {
+        self.waypoint = Some((ip.to_string(), hbone_port));
+        self
     }
 
     /// Makes this a plain-TCP (non-mesh) workload.
@@ -108,6 +119,12 @@ impl Workload {
                 .collect();
             out.push_str(&svcs.join(", "));
             out.push('}');
+        }
+        if let Some((ip, port)) = &self.waypoint {
+            let _ = write!(
+                out,
+                ", waypoint: {{destination: \"/{ip}\", hboneMtlsPort: {port}}}"
+            );
         }
         out.push_str("}\n");
     }

@@ -70,6 +70,8 @@ pub struct L7MeshBuilder {
     waypoint_args: Vec<String>,
     sniff_timeout: Option<String>,
     app_protocols: Vec<(u16, String)>,
+    /// The endpoints name the waypoint too (traffic to their own IPs goes through it).
+    workload_waypoint: bool,
 }
 
 impl L7MeshBuilder {
@@ -154,6 +156,13 @@ impl L7MeshBuilder {
         self
     }
 
+    /// Makes the waypoint the endpoints' own too: traffic addressed to an endpoint's pod IP
+    /// (not the service VIP) goes through it.
+    pub fn workload_waypoint(mut self) -> Self {
+        self.workload_waypoint = true;
+        self
+    }
+
     /// `--sniff-timeout` of the waypoint.
     pub fn sniff_timeout(mut self, t: &str) -> Self {
         self.sniff_timeout = Some(t.to_string());
@@ -184,6 +193,9 @@ impl L7MeshBuilder {
             let mut w = Workload::hbone(&p.name, Self::n2_ip(i), "n2");
             for (k, v) in &p.labels {
                 w = w.label(k, v);
+            }
+            if self.workload_waypoint && i < self.endpoints.len() {
+                w = w.waypoint(self.waypoint_ip(), WAYPOINT_PORT);
             }
             cfg = cfg.workload(w);
         }
@@ -299,6 +311,7 @@ impl L7Mesh {
             waypoint_args: Vec::new(),
             sniff_timeout: None,
             app_protocols: Vec::new(),
+            workload_waypoint: false,
         }
     }
 

@@ -570,6 +570,150 @@ async fn non_http_traffic_is_proxied_at_l4() {
     );
 }
 
+/// A policy with HTTP rules cannot be dodged by not speaking HTTP: for a stream the waypoint
+/// proxies at L4 it evaluates the endpoint's policies as Envoy's RBAC network filter does (a
+/// DENY rule with HTTP fields matches every connection), while HTTP requests on the HTTP port
+/// are judged by their path. The endpoint's ztunnel skips L7-rule policies for the waypoint's
+/// connections, so without this the TCP stream would get through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l7_deny_policy_also_closes_non_http_streams() {
+    const DENY_ADMIN: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: echo-deny-admin
+  namespace: default
+spec:
+  selector:
+    matchLabels:
+      app: echo
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        paths: ["/admin/*"]
+"#;
+    let mesh = L7Mesh::builder("wp-l4authz")
+        .port(7000, 7000)
+        .document(DENY_ADMIN)
+        .start()
+        .await
+        .unwrap();
+    let _servers = mesh.start_http_servers(HttpMode::Auto).unwrap();
+    let b = &mesh.pod("b").ns;
+    let echo = echo_server(b, any(7000)).unwrap();
+    let a = &mesh.pod("a").ns;
+
+    // HTTP: judged per request.
+    let mut client = within(10, "connect", Http1Client::connect(a, mesh.vip()))
+        .await
+        .unwrap();
+    let ok = within(30, "GET /public", client.get("/public/x", &[]))
+        .await
+        .unwrap();
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    let denied = within(30, "GET /admin", client.get("/admin/x", &[]))
+        .await
+        .unwrap();
+    assert_eq!(denied.status, 403, "{}", denied.text());
+
+    // Not HTTP: the DENY rule's path field cannot be evaluated, so it matches: closed.
+    let mut s = within(10, "connect", a.connect(mesh.vip_port(7000)))
+        .await
+        .unwrap();
+    let outcome = within(
+        30,
+        "a non-HTTP stream",
+        echo_roundtrip(&mut s, b"HELLO this is not http\r\n"),
+    )
+    .await;
+    assert!(
+        outcome.is_err(),
+        "the stream was echoed despite the DENY policy"
+    );
+    assert!(
+        echo.peer_ips().is_empty(),
+        "the endpoint was reached: {:?}",
+        echo.peer_ips()
+    );
+    let wp = mesh.waypoint();
+    let logged = eventually(Duration::from_secs(10), || async {
+        Ok(wp.log_tail(50).contains("tcp connection denied"))
+    })
+    .await;
+    assert!(
+        matches!(logged, Ok(true)),
+        "no denial in the waypoint log:\n{}",
+        wp.log_tail(30)
+    );
+    assert!(
+        wp.log_tail(50).contains("echo-deny-admin"),
+        "{}",
+        wp.log_tail(30)
+    );
+}
+
+/// A workload can name a waypoint too: traffic addressed to the pod's own IP (not the VIP) is
+/// tunnelled to the waypoint with that address as authority, served as HTTP there (L7 policy
+/// applies, the request is logged) and forwarded to that very pod, with the client's IP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_addressed_traffic_goes_through_the_workloads_waypoint() {
+    const DENY_ADMIN: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: echo-deny-admin
+  namespace: default
+spec:
+  selector:
+    matchLabels:
+      app: echo
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        paths: ["/admin/*"]
+"#;
+    let mesh = L7Mesh::builder("wp-wl")
+        .workload_waypoint()
+        .document(DENY_ADMIN)
+        .start()
+        .await
+        .unwrap();
+    let _servers = mesh.start_http_servers(HttpMode::Auto).unwrap();
+    let pod_b: SocketAddr = (mesh.pod("b").ip, 9000).into();
+    let mut client = within(
+        10,
+        "connect to pod b",
+        Http1Client::connect(&mesh.pod("a").ns, pod_b),
+    )
+    .await
+    .unwrap();
+    let r = within(30, "GET /hello", client.get("/hello", &[]))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let info = r.json().unwrap();
+    assert_eq!(info["pod"], "b", "{info}");
+    let seen: SocketAddr = info["peer"].as_str().unwrap().parse().unwrap();
+    assert_eq!(seen.ip(), POD_A, "the pod sees the client's IP");
+    let denied = within(30, "GET /admin", client.get("/admin/x", &[]))
+        .await
+        .unwrap();
+    assert_eq!(denied.status, 403, "L7 policy applies: {}", denied.text());
+    let wp = mesh.waypoint();
+    let lines = wp
+        .wait_access_log(2, Duration::from_secs(10), |_| true)
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {}", wp.log_tail(20)));
+    assert!(
+        lines.iter().any(|e| field(e, "path") == "/hello"
+            && field(e, "authority") == pod_b.to_string()
+            && field(e, "upstream_host") == pod_b.to_string()),
+        "{lines:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waypoint_metrics_count_requests() {
     const OK: usize = 5;

@@ -1,5 +1,6 @@
 //! `inbound_CONNECT_terminate` (15006): mTLS + HTTP/2 CONNECT from ztunnels. The authority
-//! names the service (VIP:port) the client meant; the tunnelled bytes are served as HTTP when
+//! names the service (VIP:port) the client meant, or a workload (pod IP:port) that names this
+//! waypoint itself; the tunnelled bytes are served as HTTP when
 //! they are HTTP (sniffed), and proxied at L4 to an endpoint otherwise.
 
 use crate::app::State;
@@ -85,8 +86,12 @@ async fn handle_stream(
     let target = req.authority;
     let client = req.client(peer);
     let snap = state.config.current();
-    let Some(service) = snap.service_by_vip(target.ip()).cloned() else {
-        tracing::info!(listener = LISTENER, %target, %client, "no service at this address");
+    let service = snap
+        .service_by_vip(target.ip())
+        .cloned()
+        .or_else(|| crate::route::workload_service(&snap, target));
+    let Some(service) = service else {
+        tracing::info!(listener = LISTENER, %target, %client, "no service or waypoint-enabled workload at this address");
         req.reject(StatusCode::BAD_REQUEST);
         return;
     };
@@ -110,6 +115,7 @@ async fn handle_stream(
             target,
             client,
             source: source.as_deref(),
+            peer: &peer_id,
         };
         crate::tcp::forward(&state, &service, conn, io).await;
         return;
@@ -135,6 +141,7 @@ async fn handle_stream(
                 target,
                 client,
                 source: source.as_deref(),
+                peer: &peer_id,
             };
             crate::tcp::forward(&state, &service, conn, io).await;
             return;

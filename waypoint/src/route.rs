@@ -65,6 +65,40 @@ fn service_for_host<'s>(
         .find(|s| s.hostname.eq_ignore_ascii_case(&fqdn) || s.hostname.eq_ignore_ascii_case(host))
 }
 
+/// For traffic addressed to a workload that names this waypoint itself (not through a service
+/// VIP): a stand-in service for that workload, so the pipeline serves it like any other (no
+/// VirtualService applies to a bare address; policies, metrics and logs do). Its hostname is
+/// the workload's IP and it has no VIP.
+pub fn workload_service(snap: &Snapshot, target: SocketAddr) -> Option<Arc<Service>> {
+    let w = snap.workload_by_ip(target.ip())?;
+    w.waypoint.as_ref()?;
+    Some(Arc::new(Service {
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        hostname: target.ip().to_string(),
+        vips: Vec::new(),
+        ports: [(target.port(), target.port())].into(),
+        subject_alt_names: Vec::new(),
+        app_protocols: Default::default(),
+        labels: Default::default(),
+        waypoint: w.waypoint.clone(),
+        load_balancer: None,
+        ip_families: None,
+    }))
+}
+
+/// The one endpoint of a [`workload_service`] stand-in.
+fn workload_endpoint(snap: &Snapshot, svc: &Service, port: u16) -> Option<Endpoint> {
+    if !svc.vips.is_empty() {
+        return None;
+    }
+    let ip: std::net::IpAddr = svc.hostname.parse().ok()?;
+    Some(Endpoint {
+        workload: snap.workload_by_ip(ip)?.clone(),
+        target_port: port,
+    })
+}
+
 /// Resolves a route destination (or the service itself) to a cluster, with the
 /// DestinationRule exported to the waypoint's namespace `viewer`.
 pub fn cluster_for(
@@ -123,7 +157,11 @@ pub fn cluster_for(
             ))
         }
     };
-    let all = snap.endpoints(&svc, port);
+    let workload_target = workload_endpoint(snap, &svc, port);
+    let all = match &workload_target {
+        Some(ep) => std::slice::from_ref(ep),
+        None => snap.endpoints(&svc, port),
+    };
     let endpoints: Vec<Endpoint> = select::subset_endpoints(all, labels.as_ref())
         .into_iter()
         .cloned()

@@ -27,6 +27,8 @@ pub struct L4Conn<'a> {
     pub client: SocketAddr,
     /// The client's workload, when the client IP is one.
     pub source: Option<&'a common::model::Workload>,
+    /// The client's verified identity (the peer of the tunnel).
+    pub peer: &'a common::identity::Identity,
 }
 
 pub async fn forward<S>(state: &State, service: &Service, conn: L4Conn<'_>, mut io: S)
@@ -61,6 +63,31 @@ where
             return;
         }
     };
+    // Authorization at L4, as Envoy's RBAC network filter does for non-HTTP traffic: the
+    // policies of the chosen endpoint with the client's identity; rules with HTTP fields fail
+    // closed (a DENY with them matches every connection, an ALLOW with them matches none), so
+    // a client cannot dodge path or header rules by not speaking HTTP.
+    let authz = common::policy::ConnectionInfo {
+        src_ip: client.ip(),
+        src_identity: Some(conn.peer),
+        dst: &pick.endpoint,
+        dst_ip: pick.target.addr.ip(),
+        dst_port: pick.target.addr.port(),
+        via_waypoint: false,
+    };
+    if let Err(denied) = common::policy::authorize(&snap, &authz) {
+        tracing::info!(
+            target: "access",
+            chain = "waypoint_tcp",
+            service = %service.hostname,
+            %client,
+            upstream = %pick.target.addr,
+            response_flags = "-",
+            error = %denied,
+            "tcp connection denied"
+        );
+        return;
+    }
     drop(snap);
     let decision = Decision {
         target: pick.target,
