@@ -134,6 +134,16 @@ impl Workload {
             .unwrap_or(&self.name)
     }
 
+    /// Istio's canonical revision, as metrics' `*_version` labels show it
+    /// (`service.istio.io/canonical-revision`, else the `version` label).
+    pub fn revision(&self) -> Option<&str> {
+        if self.canonical_revision.is_empty() {
+            self.labels.get("version").map(String::as_str)
+        } else {
+            Some(&self.canonical_revision)
+        }
+    }
+
     /// The owning workload name used in metrics (`workloadName`, else `name`).
     pub fn workload_name(&self) -> &str {
         if self.workload_name.is_empty() {

@@ -203,10 +203,14 @@ async fn endpoint_sees_each_clients_own_ip_through_waypoint() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// `ROUND_ROBIN` (set explicitly: Istio's default is LEAST_REQUEST) spreads the requests of one
+/// keep-alive connection evenly, request by request.
 async fn waypoint_round_robins_requests_over_endpoints() {
     const N: usize = 30;
+    const ROUND_ROBIN: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo}\nspec:\n  host: echo\n  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}\n";
     let mesh = L7Mesh::builder("wp-rr")
         .endpoints(&["b", "d", "e"])
+        .document(ROUND_ROBIN)
         .start()
         .await
         .unwrap();
@@ -792,6 +796,13 @@ async fn waypoint_metrics_count_requests() {
             "spiffe://cluster.local/ns/default/sa/sa-b",
         ),
         ("response_code", "200"),
+        // Canonical service labels (from `app`) and the protocol, as Istio's dashboards use.
+        ("source_app", "client"),
+        ("source_canonical_service", "client"),
+        ("destination_app", "echo"),
+        ("destination_canonical_service", "echo"),
+        ("destination_version", "unknown"),
+        ("request_protocol", "http"),
     ];
     assert_eq!(
         sum_metric(&m, "istio_requests_total", &who),
@@ -1105,8 +1116,13 @@ async fn http_upgrade_passes_through_waypoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demoapp_canary_shape_serves_from_all_five_endpoints() {
     // The shape later canary tests build on: demoapp with v1.0 ×3 and v1.1 ×2 behind the
-    // waypoint. Without a VirtualService every endpoint takes its turn.
-    let mesh = L7Mesh::demoapp_canary("wp-demoapp").start().await.unwrap();
+    // waypoint. Without a VirtualService, and with ROUND_ROBIN, every endpoint takes its turn.
+    const ROUND_ROBIN: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: demoapp}\nspec:\n  host: demoapp\n  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}\n";
+    let mesh = L7Mesh::demoapp_canary("wp-demoapp")
+        .document(ROUND_ROBIN)
+        .start()
+        .await
+        .unwrap();
     assert_eq!(mesh.endpoints.len(), 5);
     let _servers = mesh.start_http_servers(HttpMode::Auto).unwrap();
 

@@ -1,7 +1,10 @@
 //! Outlier detection (DestinationRule `outlierDetection`): endpoints that return consecutive
-//! 5xx or gateway errors are ejected for `baseEjectionTime × times ejected`, never more than
+//! 5xx or gateway errors are ejected for `baseEjectionTime × times ejected` (at most Envoy's
+//! `max_ejection_time`, 300 s, or `baseEjectionTime` if longer), never more than
 //! `maxEjectionPercent` of a cluster at once, and ignored altogether when fewer than
-//! `minHealthPercent` of the endpoints would remain (Envoy's panic threshold).
+//! `minHealthPercent` of the endpoints would remain (Envoy's panic threshold). As in Envoy,
+//! every `interval` an endpoint spends back in service takes one off its ejection count, so
+//! a long-healthy endpoint is not punished for old failures. Evaluated lazily: no timer.
 
 use common::l7::destination_rule::Outlier;
 use std::collections::HashMap;
@@ -15,6 +18,31 @@ struct EndpointState {
     consecutive_gateway: u32,
     ejected_until: Option<Instant>,
     times_ejected: u32,
+    /// Since when `times_ejected` has been decaying (back in service, or last decrement).
+    decay_from: Option<Instant>,
+}
+
+/// Envoy's default `max_ejection_time` (Istio does not expose it).
+const MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
+
+impl EndpointState {
+    /// Takes one off the ejection count per full `interval` spent in service since the last
+    /// ejection ended (or the last decrement).
+    fn decay(&mut self, interval: Duration, now: Instant) {
+        if self.times_ejected == 0 || interval.is_zero() {
+            return;
+        }
+        let Some(back) = self.ejected_until.filter(|t| *t <= now) else {
+            return; // still ejected
+        };
+        let from = self.decay_from.map_or(back, |d| d.max(back));
+        let intervals = (now.saturating_duration_since(from).as_nanos() / interval.as_nanos())
+            .min(u128::from(u32::MAX)) as u32;
+        if intervals > 0 {
+            self.times_ejected = self.times_ejected.saturating_sub(intervals);
+            self.decay_from = Some(from + interval * intervals);
+        }
+    }
 }
 
 /// Ejection state of every (cluster, endpoint) this waypoint has sent to.
@@ -105,9 +133,12 @@ impl Outliers {
         if currently_ejected >= max {
             return false;
         }
+        s.decay(policy.interval.0, now);
         s.times_ejected += 1;
         let base: Duration = policy.base_ejection_time.0;
-        s.ejected_until = Some(now + base * s.times_ejected);
+        let cap = MAX_EJECTION_TIME.max(base);
+        s.ejected_until = Some(now + base.saturating_mul(s.times_ejected).min(cap));
+        s.decay_from = None;
         s.consecutive_5xx = 0;
         s.consecutive_gateway = 0;
         tracing::info!(cluster, endpoint = %addr, times = s.times_ejected, "outlier ejected");
@@ -145,7 +176,7 @@ mod tests {
         assert!(o.record("c", addr(1), Observation::Status(503), &p, 2, now));
         assert_eq!(o.ejected("c", &all, &p, now), vec![addr(1)]);
         // Back after baseEjectionTime.
-        let later = now + Duration::from_secs(11);
+        let later = now + Duration::from_secs(10);
         assert!(o.ejected("c", &all, &p, later).is_empty());
         // Second ejection lasts twice as long.
         o.record("c", addr(1), Observation::Status(500), &p, 2, later);
@@ -157,6 +188,43 @@ mod tests {
         assert!(o
             .ejected("c", &all, &p, later + Duration::from_secs(21))
             .is_empty());
+    }
+
+    #[test]
+    fn healthy_intervals_shrink_the_next_ejection_and_time_is_capped() {
+        let o = Outliers::default();
+        let p = policy(); // interval 1 s, base 10 s
+        let all = [addr(1), addr(2)];
+        let secs = Duration::from_secs;
+        let eject = |at: Instant| {
+            o.record("c", addr(1), Observation::Status(500), &p, 2, at);
+            assert!(o.record("c", addr(1), Observation::Status(500), &p, 2, at));
+        };
+        let t0 = Instant::now();
+        // Ejected again the moment the first ejection ends: 20 s.
+        eject(t0);
+        eject(t0 + secs(10));
+        assert_eq!(o.ejected("c", &all, &p, t0 + secs(29)), vec![addr(1)]);
+        assert!(o.ejected("c", &all, &p, t0 + secs(31)).is_empty());
+        // Two healthy intervals after it ended (t0+30): count 2 → 0, so 10 s again.
+        let t1 = t0 + secs(32);
+        eject(t1);
+        assert_eq!(o.ejected("c", &all, &p, t1 + secs(9)), vec![addr(1)]);
+        assert!(
+            o.ejected("c", &all, &p, t1 + secs(11)).is_empty(),
+            "healthy time brings the ejection back to baseEjectionTime"
+        );
+        // Ejected again and again without healthy time: grows, but never past 300 s.
+        let mut t = t1 + secs(10);
+        let mut last = Duration::ZERO;
+        for _ in 0..40 {
+            eject(t);
+            let until = o.lock()[&("c".to_string(), addr(1))].ejected_until.unwrap();
+            last = until - t;
+            assert!(last <= secs(300), "capped at 300 s");
+            t = until;
+        }
+        assert_eq!(last, secs(300), "the 40th ejection in a row is at the cap");
     }
 
     #[test]

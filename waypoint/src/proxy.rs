@@ -30,10 +30,13 @@ pub struct ConnContext {
     pub peer: Identity,
     pub source: Option<Arc<Workload>>,
     pub protocol: UpstreamProtocol,
-    /// Metric series already resolved on this connection, by (endpoint uid, code, flags): the
+    /// Metric series already resolved on this connection, by (endpoint uid, code, flags, gRPC): the
     /// label set is the same for most requests of a connection, so it is built once.
-    pub series: std::sync::Mutex<HashMap<(String, u16, &'static str), RequestHandles>>,
+    pub series: std::sync::Mutex<HashMap<SeriesKey, RequestHandles>>,
 }
+
+/// (endpoint uid, response code, response flags, gRPC request).
+type SeriesKey = (String, u16, &'static str, bool);
 
 impl ConnContext {
     fn series(
@@ -42,13 +45,19 @@ impl ConnContext {
         dst: Option<&Workload>,
         code: u16,
         flags: &'static str,
+        grpc: bool,
     ) -> RequestHandles {
-        let key = (dst.map(|w| w.uid.clone()).unwrap_or_default(), code, flags);
+        let key = (
+            dst.map(|w| w.uid.clone()).unwrap_or_default(),
+            code,
+            flags,
+            grpc,
+        );
         let mut cache = self.series.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(h) = cache.get(&key) {
             return h.clone();
         }
-        let h = state.metrics.handles(&labels(self, dst, code, flags));
+        let h = state.metrics.handles(&labels(self, dst, code, flags, grpc));
         if cache.len() < 256 {
             cache.insert(key, h.clone());
         }
@@ -189,13 +198,28 @@ fn humantime_rfc3339(t: SystemTime) -> String {
     )
 }
 
-fn labels(ctx: &ConnContext, dst: Option<&Workload>, code: u16, flags: &str) -> RequestLabels {
+fn labels(
+    ctx: &ConnContext,
+    dst: Option<&Workload>,
+    code: u16,
+    flags: &str,
+    grpc: bool,
+) -> RequestLabels {
     let s = |v: Option<&str>| v.unwrap_or("unknown").to_string();
+    let src = ctx.source.as_deref();
     RequestLabels {
         reporter: "waypoint".into(),
-        source_workload: s(ctx.source.as_ref().map(|w| w.workload_name())),
-        source_workload_namespace: s(ctx.source.as_ref().map(|w| w.namespace.as_str())),
+        source_workload: s(src.map(|w| w.workload_name())),
+        source_workload_namespace: s(src.map(|w| w.namespace.as_str())),
         source_principal: ctx.peer.to_string(),
+        source_app: s(src.map(|w| w.canonical_service())),
+        source_version: s(src.and_then(Workload::revision)),
+        source_canonical_service: s(src.map(|w| w.canonical_service())),
+        source_canonical_revision: s(src.and_then(Workload::revision)),
+        destination_app: s(dst.map(|w| w.canonical_service())),
+        destination_version: s(dst.and_then(Workload::revision)),
+        destination_canonical_service: s(dst.map(|w| w.canonical_service())),
+        destination_canonical_revision: s(dst.and_then(Workload::revision)),
         destination_workload: s(dst.map(|w| w.workload_name())),
         destination_workload_namespace: s(dst.map(|w| w.namespace.as_str())),
         destination_principal: dst
@@ -204,10 +228,8 @@ fn labels(ctx: &ConnContext, dst: Option<&Workload>, code: u16, flags: &str) -> 
         destination_service: ctx.service.hostname.clone(),
         destination_service_name: ctx.service.name.clone(),
         destination_service_namespace: ctx.service.namespace.clone(),
-        request_protocol: match ctx.protocol {
-            UpstreamProtocol::Http1 => "http".into(),
-            UpstreamProtocol::H2c => "http".into(),
-        },
+        // Istio reports gRPC (by content type) apart from other HTTP.
+        request_protocol: if grpc { "grpc" } else { "http" }.into(),
         response_code: code.to_string(),
         response_flags: flags.to_string(),
         connection_security_policy: "mutual_tls".into(),
@@ -242,6 +264,10 @@ pub async fn handle(
             req.headers_mut().insert("x-request-id", v);
         }
     }
+    let grpc = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let mut log = RequestLog::new(&req, &ctx);
     let upgrade = hop::upgrade_protocol(req.headers());
     let downstream_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
@@ -262,6 +288,7 @@ pub async fn handle(
         done.endpoint.as_deref(),
         log.response_code,
         done.flag,
+        grpc,
     );
     let on_done: OnDone = Box::new(move |sent| {
         log.bytes_sent = sent;

@@ -57,15 +57,7 @@ impl TcpLabels {
         security: SecurityPolicy,
     ) -> Self {
         let s = |v: Option<&str>| v.unwrap_or(UNKNOWN).to_string();
-        let version = |w: Option<&Workload>| {
-            s(w.and_then(|w| {
-                if w.canonical_revision.is_empty() {
-                    w.labels.get("version").map(String::as_str)
-                } else {
-                    Some(w.canonical_revision.as_str())
-                }
-            }))
-        };
+        let version = |w: Option<&Workload>| s(w.and_then(Workload::revision));
         TcpLabels {
             reporter,
             source_workload: s(src.map(|w| w.workload_name())),

@@ -227,9 +227,10 @@ pub struct ClientTlsSettings {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub enum LbPolicy {
-    #[default]
     RoundRobin,
-    /// Envoy's power-of-two-choices least request (`LEAST_CONN` is its deprecated alias).
+    /// Envoy's power-of-two-choices least request (`LEAST_CONN` is its deprecated alias);
+    /// Istio's default when no DestinationRule (or `UNSPECIFIED`) says otherwise.
+    #[default]
     LeastRequest,
     Random,
     /// Connect to the address the client asked for; no endpoint is picked.
@@ -422,7 +423,8 @@ fn lb_policy(lb: &LoadBalancerSettings) -> LbPolicy {
         Some(SimpleLb::LeastConn | SimpleLb::LeastRequest) => LbPolicy::LeastRequest,
         Some(SimpleLb::Random) => LbPolicy::Random,
         Some(SimpleLb::Passthrough) => LbPolicy::Passthrough,
-        Some(SimpleLb::RoundRobin | SimpleLb::Unspecified) | None => LbPolicy::RoundRobin,
+        Some(SimpleLb::RoundRobin) => LbPolicy::RoundRobin,
+        Some(SimpleLb::Unspecified) | None => LbPolicy::LeastRequest,
     }
 }
 

@@ -398,7 +398,17 @@ subsets:
 #[test]
 fn defaults_without_a_rule() {
     let p = rule("host: x").effective(None, 80);
-    assert_eq!(p.load_balancer, LbPolicy::RoundRobin);
+    assert_eq!(
+        p.load_balancer,
+        LbPolicy::LeastRequest,
+        "Istio's default load balancer"
+    );
+    assert_eq!(
+        rule("host: x\ntrafficPolicy: {loadBalancer: {simple: UNSPECIFIED}}")
+            .effective(None, 80)
+            .load_balancer,
+        LbPolicy::LeastRequest
+    );
     assert_eq!(p.connection_pool.connect_timeout.0.as_secs(), 10);
     assert_eq!(
         p.connection_pool.max_requests_per_connection, 0,
