@@ -193,7 +193,10 @@ pub enum PortProtocol {
     Http,
     /// HTTP/2 cleartext: `http2`, `grpc`, `h2c`.
     Http2,
-    /// Opaque TCP: `tcp`, `tls`, `https`, databases…
+    /// TLS the waypoint does not terminate: `tls`, `https`. Routed at L4 by the ClientHello's
+    /// server name (VirtualService `tls` routes), else like TCP.
+    Tls,
+    /// Opaque TCP: `tcp`, databases…
     Tcp,
     /// Nothing declared: sniff the first bytes.
     Sniff,
@@ -203,15 +206,21 @@ impl PortProtocol {
     /// Istio's rules: `appProtocol`, or the port name's `<protocol>[-<suffix>]` prefix.
     pub fn parse(value: &str) -> PortProtocol {
         let v = value.to_ascii_lowercase();
-        if v == "grpc-web" {
-            return PortProtocol::Http;
+        match v.as_str() {
+            "grpc-web" => return PortProtocol::Http,
+            // Kubernetes' standard appProtocol values.
+            "kubernetes.io/h2c" => return PortProtocol::Http2,
+            "kubernetes.io/ws" => return PortProtocol::Http,
+            "kubernetes.io/wss" => return PortProtocol::Tls,
+            _ => {}
         }
         let prefix = v.split('-').next().unwrap_or("");
         match prefix {
             "http" | "http1" | "http11" => PortProtocol::Http,
             "http2" | "grpc" | "h2c" => PortProtocol::Http2,
-            "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "kafka" | "zookeeper"
-            | "amqp" | "mqtt" | "nats" | "postgres" => PortProtocol::Tcp,
+            "tls" | "https" => PortProtocol::Tls,
+            "tcp" | "mongo" | "mysql" | "redis" | "kafka" | "zookeeper" | "amqp" | "mqtt"
+            | "nats" | "postgres" => PortProtocol::Tcp,
             _ => PortProtocol::Sniff,
         }
     }
@@ -471,6 +480,13 @@ mod protocol_tests {
         assert_eq!(PortProtocol::parse("grpc-web"), PortProtocol::Http);
         assert_eq!(PortProtocol::parse("TCP"), PortProtocol::Tcp);
         assert_eq!(PortProtocol::parse("redis"), PortProtocol::Tcp);
+        assert_eq!(PortProtocol::parse("tls"), PortProtocol::Tls);
+        assert_eq!(PortProtocol::parse("https-api"), PortProtocol::Tls);
+        assert_eq!(
+            PortProtocol::parse("kubernetes.io/h2c"),
+            PortProtocol::Http2
+        );
+        assert_eq!(PortProtocol::parse("kubernetes.io/ws"), PortProtocol::Http);
         assert_eq!(PortProtocol::parse("web"), PortProtocol::Sniff);
     }
 }

@@ -1236,3 +1236,132 @@ spec:
         served(&servers)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 5. L4: `tls` routes by server name.
+
+/// The first flight of a real TLS client for `name` (its ClientHello).
+fn client_hello(name: &str) -> Vec<u8> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let server = rustls_pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), server).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+/// Sends a ClientHello for `name` to the VIP's `port`, checks it comes back unchanged, and
+/// returns the one endpoint whose echo server took the connection.
+async fn served_by(
+    mesh: &L7Mesh,
+    echoes: &[(String, tests::apps::Server)],
+    port: u16,
+    name: &str,
+) -> String {
+    let hello = client_hello(name);
+    let finished = || -> Vec<usize> { echoes.iter().map(|(_, e)| e.records().len()).collect() };
+    let before = finished();
+    let a = &mesh.pod("a").ns;
+    let mut s = within(10, "connect", a.connect(mesh.vip_port(port)))
+        .await
+        .unwrap();
+    within(
+        30,
+        "ClientHello echoed",
+        tests::apps::echo_roundtrip(&mut s, &hello),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{name}: {e}"));
+    drop(s);
+    // The echo server records a connection when it ends.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut after = finished();
+    while after.iter().sum::<usize>() == before.iter().sum::<usize>() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        after = finished();
+    }
+    let pods: Vec<&str> = echoes
+        .iter()
+        .zip(before.iter().zip(&after))
+        .filter(|(_, (b, a))| a > b)
+        .map(|(p, _)| p.0.as_str())
+        .collect();
+    assert_eq!(
+        pods.len(),
+        1,
+        "{name}: one endpoint got the stream: {pods:?}"
+    );
+    pods[0].to_string()
+}
+
+/// A TLS port (declared `tls`, so the waypoint does not terminate it) is routed by the
+/// ClientHello's server name with the VirtualService's `tls` routes; a name no route matches
+/// falls through to the `tcp` route. The bytes arrive unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_routes_pick_the_subset_by_server_name() {
+    const PORT: u16 = 7443;
+    let vs = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: demoapp-tls
+spec:
+  hosts:
+  - demoapp
+  tls:
+  - match:
+    - port: 7443
+      sniHosts: ["canary.example.com"]
+    route:
+    - destination: {host: demoapp, subset: v11}
+  - match:
+    - sniHosts: ["*.example.com"]
+    route:
+    - destination: {host: demoapp, subset: v10}
+  tcp:
+  - route:
+    - destination: {host: demoapp, subset: v11}
+"#;
+    let mesh = within(
+        120,
+        "start the mesh",
+        L7Mesh::demoapp_canary("rt-tls")
+            .port(PORT, PORT)
+            .app_protocol(PORT, "tls")
+            .document(vs)
+            .document(DR_SUBSETS)
+            .start(),
+    )
+    .await
+    .unwrap();
+    let echoes: Vec<(String, tests::apps::Server)> = mesh
+        .endpoints
+        .iter()
+        .map(|p| {
+            let ns = &mesh.pod(p).ns;
+            (
+                p.clone(),
+                tests::apps::echo_server(ns, tests::support::any(PORT)).unwrap(),
+            )
+        })
+        .collect();
+    for _ in 0..4 {
+        let pod = served_by(&mesh, &echoes, PORT, "canary.example.com").await;
+        assert!(V11.contains(&pod.as_str()), "canary → v11, got {pod}");
+        let pod = served_by(&mesh, &echoes, PORT, "www.example.com").await;
+        assert!(
+            V10.contains(&pod.as_str()),
+            "*.example.com → v10, got {pod}"
+        );
+        let pod = served_by(&mesh, &echoes, PORT, "other.test").await;
+        assert!(
+            V11.contains(&pod.as_str()),
+            "no tls route: the tcp route (v11), got {pod}"
+        );
+    }
+}

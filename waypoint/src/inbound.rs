@@ -116,13 +116,16 @@ async fn handle_stream(
             client,
             source: source.as_deref(),
             peer: &peer_id,
+            sni: None,
         };
         crate::tcp::forward(&state, &service, conn, io).await;
         return;
     }
-    // A declared HTTP port waits for its client however long it takes to speak.
+    // A declared HTTP port waits for its client however long it takes to speak; a TLS client
+    // speaks first too, but a port with nothing declared may carry a server-first protocol.
     let sniff_timeout = match declared {
         PortProtocol::Sniff => state.sniff_timeout,
+        PortProtocol::Tls => Duration::from_secs(10),
         _ => Duration::from_secs(3600),
     };
     let (detected, prefix) = match sniff::detect(&mut io, sniff_timeout).await {
@@ -132,21 +135,29 @@ async fn handle_stream(
             return;
         }
     };
-    let io = Prefixed::new(prefix, io);
     let protocol = match (declared, detected) {
-        (PortProtocol::Http2, _) | (_, Detected::H2c) => UpstreamProtocol::H2c,
-        (PortProtocol::Http, _) | (_, Detected::Http1) => UpstreamProtocol::Http1,
+        (PortProtocol::Http2, _) | (PortProtocol::Http | PortProtocol::Sniff, Detected::H2c) => {
+            UpstreamProtocol::H2c
+        }
+        (PortProtocol::Http, _) | (PortProtocol::Sniff, Detected::Http1) => UpstreamProtocol::Http1,
         _ => {
+            // L4: TLS is routed by the ClientHello's server name (`tls` routes).
+            let sni = (detected == Detected::Tls)
+                .then(|| crate::client_hello::server_name(&prefix))
+                .flatten();
+            let io = Prefixed::new(prefix, io);
             let conn = crate::tcp::L4Conn {
                 target,
                 client,
                 source: source.as_deref(),
                 peer: &peer_id,
+                sni: sni.as_deref(),
             };
             crate::tcp::forward(&state, &service, conn, io).await;
             return;
         }
     };
+    let io = Prefixed::new(prefix, io);
     let ctx = Arc::new(ConnContext {
         service,
         port: target.port(),

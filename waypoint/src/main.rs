@@ -4,6 +4,7 @@
 
 mod app;
 mod body;
+mod client_hello;
 mod hop;
 mod inbound;
 mod limits;

@@ -1,5 +1,6 @@
 //! Protocol detection on a tunnelled byte stream: HTTP/1.x request line, the HTTP/2 preface
-//! (h2c, gRPC), or anything else (TCP). The bytes read while sniffing are replayed to whoever
+//! (h2c, gRPC), a TLS ClientHello (for SNI routing, [`crate::client_hello`]), or anything else
+//! (TCP). The bytes read while sniffing are replayed to whoever
 //! serves the stream through [`Prefixed`].
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -14,6 +15,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 pub enum Detected {
     Http1,
     H2c,
+    /// A complete first TLS handshake record (its ClientHello names the server).
+    Tls,
     Tcp,
 }
 
@@ -26,6 +29,11 @@ const METHODS: &[&str] = &[
 pub fn classify(buf: &[u8]) -> Option<Detected> {
     if buf.is_empty() {
         return None;
+    }
+    match crate::client_hello::verdict(buf) {
+        crate::client_hello::Verdict::Complete => return Some(Detected::Tls),
+        crate::client_hello::Verdict::Incomplete => return None,
+        crate::client_hello::Verdict::NotTls => {}
     }
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] == H2_PREFACE[..n] {
@@ -76,7 +84,13 @@ pub async fn detect<R: AsyncRead + Unpin>(
         if let Some(d) = classify(&buf) {
             return Ok((d, buf.freeze()));
         }
-        if buf.len() >= 8192 {
+        // A request line gets 8 KiB; a TLS record may take up to its maximum size.
+        let limit = if buf.first() == Some(&0x16) {
+            crate::client_hello::MAX_RECORD + 5 + 256
+        } else {
+            8192
+        };
+        if buf.len() >= limit {
             return Ok((Detected::Tcp, buf.freeze()));
         }
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
@@ -146,7 +160,21 @@ mod tests {
         assert_eq!(classify(b"PRI * HTTP/2.0"), None);
         assert_eq!(classify(b"GE"), None);
         assert_eq!(classify(b"GET /x"), None);
-        assert_eq!(classify(b"\x16\x03\x01\x02\x00"), Some(Detected::Tcp));
+        assert_eq!(
+            classify(b"\x16\x03\x01\x02\x00"),
+            None,
+            "a TLS record, incomplete"
+        );
+        assert_eq!(
+            classify(b"\x16\x03\x01\x00\x02ab"),
+            Some(Detected::Tls),
+            "a complete first TLS record"
+        );
+        assert_eq!(
+            classify(b"\x16\x07\x01"),
+            Some(Detected::Tcp),
+            "not TLS after all"
+        );
         assert_eq!(classify(b"HELLO world\r\n"), Some(Detected::Tcp));
         assert_eq!(classify(b"GET / SPDY/3\r\n"), Some(Detected::Tcp));
     }

@@ -1,5 +1,6 @@
 //! L4 through the waypoint: a tunnelled stream that is not HTTP goes, bytes unchanged, to one
-//! endpoint of the service over a new HBONE stream with the waypoint's identity.
+//! endpoint of the service over a new HBONE stream with the waypoint's identity, chosen by the
+//! VirtualService's `tls` routes (by the ClientHello's server name) or `tcp` routes.
 
 use crate::app::State;
 use crate::route;
@@ -29,6 +30,8 @@ pub struct L4Conn<'a> {
     pub source: Option<&'a common::model::Workload>,
     /// The client's verified identity (the peer of the tunnel).
     pub peer: &'a common::identity::Identity,
+    /// The server name of the stream's TLS ClientHello, when it starts with one.
+    pub sni: Option<&'a str>,
 }
 
 pub async fn forward<S>(state: &State, service: &Service, conn: L4Conn<'_>, mut io: S)
@@ -45,13 +48,18 @@ where
         port,
         source_labels: conn.source.map_or(&no_labels, |w| &w.labels),
         source_namespace: conn.source.map_or("", |w| w.namespace.as_str()),
-        sni: None,
+        sni: conn.sni,
     };
     let dest = snap
         .l7
         .routes
         .mesh(&service.hostname, &state.identity.namespace)
-        .and_then(|t| t.match_tcp(&info))
+        // TLS is matched by `tls` routes first (server name), then like any TCP stream.
+        .and_then(|t| {
+            conn.sni
+                .and_then(|_| t.match_tls(&info))
+                .or_else(|| t.match_tcp(&info))
+        })
         .and_then(|r| route::pick_destination(&r.destinations))
         .map(|d| d.destination.clone());
     let decision = route::cluster_for(&snap, &state.identity.namespace, dest.as_ref(), &svc, port)
