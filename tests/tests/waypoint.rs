@@ -931,7 +931,7 @@ async fn waypoint_answers_503_when_no_endpoint_can_serve() {
         .unwrap()
         .remove(0);
     assert_eq!(field(&e, "response_code"), "503", "{e}");
-    assert_eq!(field(&e, "response_flags"), "UF", "{e}");
+    assert_eq!(field(&e, "response_flags"), "UF,URX", "{e}");
     assert_eq!(field(&e, "upstream_host"), "10.244.2.2:9000", "{e}");
 
     // The only endpoint becomes unhealthy (config reload): `UH`, no upstream attempted.

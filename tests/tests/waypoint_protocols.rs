@@ -99,13 +99,19 @@ async fn read_h2_body(body: &mut h2::RecvStream) -> Result<Bytes, h2::Error> {
 struct GrpcCall {
     path: String,
     content_type: String,
+    /// The `te` request header, if any (gRPC clients send `te: trailers`).
+    te: Option<String>,
     messages: Vec<Bytes>,
 }
 
 /// A gRPC server (h2 prior knowledge) with three methods of `pkg.Service`:
 /// - `Unary`: one request → one response `echo:<msg>`;
 /// - `ServerStream`: one request `<n>` → `n` responses `item-<i>`;
-/// - `ClientStream`: k requests → one response `<k>:<msgs joined by ,>`.
+/// - `ClientStream`: k requests → one response `<k>:<msgs joined by ,>`;
+/// - `BidiStream`: answers every request message `echo:<msg>` as soon as it has arrived, before
+///   the request stream ends (a client may wait for each reply before sending the next);
+/// - `UnavailableOnce`: the first call is answered `grpc-status: 14` (UNAVAILABLE, trailers
+///   only), later ones like `Unary`.
 ///
 /// Every response ends with trailers `grpc-status: 0`, `grpc-message: ok`; an unknown method
 /// gets `grpc-status: 12` (UNIMPLEMENTED).
@@ -156,14 +162,42 @@ async fn grpc_call(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    let msgs = grpc_messages(read_h2_body(&mut body).await?);
-    calls.lock().unwrap().push(GrpcCall {
+    let te = parts
+        .headers
+        .get("te")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut call = GrpcCall {
         path: path.clone(),
         content_type,
-        messages: msgs.clone(),
-    });
+        te,
+        messages: Vec::new(),
+    };
+    if path == "/pkg.Service/BidiStream" {
+        return grpc_bidi_echo(call, body, respond, calls).await;
+    }
+    let msgs = grpc_messages(read_h2_body(&mut body).await?);
+    call.messages = msgs.clone();
+    let nth = {
+        let mut calls = calls.lock().unwrap();
+        calls.push(call);
+        calls.iter().filter(|c| c.path == path).count()
+    };
+    if path == "/pkg.Service/UnavailableOnce" && nth == 1 {
+        let resp = http::Response::builder()
+            .status(200)
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "14")
+            .header("grpc-message", "try again")
+            .body(())
+            .unwrap();
+        respond.send_response(resp, true)?;
+        return Ok(());
+    }
     let (replies, status): (Vec<Vec<u8>>, &str) = match path.as_str() {
-        "/pkg.Service/Unary" => (vec![[&b"echo:"[..], &msgs[0]].concat()], "0"),
+        "/pkg.Service/Unary" | "/pkg.Service/UnavailableOnce" => {
+            (vec![[&b"echo:"[..], &msgs[0]].concat()], "0")
+        }
         "/pkg.Service/ServerStream" => {
             let n: usize = std::str::from_utf8(&msgs[0]).unwrap().parse().unwrap();
             (
@@ -202,6 +236,56 @@ async fn grpc_call(
             .parse()
             .unwrap(),
     );
+    send.send_trailers(trailers)
+}
+
+/// Takes one whole gRPC message off the front of `buf`, if it holds one.
+fn take_grpc_message(buf: &mut BytesMut) -> Option<Bytes> {
+    if buf.len() < 5 {
+        return None;
+    }
+    assert_eq!(buf[0], 0, "compressed flag set");
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    if buf.len() < 5 + len {
+        return None;
+    }
+    let mut frame = buf.split_to(5 + len);
+    frame.advance(5);
+    Some(frame.freeze())
+}
+
+/// `BidiStream`: the response headers at once, then `echo:<msg>` for every request message
+/// as soon as it is whole, then the trailers when the request stream ends.
+async fn grpc_bidi_echo(
+    mut call: GrpcCall,
+    mut body: h2::RecvStream,
+    mut respond: h2::server::SendResponse<Bytes>,
+    calls: Arc<Mutex<Vec<GrpcCall>>>,
+) -> Result<(), h2::Error> {
+    let resp = http::Response::builder()
+        .status(200)
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let mut send = respond.send_response(resp, false)?;
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        buf.extend_from_slice(&chunk);
+        while let Some(msg) = take_grpc_message(&mut buf) {
+            send.send_data(grpc_frame(&[&b"echo:"[..], &msg].concat()), false)?;
+            call.messages.push(msg);
+        }
+    }
+    assert!(
+        buf.is_empty(),
+        "truncated gRPC message at the end of the stream"
+    );
+    calls.lock().unwrap().push(call);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", "0".parse().unwrap());
+    trailers.insert("grpc-message", "ok".parse().unwrap());
     send.send_trailers(trailers)
 }
 
@@ -295,6 +379,76 @@ impl GrpcClient {
             trailers,
         }
     }
+
+    /// A bidirectional-streaming call in lock step: message `i + 1` is sent only after the
+    /// reply to message `i` has arrived, and the request stream ends after the last reply.
+    /// It never finishes if anything on the path holds the request stream back until its end.
+    async fn ping_pong(&mut self, path: &str, messages: &[&[u8]]) -> GrpcReply {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{}{path}", self.authority))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let mut sender = self.sender.clone().ready().await.unwrap();
+        let (resp, mut send) = sender.send_request(req, false).unwrap();
+        let mut replies = Vec::new();
+        let mut buf = BytesMut::new();
+        let mut resp = Some(resp);
+        let mut body: Option<h2::RecvStream> = None;
+        let mut status = 0;
+        let mut content_type = String::new();
+        for (i, m) in messages.iter().enumerate() {
+            send.reserve_capacity(5 + m.len());
+            send.send_data(grpc_frame(m), false).unwrap();
+            if let Some(resp) = resp.take() {
+                let resp = within(10, "response headers of the bidi call", resp)
+                    .await
+                    .unwrap();
+                status = resp.status().as_u16();
+                content_type = resp
+                    .headers()
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                body = Some(resp.into_body());
+            }
+            let body = body.as_mut().expect("response headers arrived");
+            let reply = within(10, &format!("reply to bidi message {i}"), async {
+                loop {
+                    if let Some(msg) = take_grpc_message(&mut buf) {
+                        return msg;
+                    }
+                    let chunk = body
+                        .data()
+                        .await
+                        .unwrap_or_else(|| panic!("bidi response ended before reply {i}"))
+                        .unwrap();
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    buf.extend_from_slice(&chunk);
+                }
+            })
+            .await;
+            replies.push(reply);
+        }
+        send.send_data(Bytes::new(), true).unwrap();
+        let mut body = body.expect("at least one message");
+        let rest = read_h2_body(&mut body).await.unwrap();
+        buf.extend_from_slice(&rest);
+        assert!(
+            buf.is_empty(),
+            "unexpected data after the last reply: {buf:?}"
+        );
+        let trailers = body.trailers().await.unwrap();
+        GrpcReply {
+            status,
+            content_type,
+            messages: replies,
+            trailers,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -369,6 +523,8 @@ async fn grpc_unary_and_streaming_through_waypoint() {
     assert_eq!(calls.len(), 4, "{calls:?}");
     for call in &calls {
         assert_eq!(call.content_type, "application/grpc", "{call:?}");
+        // `te: trailers` is end to end for gRPC (C-core servers reject calls without it).
+        assert_eq!(call.te.as_deref(), Some("trailers"), "{call:?}");
     }
     let cs = calls
         .iter()
@@ -399,6 +555,106 @@ async fn grpc_unary_and_streaming_through_waypoint() {
             format!("outbound|8080||{ECHO_HOST}"),
             "{e}"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_bidi_streaming_is_not_buffered_and_streamed_bodies_still_retry() {
+    // No VirtualService: Istio's default retry policy (2 retries on connect-failure,
+    // refused-stream, unavailable, cancelled, 503) applies to every call.
+    let mesh = within(
+        120,
+        "start the mesh",
+        L7Mesh::builder("wpp-bidi")
+            .app_protocol(8080, "grpc")
+            .start(),
+    )
+    .await
+    .unwrap();
+    let server = grpc_server(&mesh.pod("b").ns, any(9000));
+    let mut c = within(
+        10,
+        "gRPC connect",
+        GrpcClient::connect(&mesh.pod("a").ns, mesh.vip()),
+    )
+    .await;
+
+    // Lock-step bidi streaming: deadlocks if the waypoint buffers the request stream.
+    let big = vec![b'q'; 40_000];
+    let msgs: Vec<Vec<u8>> = (0..8)
+        .map(|i| format!("ping-{i}").into_bytes())
+        .chain([big.clone(), b"last".to_vec()])
+        .collect();
+    let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
+    let r = within(
+        60,
+        "bidi ping-pong call",
+        c.ping_pong("/pkg.Service/BidiStream", &refs),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.content_type, "application/grpc");
+    assert_eq!(r.messages.len(), msgs.len(), "replies");
+    for (i, (reply, m)) in r.messages.iter().zip(&msgs).enumerate() {
+        assert!(
+            reply.as_ref() == [&b"echo:"[..], m].concat().as_slice(),
+            "reply {i} is not the echo of its message"
+        );
+    }
+    assert_eq!(
+        r.trailer("grpc-status").as_deref(),
+        Some("0"),
+        "{:?}",
+        r.trailers
+    );
+    let bidi = server
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|c| c.path == "/pkg.Service/BidiStream")
+        .cloned()
+        .expect("the backend saw the bidi call");
+    assert_eq!(bidi.messages.len(), msgs.len(), "messages at the backend");
+    assert_eq!(bidi.te.as_deref(), Some("trailers"), "te at the backend");
+
+    // A unary call has no content-length either, so it is streamed too; it ended within the
+    // replay cap, so `grpc-status: 14` is still retried (Istio's default `unavailable`).
+    let r = within(
+        30,
+        "unary call answered UNAVAILABLE once",
+        c.call("/pkg.Service/UnavailableOnce", &[b"again"]),
+    )
+    .await;
+    assert_eq!(r.texts(), vec!["echo:again"], "{r:?}");
+    assert_eq!(r.trailer("grpc-status").as_deref(), Some("0"), "{r:?}");
+    let tries: Vec<GrpcCall> = server
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.path == "/pkg.Service/UnavailableOnce")
+        .cloned()
+        .collect();
+    assert_eq!(tries.len(), 2, "{tries:?}");
+    for t in &tries {
+        let texts: Vec<&[u8]> = t.messages.iter().map(|m| m.as_ref()).collect();
+        assert_eq!(texts, vec![&b"again"[..]], "replayed body intact: {t:?}");
+        assert_eq!(t.te.as_deref(), Some("trailers"), "{t:?}");
+    }
+
+    let wp = mesh.waypoint();
+    let entries = wp
+        .wait_access_log(2, Duration::from_secs(10), |e| {
+            field(e, "path") == "/pkg.Service/BidiStream"
+                || field(e, "path") == "/pkg.Service/UnavailableOnce"
+        })
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    for e in &entries {
+        assert_eq!(field(e, "response_code"), "200", "{e}");
+        assert_eq!(field(e, "response_flags"), "-", "{e}");
     }
 }
 
@@ -533,6 +789,60 @@ async fn l7_authorization_policy_enforced_at_waypoint() {
 /// its selector-bound L7 policy is enforced at the waypoint. Currently fails: the endpoint
 /// node's ztunnel fails closed on the L7-only ALLOW policy (`no ALLOW policy matched`) and
 /// refuses the waypoint's HBONE CONNECT with 401, so allowed requests get 503 `UF`.
+/// Authorization comes first, as Envoy's RBAC filter precedes CORS, fault injection and the
+/// router: a request the policies refuse gets 403 even where a route would redirect it, abort
+/// it with a fault, answer it directly or find no route at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_runs_before_faults_redirects_and_routing() {
+    let vs = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: echo
+spec:
+  hosts: [echo]
+  http:
+  - match: [{uri: {prefix: /public/redirect}}, {uri: {prefix: /private/redirect}}]
+    redirect: {uri: /elsewhere}
+  - match: [{uri: {prefix: /public/fault}}, {uri: {prefix: /private/fault}}]
+    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+    route: [{destination: {host: echo}}]
+  - match: [{uri: {prefix: /public/direct}}, {uri: {prefix: /private/direct}}]
+    directResponse: {status: 204}
+  - match: [{uri: {prefix: /public}}]
+    route: [{destination: {host: echo}}]
+"#;
+    let mesh = within(
+        120,
+        "start the mesh",
+        L7Mesh::builder("wpp-order")
+            .document(ALLOW_PUBLIC_GET)
+            .document(ALLOW_FROM_WAYPOINT)
+            .document(vs)
+            .start(),
+    )
+    .await
+    .unwrap();
+    let _servers = mesh.start_http_servers(HttpMode::Auto).unwrap();
+    let mut c = client(&mesh).await;
+    // Allowed (GET /public/*): each route's own answer.
+    let r = send(&mut c, "GET", "/public/redirect", &[]).await;
+    assert_eq!(r.status, 301, "{}", r.text());
+    let r = send(&mut c, "GET", "/public/fault", &[]).await;
+    assert_eq!(r.status, 418, "{}", r.text());
+    let r = send(&mut c, "GET", "/public/direct", &[]).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    // Not allowed: 403 before any of them, and before the 404 of an unrouted path.
+    for path in [
+        "/private/redirect",
+        "/private/fault",
+        "/private/direct",
+        "/nowhere",
+    ] {
+        assert_denied(&send(&mut c, "GET", path, &[]).await, path);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scenario_policies_load_and_productpage_policy_applies() {
     let mesh = within(
@@ -931,4 +1241,176 @@ async fn request_id_is_generated_and_logged() {
         .await
         .unwrap();
     assert_eq!(field(&e[0], "request_id"), mine, "{}", e[0]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Retry outcomes in the response flags.
+
+const VS_RETRY_FLAGS: &str = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata:
+  name: echo-retries
+spec:
+  hosts:
+  - echo
+  http:
+  - name: per-try-default
+    match:
+    - uri:
+        prefix: /pertry/default
+    retries:
+      attempts: 2
+      perTryTimeout: 100ms
+    route:
+    - destination:
+        host: echo
+  - name: per-try-reset
+    match:
+    - uri:
+        prefix: /pertry/reset
+    retries:
+      attempts: 2
+      perTryTimeout: 100ms
+      retryOn: reset
+    route:
+    - destination:
+        host: echo
+  - name: exhausted
+    match:
+    - uri:
+        prefix: /exhausted
+    retries:
+      attempts: 2
+      retryOn: 5xx
+    route:
+    - destination:
+        host: echo
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_try_timeout_gives_504_ut_exhausted_retries_add_urx_and_bodies_replay() {
+    let mesh = within(
+        120,
+        "start the mesh",
+        L7Mesh::builder("wpp-pertry")
+            .document(VS_RETRY_FLAGS)
+            .start(),
+    )
+    .await
+    .unwrap();
+    let servers = mesh.start_http_servers(HttpMode::Auto).unwrap();
+    let attempts = |path: &str| {
+        servers
+            .iter()
+            .map(|s| s.records().iter().filter(|r| r.path == path).count())
+            .sum::<usize>()
+    };
+    let wp = mesh.waypoint();
+    let log_of = |path: &'static str| async move {
+        wp.wait_access_log(1, Duration::from_secs(10), |e| field(e, "path") == path)
+            .await
+            .unwrap()
+            .remove(0)
+    };
+    let mut c = client(&mesh).await;
+    let slow = [("x-delay-ms", "1000")];
+
+    // The per-try timeout fires: 504 `UT`. Istio's default retryOn does not retry it (Envoy
+    // retries a per-try timeout only under 5xx, gateway-error or reset).
+    let t = Instant::now();
+    let r = send(&mut c, "GET", "/pertry/default", &slow).await;
+    let took = t.elapsed();
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(took < Duration::from_millis(900), "504 after {took:?}");
+    let e = log_of("/pertry/default").await;
+    assert_eq!(field(&e, "response_code"), "504", "{e}");
+    assert_eq!(field(&e, "response_flags"), "UT", "{e}");
+    assert_eq!(attempts("/pertry/default"), 1);
+
+    // Retried on `reset`: three attempts time out, then 504 `UT,URX`.
+    let t = Instant::now();
+    let r = send(&mut c, "GET", "/pertry/reset", &slow).await;
+    let took = t.elapsed();
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(took < Duration::from_millis(1500), "504 after {took:?}");
+    let e = log_of("/pertry/reset").await;
+    assert_eq!(field(&e, "response_code"), "504", "{e}");
+    assert_eq!(field(&e, "response_flags"), "UT,URX", "{e}");
+    assert_eq!(attempts("/pertry/reset"), 3);
+
+    // Retries used up on a 503 from the endpoint: its 503 is forwarded, flagged `URX`.
+    let r = send(&mut c, "GET", "/exhausted", &[("x-status", "503")]).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let e = log_of("/exhausted").await;
+    assert_eq!(field(&e, "response_flags"), "URX", "{e}");
+    assert_eq!(attempts("/exhausted"), 3);
+
+    // A success after no retry carries no flag.
+    let r = send(&mut c, "GET", "/exhausted/ok", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let e = log_of("/exhausted/ok").await;
+    assert_eq!(field(&e, "response_flags"), "-", "{e}");
+
+    // Request bodies are replayed intact on every retry: one with a small content-length
+    // (read whole before forwarding) and a small chunked one (streamed, copy kept).
+    let body_of = |path: &str| -> Vec<(u64, String)> {
+        servers
+            .iter()
+            .flat_map(|s| s.records())
+            .filter(|r| r.path == path)
+            .map(|r| (r.body_len, r.body_sha256))
+            .collect()
+    };
+    let small = Bytes::from(vec![b'k'; 3000]);
+    for (path, chunked) in [("/exhausted/sized", false), ("/exhausted/chunked", true)] {
+        let (headers, body) = if chunked {
+            (
+                vec![("x-status", "503"), ("transfer-encoding", "chunked")],
+                tests::http_apps::chunked_body(small.clone(), 700),
+            )
+        } else {
+            (
+                vec![("x-status", "503")],
+                tests::http_apps::full_request_body(small.clone()),
+            )
+        };
+        let r = within(30, path, c.send(request("POST", path, &headers, body)))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 503, "{}", r.text());
+        let seen = body_of(path);
+        assert_eq!(seen.len(), 3, "{path}: {seen:?}");
+        let first = seen[0].clone();
+        assert_eq!(first.0, small.len() as u64, "{path}: {seen:?}");
+        assert!(seen.iter().all(|b| *b == first), "{path}: {seen:?}");
+        let e = log_of(if chunked {
+            "/exhausted/chunked"
+        } else {
+            "/exhausted/sized"
+        })
+        .await;
+        assert_eq!(field(&e, "response_flags"), "URX", "{e}");
+    }
+
+    // A chunked body beyond the replay cap (1 MiB) is streamed once and not retried.
+    let large = Bytes::from(vec![b'L'; 1536 * 1024]);
+    let r = within(
+        60,
+        "large chunked POST",
+        c.send(request(
+            "POST",
+            "/exhausted/large",
+            &[("x-status", "503"), ("transfer-encoding", "chunked")],
+            tests::http_apps::chunked_body(large.clone(), 64 * 1024),
+        )),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    let seen = body_of("/exhausted/large");
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].0, large.len() as u64);
+    let e = log_of("/exhausted/large").await;
+    assert_eq!(field(&e, "response_flags"), "-", "{e}");
 }

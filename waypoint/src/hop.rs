@@ -1,6 +1,8 @@
 //! Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection, so a proxy removes them
 //! (and every header the `connection` header names) before passing a message on. Upgrades are
 //! the exception: `connection: upgrade` and `upgrade` travel with the request and its 101.
+//! So is `te: trailers`, which Envoy keeps (dropping any other `te` value): gRPC needs it end
+//! to end, and some gRPC servers reject calls without it.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -31,9 +33,22 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     }
 }
 
+/// Whether the `te` headers accept trailers (`te: trailers`, possibly among other codings).
+fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| t.split(';').next())
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+}
+
 /// Removes hop-by-hop headers; with `upgrade` set, re-adds `connection: upgrade` and
-/// `upgrade: <proto>` so the upgrade handshake reaches the other side.
+/// `upgrade: <proto>` so the upgrade handshake reaches the other side. A `te` that accepts
+/// trailers is kept as `te: trailers`.
 pub fn strip(headers: &mut HeaderMap, upgrade: Option<HeaderValue>) {
+    let trailers = accepts_trailers(headers);
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -50,6 +65,9 @@ pub fn strip(headers: &mut HeaderMap, upgrade: Option<HeaderValue>) {
     if let Some(proto) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, proto);
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
@@ -80,6 +98,25 @@ mod tests {
         strip(&mut h, None);
         assert_eq!(h.len(), 1);
         assert_eq!(h["x-end-to-end"], "yes");
+    }
+
+    #[test]
+    fn keeps_te_trailers_and_drops_other_te_values() {
+        let mut h = map(&[("te", "trailers"), ("content-type", "application/grpc")]);
+        strip(&mut h, None);
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h.len(), 2);
+        // HTTP/1.1 lists `te` in `connection`; still kept, other codings dropped.
+        let mut h = map(&[("connection", "TE"), ("te", "gzip;q=0.5, Trailers")]);
+        strip(&mut h, None);
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h.get_all("te").iter().count(), 1);
+        assert!(h.get("connection").is_none());
+        for other in ["gzip", "deflate;q=0.5, chunked", "trailersx"] {
+            let mut h = map(&[("te", other)]);
+            strip(&mut h, None);
+            assert!(h.is_empty(), "te: {other} kept");
+        }
     }
 
     #[test]

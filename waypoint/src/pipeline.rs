@@ -106,6 +106,17 @@ pub async fn run(
             .unwrap_or(""),
         source_ip: Some(ctx.client.ip()),
     };
+    // Phase: L7 authorization, first as Envoy's RBAC filter runs before CORS, faults and the
+    // router: no redirect, fault, 404 or preflight answer for a request that is not allowed.
+    if let Err(denied) = authorize(state, ctx, snap, &req, &authority, &path) {
+        tracing::debug!(reason = %denied, "request denied by L7 policy");
+        return reply(LocalReply::new(
+            StatusCode::FORBIDDEN,
+            "-",
+            "RBAC: access denied",
+        ));
+    }
+
     // Phase: match.
     let matched: Option<HttpMatch> = match snap
         .l7
@@ -205,31 +216,6 @@ pub async fn run(
     };
     log.upstream_cluster = cluster.name.clone();
 
-    // Phase: L7 authorization (policies of the destination workloads).
-    if let Some(ep) = cluster.endpoints.first() {
-        let policies = snap.l7.policies_for(snap, &ep.workload);
-        if !policies.is_empty() {
-            let areq = common::l7::policy::AuthzRequest {
-                method: req.method().as_str(),
-                host: &authority,
-                path: &path,
-                headers: req.headers(),
-                source: Some(&ctx.peer),
-                source_ip: Some(ctx.client.ip()),
-                destination_ip: ep.workload.workload_ips.first().copied(),
-                destination_port: ep.target_port,
-            };
-            if let Err(denied) = common::l7::policy::authorize(policies, &areq) {
-                tracing::debug!(reason = %denied, "request denied by L7 policy");
-                return reply(LocalReply::new(
-                    StatusCode::FORBIDDEN,
-                    "-",
-                    "RBAC: access denied",
-                ));
-            }
-        }
-    }
-
     // Phase: rewrite and request header operations.
     let (mut parts, req_body) = req.into_parts();
     let mut minted = None;
@@ -277,9 +263,17 @@ pub async fn run(
     };
     let mirrors = route.map(|r| r.mirrors.as_slice()).unwrap_or(&[]);
     let wants_replay = retry.as_ref().is_some_and(|r| r.attempts > 0) || !mirrors.is_empty();
-    let (replay, mut stream_body) = if wants_replay && replayable(&parts.headers) {
+    // A body known to be small is read whole first; any other body (chunked, or h2 without
+    // content-length: every gRPC call) is streamed to the endpoint at once with a copy of up
+    // to MAX_REPLAY_BODY kept, so streaming calls are never held back. Such a body is replayed
+    // (retry, mirror) only if it ended within the cap, and retried only if the failed attempt
+    // did not still hold it; otherwise the request is forwarded once and not mirrored.
+    let (replay, first_body) = if wants_replay && replayable(&req_body) {
         match req_body.collect().await {
-            Ok(c) => (Some(c.to_bytes()), None),
+            Ok(c) => {
+                let (r, b) = body::Replayable::buffered(body::Replay::from_collected(c));
+                (Some(r), b)
+            }
             Err(e) => {
                 return reply(LocalReply::new(
                     StatusCode::BAD_REQUEST,
@@ -288,8 +282,11 @@ pub async fn run(
                 ))
             }
         }
+    } else if wants_replay {
+        let (r, b) = body::Replayable::streamed(req_body, MAX_REPLAY_BODY);
+        (Some(r), b)
     } else {
-        (None, Some(req_body))
+        (None, req_body)
     };
 
     // Phase: circuit breaking.
@@ -308,8 +305,9 @@ pub async fn run(
         ));
     };
 
-    // Phase: mirror (fire and forget; the response is discarded).
-    if let Some(bytes) = &replay {
+    // Phase: mirror (fire and forget; the response is discarded). A streamed body is mirrored
+    // once it has ended within the replay cap; a larger one is not mirrored.
+    if let Some(replay) = &replay {
         for m in mirrors {
             if !m.hit(crate::rand::u64()) {
                 continue;
@@ -321,7 +319,7 @@ pub async fn run(
                 &ctx.service,
                 ctx.port,
             ) {
-                Ok(mc) => spawn_mirror(state, ctx, mc, &parts, bytes.clone(), &authority),
+                Ok(mc) => spawn_mirror(state, ctx, mc, &parts, replay, &authority),
                 Err(r) => tracing::debug!(reason = %r.body, "mirror destination unavailable"),
             }
         }
@@ -333,17 +331,14 @@ pub async fn run(
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut retries_left = retry.as_ref().map(|r| r.attempts).unwrap_or(0);
         let mut _retry_slot = None;
+        let mut next_body = Some(first_body);
         loop {
             let pick = match route::pick_endpoint(state, &cluster, hash, &tried, ctx.target) {
                 Ok(p) => p,
                 Err(r) => return (reply(r), None),
             };
             tried.push(pick.target.addr);
-            let body = match (&replay, stream_body.take()) {
-                (Some(b), _) => body::full(b.clone()),
-                (None, Some(b)) => b,
-                (None, None) => body::full(Bytes::new()),
-            };
+            let body = next_body.take().unwrap_or_else(|| body::full(Bytes::new()));
             let mut up_req = Request::from_parts(clone_parts(&parts), body);
             *up_req.extensions_mut() = http::Extensions::new();
             let _in_flight = state.balancers.in_flight(pick.target.addr);
@@ -378,7 +373,7 @@ pub async fn run(
             let result = match per_try {
                 Some(t) => tokio::time::timeout(t, sent)
                     .await
-                    .unwrap_or_else(|_| Err(UpstreamError::Reset("per-try timeout".into()))),
+                    .unwrap_or(Err(UpstreamError::PerTryTimeout)),
                 None => sent.await,
             };
             let outcome = match &result {
@@ -390,37 +385,47 @@ pub async fn run(
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse().ok()),
                 },
-                Err(UpstreamError::Connect(_)) => AttemptOutcome::ConnectFailure,
-                Err(UpstreamError::Reset(_)) => AttemptOutcome::Reset {
-                    before_request: false,
-                },
+                Err(e) => e.outcome(),
             };
             observe(state, &cluster, pick.target.addr, outcome);
-            let can_retry = retries_left > 0
-                && replay.is_some()
-                && retry.as_ref().is_some_and(|r| r.retriable(outcome));
-            if can_retry {
-                if let Some(token) = admitted.retry() {
-                    // Held until the next retry replaces it or the request ends, so
-                    // `maxRetries` caps retries in flight, not just their backoff.
-                    _retry_slot = Some(token);
-                    retries_left -= 1;
-                    if let Some(backoff) = retry.as_ref().and_then(|r| r.backoff.as_ref()) {
-                        tokio::time::sleep(backoff.0).await;
+            // Envoy's order: retriable? → attempts left (else `URX`) → a `maxRetries` slot
+            // (else `UO`). A body that cannot be replayed disables retries (no flag).
+            let mut stop = None;
+            if retry.as_ref().is_some_and(|r| r.retriable(outcome)) {
+                if retries_left == 0 {
+                    stop = Some(upstream::RetryStop::LimitExceeded);
+                } else if let Some(replay) = &replay {
+                    match admitted.retry() {
+                        None => stop = Some(upstream::RetryStop::Overflow),
+                        Some(token) => {
+                            if let Some(again) = replay.again() {
+                                // Held until the next retry replaces it or the request ends,
+                                // so `maxRetries` caps retries in flight, not just their
+                                // backoff.
+                                _retry_slot = Some(token);
+                                retries_left -= 1;
+                                next_body = Some(again);
+                                if let Some(backoff) =
+                                    retry.as_ref().and_then(|r| r.backoff.as_ref())
+                                {
+                                    tokio::time::sleep(backoff.0).await;
+                                }
+                                continue;
+                            }
+                        }
                     }
-                    continue;
                 }
             }
             return match result {
-                Ok(resp) => (forwarded(resp, pick.endpoint.clone()), Some(pick)),
+                Ok(resp) => {
+                    let mut d = forwarded(resp, pick.endpoint.clone());
+                    d.flag = upstream::response_flags(None, stop);
+                    (d, Some(pick))
+                }
                 Err(e) => {
-                    let flag = match e {
-                        UpstreamError::Connect(_) => "UF",
-                        UpstreamError::Reset(_) => "UC",
-                    };
                     let mut d = reply(LocalReply::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        flag,
+                        e.status(),
+                        upstream::response_flags(Some(&e), stop),
                         e.to_string(),
                     ));
                     d.endpoint = Some(pick.endpoint.clone());
@@ -466,6 +471,53 @@ pub async fn run(
     done
 }
 
+/// The L7 authorization policies of the addressed service's endpoints (all of them, so the
+/// decision does not depend on which endpoint a route or the balancer picks later: a policy
+/// bound to some of them restricts requests to the service), evaluated for `req`.
+fn authorize(
+    state: &State,
+    ctx: &ConnContext,
+    snap: &Snapshot,
+    req: &Request<Body>,
+    authority: &str,
+    path: &str,
+) -> Result<(), common::policy::Denied> {
+    let Ok(own) = route::cluster_for(
+        snap,
+        &state.identity.namespace,
+        None,
+        &ctx.service,
+        ctx.port,
+    ) else {
+        return Ok(());
+    };
+    let mut policies: Vec<&common::l7::L7Policy> = Vec::new();
+    for ep in &own.endpoints {
+        for p in snap.l7.policies_for(snap, &ep.workload) {
+            if !policies.iter().any(|q| std::ptr::eq(*q, p)) {
+                policies.push(p);
+            }
+        }
+    }
+    let Some(first) = own.endpoints.first() else {
+        return Ok(());
+    };
+    if policies.is_empty() {
+        return Ok(());
+    }
+    let areq = common::l7::policy::AuthzRequest {
+        method: req.method().as_str(),
+        host: authority,
+        path,
+        headers: req.headers(),
+        source: Some(&ctx.peer),
+        source_ip: Some(ctx.client.ip()),
+        destination_ip: first.workload.workload_ips.first().copied(),
+        destination_port: first.target_port,
+    };
+    common::l7::policy::authorize(policies, &areq)
+}
+
 fn info_for<'a>(
     parts: &'a http::request::Parts,
     authority: &'a str,
@@ -490,16 +542,17 @@ fn info_for<'a>(
     }
 }
 
-/// A body small enough (or absent) to keep in memory for replays.
-fn replayable(headers: &HeaderMap) -> bool {
-    match headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        Some(n) => n <= MAX_REPLAY_BODY,
-        None => !headers.contains_key(header::TRANSFER_ENCODING),
-    }
+/// Whether a request body is known to be small enough to read whole before forwarding (so it
+/// can be retried and mirrored): already ended (no body, or h2 HEADERS with END_STREAM), or
+/// a `content-length` (the codec's exact size) within [`MAX_REPLAY_BODY`]. A body of unknown
+/// length (chunked, h2 without content-length) may be a long-lived stream and is not.
+fn replayable(body: &Body) -> bool {
+    use hyper::body::Body as _;
+    body.is_end_stream()
+        || body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= MAX_REPLAY_BODY)
 }
 
 fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
@@ -577,10 +630,11 @@ fn spawn_mirror(
     ctx: &ConnContext,
     cluster: Cluster,
     parts: &http::request::Parts,
-    body: Bytes,
+    replay: &body::Replayable,
     authority: &str,
 ) {
     let Some(me) = state.me.upgrade() else { return };
+    let whole = replay.whole();
     let Ok(pick) = route::pick_endpoint(&me, &cluster, None, &[], ctx.target) else {
         return;
     };
@@ -596,7 +650,12 @@ fn spawn_mirror(
     let proto = ctx.protocol;
     let client = ctx.client;
     tokio::spawn(async move {
-        let req = Request::from_parts(p, body::full(body));
+        // A streamed request body is mirrored when it has ended within the replay cap.
+        let Some(whole) = whole.await else {
+            tracing::debug!("request body not kept whole: not mirrored");
+            return;
+        };
+        let req = Request::from_parts(p, whole.body());
         let pool = cluster.policy.connection_pool.clone();
         let proto = upstream::protocol_for(proto, &pool);
         match me

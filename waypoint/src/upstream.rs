@@ -7,8 +7,9 @@ use common::hbone::client::{ConnectRequest, HboneClient, PoolKey, StreamLease};
 use common::hbone::io::TunnelIo;
 use common::hbone::{forwarded_value, headers, HBONE_PORT};
 use common::identity::Identity;
+use common::l7::actions::AttemptOutcome;
 use common::l7::destination_rule::ConnectionPool;
-use http::{HeaderMap, HeaderValue, Request, Response};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::collections::HashMap;
@@ -31,6 +32,91 @@ pub enum UpstreamError {
     /// The connection broke before a response (`UC`/reset).
     #[error("upstream reset before response: {0}")]
     Reset(String),
+    /// The endpoint refused the HTTP/2 stream (RST_STREAM REFUSED_STREAM): it did not process
+    /// the request, so `refused-stream` may retry it (`UR`).
+    #[error("upstream refused the stream: {0}")]
+    RefusedStream(String),
+    /// No response within the retry policy's `perTryTimeout` (`UT`, answered 504).
+    #[error("upstream request timeout")]
+    PerTryTimeout,
+}
+
+impl UpstreamError {
+    /// Classifies a failed exchange on an established connection.
+    fn from_hyper(e: hyper::Error) -> UpstreamError {
+        if refused_stream(&e) {
+            UpstreamError::RefusedStream(e.to_string())
+        } else {
+            UpstreamError::Reset(e.to_string())
+        }
+    }
+
+    /// The attempt outcome a retry policy judges.
+    pub fn outcome(&self) -> AttemptOutcome {
+        match self {
+            UpstreamError::Connect(_) => AttemptOutcome::ConnectFailure,
+            UpstreamError::RefusedStream(_) => AttemptOutcome::RefusedStream,
+            // Envoy resets the stream when a per-try timeout fires and judges it as a reset
+            // (retried under `5xx`, `gateway-error` and `reset`).
+            UpstreamError::Reset(_) | UpstreamError::PerTryTimeout => AttemptOutcome::Reset {
+                before_request: false,
+            },
+        }
+    }
+
+    /// The status of the local reply when this is the final outcome.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            UpstreamError::PerTryTimeout => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// Whether `e` is an HTTP/2 RST_STREAM with REFUSED_STREAM from the endpoint.
+fn refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2e) = err.downcast_ref::<h2::Error>() {
+            return h2e.is_reset() && h2e.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Why the retry loop stopped although the last outcome was retriable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryStop {
+    /// The policy's `attempts` were used up (Envoy's `URX`).
+    LimitExceeded,
+    /// `maxRetries` retries were already in flight for the cluster (Envoy's `UO`).
+    Overflow,
+}
+
+/// The response flags of a forwarded request, in Envoy's access-log form: the final attempt's
+/// failure (`UT`, `UR`, `UF`, `UC`) and why it was not retried, comma-separated in Envoy's
+/// order (`UF,URX`), `-` for none.
+pub fn response_flags(error: Option<&UpstreamError>, stop: Option<RetryStop>) -> &'static str {
+    use RetryStop::*;
+    use UpstreamError::*;
+    match (error, stop) {
+        (None, None) => "-",
+        (None, Some(LimitExceeded)) => "URX",
+        (None, Some(Overflow)) => "UO",
+        (Some(PerTryTimeout), None) => "UT",
+        (Some(PerTryTimeout), Some(LimitExceeded)) => "UT,URX",
+        (Some(PerTryTimeout), Some(Overflow)) => "UT,UO",
+        (Some(RefusedStream(_)), None) => "UR",
+        (Some(RefusedStream(_)), Some(LimitExceeded)) => "UR,URX",
+        (Some(RefusedStream(_)), Some(Overflow)) => "UR,UO",
+        (Some(Connect(_)), None) => "UF",
+        (Some(Connect(_)), Some(LimitExceeded)) => "UF,URX",
+        (Some(Connect(_)), Some(Overflow)) => "UF,UO",
+        (Some(Reset(_)), None) => "UC",
+        (Some(Reset(_)), Some(LimitExceeded)) => "UC,URX",
+        (Some(Reset(_)), Some(Overflow)) => "UC,UO",
+    }
 }
 
 enum Sender {
@@ -207,7 +293,7 @@ impl Upstreams {
         match sender {
             Sender::H1(mut s) => {
                 let fut = s.send_request(req);
-                let resp = fut.await.map_err(|e| UpstreamError::Reset(e.to_string()));
+                let resp = fut.await.map_err(UpstreamError::from_hyper);
                 // The connection becomes ready again once the response body is consumed;
                 // `take_idle` only hands out ready ones.
                 if !s.is_closed() {
@@ -237,7 +323,7 @@ impl Upstreams {
                     },
                     limits,
                 );
-                send.await.map_err(|e| UpstreamError::Reset(e.to_string()))
+                send.await.map_err(UpstreamError::from_hyper)
             }
         }
     }
@@ -256,4 +342,89 @@ pub fn protocol_for(downstream: UpstreamProtocol, limits: &ConnectionPool) -> Up
 /// Adapts an upstream response for the downstream side.
 pub fn into_downstream(resp: Response<Incoming>) -> Response<Body> {
     resp.map(body::incoming)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::l7::actions::RetryPolicy;
+
+    /// The error a hyper h2 client gets when the server resets its stream with `reason`.
+    async fn h2_reset_error(reason: h2::Reason) -> UpstreamError {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.unwrap();
+            if let Some(Ok((_req, mut respond))) = conn.accept().await {
+                respond.send_reset(reason);
+            }
+            // Keep the connection driven until the client goes away.
+            while conn.accept().await.is_some() {}
+        });
+        let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(client_io))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .uri("http://endpoint/")
+            .body(body::full("x"))
+            .unwrap();
+        let err = send.send_request(req).await.unwrap_err();
+        server.abort();
+        UpstreamError::from_hyper(err)
+    }
+
+    #[tokio::test]
+    async fn refused_stream_is_told_apart_from_other_resets() {
+        let e = h2_reset_error(h2::Reason::REFUSED_STREAM).await;
+        assert!(matches!(e, UpstreamError::RefusedStream(_)), "{e:?}");
+        assert_eq!(e.outcome(), AttemptOutcome::RefusedStream);
+        assert_eq!(response_flags(Some(&e), None), "UR");
+        let e = h2_reset_error(h2::Reason::INTERNAL_ERROR).await;
+        assert!(matches!(e, UpstreamError::Reset(_)), "{e:?}");
+        assert_eq!(response_flags(Some(&e), None), "UC");
+    }
+
+    #[test]
+    fn istio_default_retries_refused_streams_but_not_per_try_timeouts() {
+        let p = RetryPolicy::istio_default();
+        let refused = UpstreamError::RefusedStream("x".into());
+        let connect = UpstreamError::Connect("x".into());
+        let reset = UpstreamError::Reset("x".into());
+        let timeout = UpstreamError::PerTryTimeout;
+        assert!(p.retriable(refused.outcome()));
+        assert!(p.retriable(connect.outcome()));
+        // Envoy retries a per-try timeout (a local reset) only under 5xx, gateway-error or
+        // reset, none of which Istio's default has.
+        assert!(!p.retriable(timeout.outcome()));
+        assert!(!p.retriable(reset.outcome()));
+        let mut five = RetryPolicy::istio_default();
+        five.retry_on = vec![common::l7::actions::RetryOn::FiveXx];
+        assert!(five.retriable(timeout.outcome()));
+        assert!(five.retriable(refused.outcome()));
+    }
+
+    #[test]
+    fn final_failures_answer_envoys_status_and_flags() {
+        let timeout = UpstreamError::PerTryTimeout;
+        assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(timeout.to_string(), "upstream request timeout");
+        assert_eq!(response_flags(Some(&timeout), None), "UT");
+        assert_eq!(
+            response_flags(Some(&timeout), Some(RetryStop::LimitExceeded)),
+            "UT,URX"
+        );
+        let connect = UpstreamError::Connect("refused".into());
+        assert_eq!(connect.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            response_flags(Some(&connect), Some(RetryStop::LimitExceeded)),
+            "UF,URX"
+        );
+        assert_eq!(
+            response_flags(Some(&connect), Some(RetryStop::Overflow)),
+            "UF,UO"
+        );
+        assert_eq!(response_flags(None, Some(RetryStop::LimitExceeded)), "URX");
+        assert_eq!(response_flags(None, None), "-");
+    }
 }
