@@ -451,6 +451,10 @@ spec:
     redirect:
       uri: /elsewhere
       redirectCode: 302
+    headers:
+      response:
+        set:
+          cache-control: no-store
   - name: default
     route:
     - destination:
@@ -468,6 +472,12 @@ spec:
     );
     let r = get(&mut c, "/temp", &[]).await;
     assert_eq!(r.status, 302, "{}", r.text());
+    assert_eq!(
+        r.header("cache-control"),
+        Some("no-store"),
+        "the route's response headers apply to its redirect: {:?}",
+        r.headers
+    );
     // The request's authority (VIP:80) is kept; :80 is the default port of http.
     assert_eq!(
         r.header("location"),

@@ -17,7 +17,7 @@ use common::l7::cors::Preflight;
 use common::l7::route::{HttpRoute, RouteAction, WeightedDestination};
 use common::l7::select::{mint_cookie, request_hash};
 use common::l7::{HttpMatch, LbPolicy, RequestInfo};
-use common::model::Workload;
+use common::model::{Service, Workload};
 use common::snapshot::Snapshot;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
@@ -34,6 +34,12 @@ pub struct Done {
     pub response: Response<Body>,
     pub flag: &'static str,
     pub endpoint: Option<Arc<Workload>>,
+    /// The service the request was routed to (a route may name another service than the one
+    /// addressed): `destination_service` in the metrics.
+    pub service: Option<Arc<Service>>,
+    /// Counts the request against its endpoint (least request) until the response has been
+    /// sent in full, not just until its headers arrived.
+    pub in_flight: Option<route::InFlight>,
     /// The endpoint side of an upgraded connection (after a 101).
     pub upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
@@ -45,6 +51,8 @@ fn reply(r: LocalReply) -> Done {
         response: resp,
         flag: r.flag,
         endpoint: None,
+        service: None,
+        in_flight: None,
         upgrade: None,
     }
 }
@@ -57,6 +65,8 @@ fn plain(status: StatusCode, headers: HeaderMap, text: String) -> Done {
         response: resp,
         flag: "-",
         endpoint: None,
+        service: None,
+        in_flight: None,
         upgrade: None,
     }
 }
@@ -186,11 +196,15 @@ pub async fn run(
             if let Ok(v) = HeaderValue::from_str(&location) {
                 h.insert(header::LOCATION, v);
             }
-            return plain(code, h, String::new());
+            let mut done = plain(code, h, String::new());
+            route_response_headers(route, None, req.headers(), done.response.headers_mut());
+            return done;
         }
         Some(RouteAction::DirectResponse { status, body }) => {
             let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
-            return plain(status, HeaderMap::new(), body.clone().unwrap_or_default());
+            let mut done = plain(status, HeaderMap::new(), body.clone().unwrap_or_default());
+            route_response_headers(route, None, req.headers(), done.response.headers_mut());
+            return done;
         }
         Some(RouteAction::Forward(dests)) => match route::pick_destination(dests) {
             Some(d) => Some(d),
@@ -341,32 +355,14 @@ pub async fn run(
             let body = next_body.take().unwrap_or_else(|| body::full(Bytes::new()));
             let mut up_req = Request::from_parts(clone_parts(&parts), body);
             *up_req.extensions_mut() = http::Extensions::new();
-            let _in_flight = state.balancers.in_flight(pick.target.addr);
+            let in_flight = state.balancers.in_flight(pick.target.addr);
             let per_try = retry
                 .as_ref()
                 .and_then(|r| r.per_try_timeout.as_ref())
                 .map(|d| d.0);
             let pool = &cluster.policy.connection_pool;
             let proto = upstream::protocol_for(ctx.protocol, pool);
-            if proto == upstream::UpstreamProtocol::H2c {
-                *up_req.version_mut() = http::Version::HTTP_2;
-                if up_req.uri().authority().is_none() {
-                    let host = up_req
-                        .headers()
-                        .get(header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                        .unwrap_or(&authority)
-                        .to_string();
-                    let pq = up_req
-                        .uri()
-                        .path_and_query()
-                        .map(|p| p.as_str().to_string())
-                        .unwrap_or_else(|| "/".into());
-                    if let Ok(u) = format!("http://{host}{pq}").parse() {
-                        *up_req.uri_mut() = u;
-                    }
-                }
-            }
+            shape_for(proto, &mut up_req, &authority);
             let sent = state
                 .upstreams
                 .send(&pick.target, proto, ctx.client, pool, up_req);
@@ -420,6 +416,7 @@ pub async fn run(
                 Ok(resp) => {
                     let mut d = forwarded(resp, pick.endpoint.clone());
                     d.flag = upstream::response_flags(None, stop);
+                    d.in_flight = Some(in_flight);
                     (d, Some(pick))
                 }
                 Err(e) => {
@@ -453,22 +450,59 @@ pub async fn run(
         log.upstream_host = p.target.addr.to_string();
     }
 
+    done.service = Some(cluster.service.clone());
+
     // Phase: response header operations, minted hash cookie and CORS headers.
     let h = done.response.headers_mut();
     if let Some(m) = minted {
         h.append(header::SET_COOKIE, m.set_cookie);
     }
+    route_response_headers(route, dest, &parts.headers, h);
+    done
+}
+
+/// The route's (and its destination's) response header operations and CORS headers.
+fn route_response_headers(
+    route: Option<&HttpRoute>,
+    dest: Option<&WeightedDestination>,
+    request_headers: &HeaderMap,
+    h: &mut HeaderMap,
+) {
     if let Some(d) = dest {
         d.headers.response.apply(h);
     }
     if let Some(r) = route {
         r.headers.response.apply(h);
         if let Some(cors) = &r.cors {
-            let extra = cors.response_headers(&parts.headers);
-            h.extend(extra);
+            h.extend(cors.response_headers(request_headers));
         }
     }
-    done
+}
+
+/// Shapes a request for the upstream protocol: HTTP/2 needs the version and an absolute URI,
+/// whose authority comes from `Host` (else `authority`).
+fn shape_for(proto: upstream::UpstreamProtocol, req: &mut Request<Body>, authority: &str) {
+    if proto != upstream::UpstreamProtocol::H2c {
+        return;
+    }
+    *req.version_mut() = http::Version::HTTP_2;
+    if req.uri().authority().is_some() {
+        return;
+    }
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or(authority)
+        .to_string();
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    if let Ok(u) = format!("http://{host}{pq}").parse() {
+        *req.uri_mut() = u;
+    }
 }
 
 /// The L7 authorization policies of the addressed service's endpoints (all of them, so the
@@ -482,6 +516,9 @@ fn authorize(
     authority: &str,
     path: &str,
 ) -> Result<(), common::policy::Denied> {
+    if snap.l7.authorization_policies.is_empty() {
+        return Ok(());
+    }
     let Ok(own) = route::cluster_for(
         snap,
         &state.identity.namespace,
@@ -619,6 +656,8 @@ fn forwarded(mut resp: Response<hyper::body::Incoming>, endpoint: Arc<Workload>)
         response: upstream::into_downstream(resp),
         flag: "-",
         endpoint: Some(endpoint),
+        service: None,
+        in_flight: None,
         upgrade: on_upgrade,
     }
 }
@@ -639,13 +678,24 @@ fn spawn_mirror(
         return;
     };
     let mut p = clone_parts(parts);
-    let (host, port) = common::l7::rewrite::split_authority(authority);
+    // The host after any rewrite, as Envoy shadows the request it would send.
+    let current = p
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| p.uri.authority().map(|a| a.to_string()))
+        .unwrap_or_else(|| authority.to_string());
+    let (host, port) = common::l7::rewrite::split_authority(&current);
     let shadow = match port {
         Some(port) => format!("{host}-shadow:{port}"),
         None => format!("{host}-shadow"),
     };
     if let Ok(v) = HeaderValue::from_str(&shadow) {
         p.headers.insert(header::HOST, v);
+    }
+    if p.uri.authority().is_some() {
+        p.uri = with_authority(&p.uri, &shadow);
     }
     let proto = ctx.protocol;
     let client = ctx.client;
@@ -655,9 +705,10 @@ fn spawn_mirror(
             tracing::debug!("request body not kept whole: not mirrored");
             return;
         };
-        let req = Request::from_parts(p, whole.body());
+        let mut req = Request::from_parts(p, whole.body());
         let pool = cluster.policy.connection_pool.clone();
         let proto = upstream::protocol_for(proto, &pool);
+        shape_for(proto, &mut req, &shadow);
         match me
             .upstreams
             .send(&pick.target, proto, client, &pool, req)

@@ -35,20 +35,26 @@ pub struct ConnContext {
     pub series: std::sync::Mutex<HashMap<SeriesKey, RequestHandles>>,
 }
 
-/// (endpoint uid, response code, response flags, gRPC request).
-type SeriesKey = (String, u16, &'static str, bool);
+/// (endpoint uid, routed service if not the addressed one, response code, response flags,
+/// gRPC request).
+type SeriesKey = (String, Option<String>, u16, &'static str, bool);
 
 impl ConnContext {
     fn series(
         &self,
         state: &State,
         dst: Option<&Workload>,
+        routed: Option<&Service>,
         code: u16,
         flags: &'static str,
         grpc: bool,
     ) -> RequestHandles {
+        // The routed service only when a route sent the request elsewhere (no allocation in
+        // the common case).
+        let routed = routed.filter(|s| s.hostname != self.service.hostname);
         let key = (
             dst.map(|w| w.uid.clone()).unwrap_or_default(),
+            routed.map(|s| s.hostname.clone()),
             code,
             flags,
             grpc,
@@ -57,7 +63,9 @@ impl ConnContext {
         if let Some(h) = cache.get(&key) {
             return h.clone();
         }
-        let h = state.metrics.handles(&labels(self, dst, code, flags, grpc));
+        let h = state
+            .metrics
+            .handles(&labels(self, dst, routed, code, flags, grpc));
         if cache.len() < 256 {
             cache.insert(key, h.clone());
         }
@@ -201,10 +209,12 @@ fn humantime_rfc3339(t: SystemTime) -> String {
 fn labels(
     ctx: &ConnContext,
     dst: Option<&Workload>,
+    routed: Option<&Service>,
     code: u16,
     flags: &str,
     grpc: bool,
 ) -> RequestLabels {
+    let service = routed.unwrap_or(&ctx.service);
     let s = |v: Option<&str>| v.unwrap_or("unknown").to_string();
     let src = ctx.source.as_deref();
     RequestLabels {
@@ -225,9 +235,9 @@ fn labels(
         destination_principal: dst
             .map(|w| w.identity().to_string())
             .unwrap_or_else(|| "unknown".into()),
-        destination_service: ctx.service.hostname.clone(),
-        destination_service_name: ctx.service.name.clone(),
-        destination_service_namespace: ctx.service.namespace.clone(),
+        destination_service: service.hostname.clone(),
+        destination_service_name: service.name.clone(),
+        destination_service_namespace: service.namespace.clone(),
         // Istio reports gRPC (by content type) apart from other HTTP.
         request_protocol: if grpc { "grpc" } else { "http" }.into(),
         response_code: code.to_string(),
@@ -286,11 +296,14 @@ pub async fn handle(
     let series = ctx.series(
         &state,
         done.endpoint.as_deref(),
+        done.service.as_deref(),
         log.response_code,
         done.flag,
         grpc,
     );
+    let in_flight = done.in_flight;
     let on_done: OnDone = Box::new(move |sent| {
+        drop(in_flight);
         log.bytes_sent = sent;
         log.bytes_received = received.load(Ordering::Relaxed);
         let duration_ms = log.emit();
