@@ -212,6 +212,12 @@ pub fn compile(res: Resources, domain: &str) -> (L7Config, Vec<Rejected>) {
             rejected.push(reject("DestinationRule", &dr, e));
             continue;
         }
+        for field in destination_rule::ignored_fields(&dr.spec) {
+            warnings.push(format!(
+                "DestinationRule {}/{}: {field} is accepted but not applied by this data plane",
+                dr.namespace, dr.name
+            ));
+        }
         let policy = DestinationPolicy {
             name: dr.name,
             namespace: dr.namespace,

@@ -587,3 +587,120 @@ fn validate_lb(lb: &LoadBalancerSettings, path: &str) -> Result<(), (String, Str
 fn is_cookie_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
+
+/// Fields of a DestinationRule this data plane accepts (so users' files load unchanged) but
+/// does not apply, as `spec.…` paths: the loader reports each as a warning so nobody relies on
+/// them silently.
+pub fn ignored_fields(spec: &DestinationRuleSpec) -> Vec<String> {
+    let mut out = Vec::new();
+    if spec.workload_selector.is_some() {
+        out.push("spec.workloadSelector".to_string());
+    }
+    if let Some(tp) = &spec.traffic_policy {
+        ignored_in_policy(tp, "spec.trafficPolicy", &mut out);
+    }
+    for (i, s) in spec.subsets.iter().enumerate() {
+        if let Some(tp) = &s.traffic_policy {
+            ignored_in_policy(tp, &format!("spec.subsets[{i}].trafficPolicy"), &mut out);
+        }
+    }
+    out
+}
+
+fn ignored_in_policy(tp: &TrafficPolicy, path: &str, out: &mut Vec<String>) {
+    if tp.tunnel.is_some() {
+        out.push(format!("{path}.tunnel"));
+    }
+    if tp.proxy_protocol.is_some() {
+        out.push(format!("{path}.proxyProtocol"));
+    }
+    ignored_in_level(
+        tp.load_balancer.as_ref(),
+        tp.connection_pool.as_ref(),
+        tp.outlier_detection.as_ref(),
+        tp.tls.as_ref(),
+        path,
+        out,
+    );
+    for (i, p) in tp.port_level_settings.iter().enumerate() {
+        ignored_in_level(
+            p.load_balancer.as_ref(),
+            p.connection_pool.as_ref(),
+            p.outlier_detection.as_ref(),
+            p.tls.as_ref(),
+            &format!("{path}.portLevelSettings[{i}]"),
+            out,
+        );
+    }
+}
+
+fn ignored_in_level(
+    lb: Option<&LoadBalancerSettings>,
+    pool: Option<&ConnectionPoolSettings>,
+    outlier: Option<&OutlierDetection>,
+    tls: Option<&ClientTlsSettings>,
+    path: &str,
+    out: &mut Vec<String>,
+) {
+    let mut flag = |set: bool, field: &str| {
+        if set {
+            out.push(format!("{path}.{field}"));
+        }
+    };
+    if let Some(lb) = lb {
+        flag(
+            lb.locality_lb_setting.is_some(),
+            "loadBalancer.localityLbSetting",
+        );
+        flag(
+            lb.warmup_duration_secs.is_some() || lb.warmup.is_some(),
+            "loadBalancer.warmup",
+        );
+        if let Some(ch) = &lb.consistent_hash {
+            flag(
+                ch.ring_hash.is_some() || ch.maglev.is_some() || ch.minimum_ring_size.is_some(),
+                "loadBalancer.consistentHash (ring options)",
+            );
+            flag(
+                ch.http_cookie
+                    .as_ref()
+                    .is_some_and(|c| !c.attributes.is_empty()),
+                "loadBalancer.consistentHash.httpCookie.attributes",
+            );
+        }
+    }
+    if let Some(pool) = pool {
+        if let Some(tcp) = &pool.tcp {
+            flag(
+                tcp.tcp_keepalive.is_some(),
+                "connectionPool.tcp.tcpKeepalive",
+            );
+            flag(
+                tcp.max_connection_duration.is_some(),
+                "connectionPool.tcp.maxConnectionDuration",
+            );
+            flag(tcp.idle_timeout.is_some(), "connectionPool.tcp.idleTimeout");
+        }
+        if let Some(http) = &pool.http {
+            flag(
+                http.max_concurrent_streams.is_some(),
+                "connectionPool.http.maxConcurrentStreams",
+            );
+        }
+    }
+    if let Some(o) = outlier {
+        flag(
+            o.split_external_local_origin_errors.is_some()
+                || o.consecutive_local_origin_failures.is_some(),
+            "outlierDetection (local-origin errors)",
+        );
+    }
+    if let Some(t) = tls {
+        // The mesh's own mTLS (HBONE) is always used; TLS origination is not.
+        let mesh_mode = matches!(
+            t.mode.as_deref(),
+            None | Some("ISTIO_MUTUAL") | Some("DISABLE")
+        );
+        flag(!mesh_mode, "tls (TLS origination)");
+    }
+}

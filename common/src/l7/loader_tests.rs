@@ -423,3 +423,57 @@ fn uri_match_helpers() {
     assert!(!StrMatch::Prefix("/ab".into()).matches_ignore_case("/a"));
     assert!(StrMatch::Present.matches(""));
 }
+
+#[test]
+fn accepted_but_unapplied_destination_rule_fields_are_warned_about() {
+    let s = load(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: demoapp}
+spec:
+  host: demoapp
+  workloadSelector: {matchLabels: {app: client}}
+  trafficPolicy:
+    loadBalancer: {simple: RANDOM, localityLbSetting: {enabled: true}}
+    connectionPool: {tcp: {maxConnections: 10, tcpKeepalive: {time: 7200s}}}
+    tls: {mode: SIMPLE}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy: {connectionPool: {http: {maxConcurrentStreams: 5}}}
+"#,
+    );
+    assert!(s.rejected.is_empty(), "{:?}", s.rejected);
+    assert_eq!(
+        s.l7.effective_policy(DEMOAPP, "default", None, 80)
+            .load_balancer,
+        LbPolicy::Random,
+        "the rest of the rule applies"
+    );
+    let w = s.l7.warnings.join("\n");
+    for field in [
+        "spec.workloadSelector",
+        "spec.trafficPolicy.loadBalancer.localityLbSetting",
+        "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive",
+        "spec.trafficPolicy.tls (TLS origination)",
+        "spec.subsets[0].trafficPolicy.connectionPool.http.maxConcurrentStreams",
+    ] {
+        assert!(
+            w.contains(&format!(
+                "DestinationRule default/demoapp: {field} is accepted but not applied"
+            )),
+            "no warning for {field}:\n{w}"
+        );
+    }
+    let plain = load(&scenario_text("demoapp-canary.yaml"));
+    assert!(
+        plain.l7.warnings.is_empty(),
+        "the users' scenario uses only applied fields: {:?}",
+        plain.l7.warnings
+    );
+}
+
+fn scenario_text(name: &str) -> String {
+    std::fs::read_to_string(scenario(name)).expect("scenario")
+}
