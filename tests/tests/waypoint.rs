@@ -718,6 +718,51 @@ spec:
     );
 }
 
+/// `connectionPool` limits apply to streams proxied at L4 too: with `maxConnections: 1` and one
+/// pending slot, a second connection waits for the first and a third is refused (closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_pool_limits_l4_streams() {
+    const DR: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo}\nspec:\n  host: echo\n  trafficPolicy:\n    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}\n";
+    let mesh = L7Mesh::builder("wp-l4pool")
+        .port(7000, 7000)
+        .app_protocol(7000, "tcp")
+        .document(DR)
+        .start()
+        .await
+        .unwrap();
+    let b = &mesh.pod("b").ns;
+    let _echo = echo_server(b, any(7000)).unwrap();
+    let a = &mesh.pod("a").ns;
+    let vip = mesh.vip_port(7000);
+    let mut first = within(10, "connect 1", a.connect(vip)).await.unwrap();
+    within(10, "echo on 1", echo_roundtrip(&mut first, b"one"))
+        .await
+        .unwrap();
+    let mut second = within(10, "connect 2", a.connect(vip)).await.unwrap();
+    let waiting = tokio::time::timeout(
+        Duration::from_millis(500),
+        echo_roundtrip(&mut second, b"two"),
+    )
+    .await;
+    assert!(
+        waiting.is_err(),
+        "the second connection must wait for a slot"
+    );
+    let mut third = within(10, "connect 3", a.connect(vip)).await.unwrap();
+    let refused = within(10, "third is refused", echo_roundtrip(&mut third, b"three")).await;
+    assert!(
+        refused.is_err(),
+        "the third connection must be refused (pool and queue full)"
+    );
+    // Closing the first lets the waiting one through (its bytes were queued).
+    drop(first);
+    let mut got = [0u8; 3];
+    within(10, "second gets its echo", second.read_exact(&mut got))
+        .await
+        .unwrap();
+    assert_eq!(&got, b"two");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waypoint_metrics_count_requests() {
     const OK: usize = 5;

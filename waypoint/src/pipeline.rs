@@ -303,12 +303,30 @@ pub async fn run(
         (None, req_body)
     };
 
-    // Phase: circuit breaking.
-    let Some(admitted) = state
-        .limits
-        .admit(&cluster.name, &cluster.policy.connection_pool, ctx.protocol)
-        .await
-    else {
+    // Phase: circuit breaking, by the protocol spoken upstream (an upgraded HTTP/1.1 request
+    // counts against http2MaxRequests). Waiting for a slot counts against the route timeout.
+    let timeout = route.and_then(|r| r.timeout.as_ref()).map(|d| d.0);
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let upstream_proto = upstream::protocol_for(ctx.protocol, &cluster.policy.connection_pool);
+    let admit = state.limits.admit(
+        &cluster.name,
+        &cluster.policy.connection_pool,
+        upstream_proto,
+    );
+    let admitted = match deadline {
+        Some(d) => match tokio::time::timeout_at(d, admit).await {
+            Ok(a) => a,
+            Err(_) => {
+                return reply(LocalReply::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "UT",
+                    "upstream request timeout (waiting for a connection-pool slot)",
+                ))
+            }
+        },
+        None => admit.await,
+    };
+    let Some(admitted) = admitted else {
         return reply(LocalReply::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "UO",
@@ -340,7 +358,6 @@ pub async fn run(
     }
 
     // Phase: forward, with timeout and retries.
-    let timeout = route.and_then(|r| r.timeout.as_ref()).map(|d| d.0);
     let attempts = async {
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut retries_left = retry.as_ref().map(|r| r.attempts).unwrap_or(0);
@@ -431,8 +448,8 @@ pub async fn run(
             };
         }
     };
-    let (mut done, pick) = match timeout {
-        Some(t) => match tokio::time::timeout(t, attempts).await {
+    let (mut done, pick) = match deadline {
+        Some(d) => match tokio::time::timeout_at(d, attempts).await {
             Ok(v) => v,
             Err(_) => (
                 reply(LocalReply::new(

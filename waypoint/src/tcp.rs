@@ -114,8 +114,26 @@ where
         authority: decision.target.addr.to_string(),
         headers: hdrs,
     };
+    // Circuit breaking and connect timeout as for HTTP/1.1: one `maxConnections` slot per
+    // connection (up to `http1MaxPendingRequests` may wait), `connectTimeout` for the tunnel.
+    let pool = &cluster.policy.connection_pool;
+    let Some(_admitted) = state
+        .limits
+        .admit(
+            &decision.cluster,
+            pool,
+            crate::upstream::UpstreamProtocol::Http1,
+        )
+        .await
+    else {
+        tracing::info!(target: "access", chain = "waypoint_tcp", service = %service.hostname, %client, upstream_cluster = %decision.cluster, response_flags = "UO", "tcp connection refused: connection pool is full");
+        return;
+    };
     let start = std::time::Instant::now();
-    match state.hbone.connect(&key, &req).await {
+    let connected = tokio::time::timeout(pool.connect_timeout.0, state.hbone.connect(&key, &req))
+        .await
+        .unwrap_or_else(|_| Err(common::hbone::HboneError::Timeout(pool.connect_timeout.0)));
+    match connected {
         Ok((stream, _lease)) => {
             let mut up = TunnelIo::new(stream);
             let r = tokio::io::copy_bidirectional(&mut io, &mut up).await;
