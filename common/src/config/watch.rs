@@ -84,8 +84,12 @@ impl ConfigStore {
     }
 
     /// Parses `text` and swaps it in, or records and returns the error (keeping the snapshot).
-    fn apply_text(&self, text: &str, source: &str, hash: u64) -> Result<(), ConfigError> {
-        match load_str(text, source) {
+    /// The text is dropped before freed memory is handed back: a multi-megabyte file sits
+    /// below the mmap threshold, on the heap.
+    fn apply_text(&self, text: String, source: &str, hash: u64) -> Result<(), ConfigError> {
+        let parsed = load_str(&text, source);
+        drop(text);
+        match parsed {
             Ok(s) => {
                 self.replace(s);
                 *lock(&self.content_hash) = Some(hash);
@@ -121,7 +125,8 @@ pub fn reload_now(path: &Path, store: &ConfigStore) -> Result<(), ConfigError> {
         field: None,
         message: format!("not UTF-8: {e}"),
     })?;
-    store.apply_text(&text, &source, hash_of(text.as_bytes()))
+    let hash = hash_of(text.as_bytes());
+    store.apply_text(text, &source, hash)
 }
 
 fn read_error(source: &str, e: &std::io::Error) -> ConfigError {
@@ -193,7 +198,7 @@ pub fn spawn_file_watcher(
             // that share it keep accepting.
             let (parse_store, parse_source) = (store.clone(), source.clone());
             let parsed = tokio::task::spawn_blocking(move || match String::from_utf8(bytes) {
-                Ok(text) => parse_store.apply_text(&text, &parse_source, fp.hash),
+                Ok(text) => parse_store.apply_text(text, &parse_source, fp.hash),
                 Err(e) => Err(ConfigError {
                     file: parse_source.clone(),
                     document: None,
