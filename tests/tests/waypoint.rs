@@ -574,14 +574,8 @@ async fn non_http_traffic_is_proxied_at_l4() {
     );
 }
 
-/// A policy with HTTP rules cannot be dodged by not speaking HTTP: for a stream the waypoint
-/// proxies at L4 it evaluates the endpoint's policies as Envoy's RBAC network filter does (a
-/// DENY rule with HTTP fields matches every connection), while HTTP requests on the HTTP port
-/// are judged by their path. The endpoint's ztunnel skips L7-rule policies for the waypoint's
-/// connections, so without this the TCP stream would get through.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn l7_deny_policy_also_closes_non_http_streams() {
-    const DENY_ADMIN: &str = r#"
+/// Denies `/admin/*` on the echo endpoints (an L7 rule).
+const DENY_ADMIN: &str = r#"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata:
@@ -597,6 +591,14 @@ spec:
     - operation:
         paths: ["/admin/*"]
 "#;
+
+/// A policy with HTTP rules cannot be dodged by not speaking HTTP: for a stream the waypoint
+/// proxies at L4 it evaluates the endpoint's policies as Envoy's RBAC network filter does (a
+/// DENY rule with HTTP fields matches every connection), while HTTP requests on the HTTP port
+/// are judged by their path. The endpoint's ztunnel skips L7-rule policies for the waypoint's
+/// connections, so without this the TCP stream would get through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l7_deny_policy_also_closes_non_http_streams() {
     let mesh = L7Mesh::builder("wp-l4authz")
         .port(7000, 7000)
         .document(DENY_ADMIN)
@@ -662,22 +664,6 @@ spec:
 /// applies, the request is logged) and forwarded to that very pod, with the client's IP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workload_addressed_traffic_goes_through_the_workloads_waypoint() {
-    const DENY_ADMIN: &str = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: echo-deny-admin
-  namespace: default
-spec:
-  selector:
-    matchLabels:
-      app: echo
-  action: DENY
-  rules:
-  - to:
-    - operation:
-        paths: ["/admin/*"]
-"#;
     let mesh = L7Mesh::builder("wp-wl")
         .workload_waypoint()
         .document(DENY_ADMIN)
