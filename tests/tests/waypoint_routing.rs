@@ -1273,40 +1273,7 @@ async fn served_by(
     port: u16,
     name: &str,
 ) -> String {
-    let hello = client_hello(name);
-    let finished = || -> Vec<usize> { echoes.iter().map(|(_, e)| e.records().len()).collect() };
-    let before = finished();
-    let a = &mesh.pod("a").ns;
-    let mut s = within(10, "connect", a.connect(mesh.vip_port(port)))
-        .await
-        .unwrap();
-    within(
-        30,
-        "ClientHello echoed",
-        tests::apps::echo_roundtrip(&mut s, &hello),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{name}: {e}"));
-    drop(s);
-    // The echo server records a connection when it ends.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut after = finished();
-    while after.iter().sum::<usize>() == before.iter().sum::<usize>() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        after = finished();
-    }
-    let pods: Vec<&str> = echoes
-        .iter()
-        .zip(before.iter().zip(&after))
-        .filter(|(_, (b, a))| a > b)
-        .map(|(p, _)| p.0.as_str())
-        .collect();
-    assert_eq!(
-        pods.len(),
-        1,
-        "{name}: one endpoint got the stream: {pods:?}"
-    );
-    pods[0].to_string()
+    echoed_by(mesh, echoes, port, &client_hello(name)).await
 }
 
 /// A TLS port (declared `tls`, so the waypoint does not terminate it) is routed by the
@@ -1349,17 +1316,7 @@ spec:
     )
     .await
     .unwrap();
-    let echoes: Vec<(String, tests::apps::Server)> = mesh
-        .endpoints
-        .iter()
-        .map(|p| {
-            let ns = &mesh.pod(p).ns;
-            (
-                p.clone(),
-                tests::apps::echo_server(ns, tests::support::any(PORT)).unwrap(),
-            )
-        })
-        .collect();
+    let echoes = echo_servers(&mesh, PORT);
     for _ in 0..4 {
         let pod = served_by(&mesh, &echoes, PORT, "canary.example.com").await;
         assert!(V11.contains(&pod.as_str()), "canary → v11, got {pod}");
@@ -1374,4 +1331,725 @@ spec:
             "no tls route: the tcp route (v11), got {pod}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. L4 `tcp` routes, delegation, authority rewrite, hash keys and least request.
+
+/// Starts a TCP echo server on `port` of every demoapp endpoint (as the `tls` test does).
+fn echo_servers(mesh: &L7Mesh, port: u16) -> Vec<(String, tests::apps::Server)> {
+    mesh.endpoints
+        .iter()
+        .map(|p| {
+            let ns = &mesh.pod(p).ns;
+            (
+                p.clone(),
+                tests::apps::echo_server(ns, tests::support::any(port)).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Opens a connection from pod `a` to the VIP's `port`, sends `data`, checks it comes back
+/// unchanged, and returns the one endpoint whose echo server took the connection.
+async fn echoed_by(
+    mesh: &L7Mesh,
+    echoes: &[(String, tests::apps::Server)],
+    port: u16,
+    data: &[u8],
+) -> String {
+    let finished = || -> Vec<usize> { echoes.iter().map(|(_, e)| e.records().len()).collect() };
+    let before = finished();
+    let a = &mesh.pod("a").ns;
+    let mut s = within(10, "connect", a.connect(mesh.vip_port(port)))
+        .await
+        .unwrap();
+    within(
+        30,
+        "bytes echoed",
+        tests::apps::echo_roundtrip(&mut s, data),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("port {port}: {e}"));
+    drop(s);
+    // The echo server records a connection when it ends.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut after = finished();
+    while after.iter().sum::<usize>() == before.iter().sum::<usize>() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        after = finished();
+    }
+    let pods: Vec<&str> = echoes
+        .iter()
+        .zip(before.iter().zip(&after))
+        .filter(|(_, (b, a))| a > b)
+        .map(|(p, _)| p.0.as_str())
+        .collect();
+    assert_eq!(
+        pods.len(),
+        1,
+        "port {port}: one endpoint got the stream: {pods:?}"
+    );
+    pods[0].to_string()
+}
+
+/// The waypoint's L4 access lines naming `cluster` (`tcp connection complete`).
+fn tcp_log_for(mesh: &L7Mesh, cluster: &str) -> Vec<serde_json::Value> {
+    mesh.waypoint()
+        .tcp_access_log_lines()
+        .into_iter()
+        .filter(|e| field(e, "upstream_cluster") == cluster)
+        .collect()
+}
+
+/// A port declared `tcp` is proxied at L4 by the VirtualService's `tcp` route: with weights
+/// 0 / 100 over subsets v10 / v11 every connection lands on a v1.1 pod (and both v1.1 pods
+/// take part), the bytes arrive unchanged, and the waypoint logs the subset's cluster. Without
+/// the route the five endpoints would share the connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_route_weights_send_every_connection_to_the_subset() {
+    const PORT: u16 = 7000;
+    let vs = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: demoapp-tcp
+spec:
+  hosts:
+  - demoapp
+  tcp:
+  - route:
+    - destination: {host: demoapp, subset: v10, port: {number: 7000}}
+      weight: 0
+    - destination: {host: demoapp, subset: v11, port: {number: 7000}}
+      weight: 100
+"#;
+    let mesh = within(
+        120,
+        "start the mesh",
+        L7Mesh::demoapp_canary("rt-tcp")
+            .port(PORT, PORT)
+            .app_protocol(PORT, "tcp")
+            .document(vs)
+            .document(DR_SUBSETS)
+            .start(),
+    )
+    .await
+    .unwrap();
+    let echoes = echo_servers(&mesh, PORT);
+    let mut pods: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..10u64 {
+        let data = tests::apps::random_bytes(3000 + i as usize * 100, i);
+        let pod = echoed_by(&mesh, &echoes, PORT, &data).await;
+        assert!(
+            V11.contains(&pod.as_str()),
+            "connection {i}: the tcp route sends 100% to v11, got {pod}"
+        );
+        *pods.entry(pod).or_insert(0) += 1;
+    }
+    assert_eq!(pods.len(), 2, "both v1.1 pods take connections: {pods:?}");
+    // Every byte went through the echo servers of v1.1 only.
+    for (p, e) in &echoes {
+        if V10.contains(&p.as_str()) {
+            assert!(e.records().is_empty(), "{p}: {:?}", e.records());
+        }
+    }
+    let v11_cluster = format!("outbound|{PORT}|v11|{HOST}");
+    let ok = tests::support::eventually(Duration::from_secs(10), || async {
+        Ok(tcp_log_for(&mesh, &v11_cluster).len() >= 10)
+    })
+    .await;
+    assert!(
+        matches!(ok, Ok(true)),
+        "10 L4 access lines for {v11_cluster}: {:?}",
+        mesh.waypoint().tcp_access_log_lines()
+    );
+    assert!(
+        mesh.waypoint().access_log_lines().is_empty(),
+        "a tcp port is never served as HTTP: {:?}",
+        mesh.waypoint().access_log_lines()
+    );
+}
+
+/// `tcp` routes match on the destination `port`: connections to the matched port go to subset
+/// v10, connections to another tcp port of the service fall through to the next (match-less)
+/// route, subset v11.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_route_port_match_picks_the_subset() {
+    const MATCHED: u16 = 7000;
+    const OTHER: u16 = 7001;
+    let vs = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: demoapp-tcp
+spec:
+  hosts:
+  - demoapp
+  tcp:
+  - match:
+    - port: 7000
+    route:
+    - destination: {host: demoapp, subset: v10}
+  - route:
+    - destination: {host: demoapp, subset: v11}
+"#;
+    let mesh = within(
+        120,
+        "start the mesh",
+        L7Mesh::demoapp_canary("rt-tcp-port")
+            .port(MATCHED, MATCHED)
+            .app_protocol(MATCHED, "tcp")
+            .port(OTHER, OTHER)
+            .app_protocol(OTHER, "tcp")
+            .document(vs)
+            .document(DR_SUBSETS)
+            .start(),
+    )
+    .await
+    .unwrap();
+    let matched = echo_servers(&mesh, MATCHED);
+    let other = echo_servers(&mesh, OTHER);
+    let (mut on_matched, mut on_other) = (BTreeMap::new(), BTreeMap::new());
+    for i in 0..6u64 {
+        let pod = echoed_by(
+            &mesh,
+            &matched,
+            MATCHED,
+            &tests::apps::random_bytes(2048, i),
+        )
+        .await;
+        assert!(
+            V10.contains(&pod.as_str()),
+            "port {MATCHED} matches the first route (v10), got {pod}"
+        );
+        *on_matched.entry(pod).or_insert(0) += 1;
+        let pod = echoed_by(
+            &mesh,
+            &other,
+            OTHER,
+            &tests::apps::random_bytes(2048, 100 + i),
+        )
+        .await;
+        assert!(
+            V11.contains(&pod.as_str()),
+            "port {OTHER} falls through to the second route (v11), got {pod}"
+        );
+        *on_other.entry(pod).or_insert(0) += 1;
+    }
+    assert!(
+        on_matched.len() >= 2,
+        "v1.0 pods share port {MATCHED}: {on_matched:?}"
+    );
+    assert_eq!(
+        on_other.len(),
+        2,
+        "v1.1 pods share port {OTHER}: {on_other:?}"
+    );
+    for (cluster, n) in [
+        (format!("outbound|{MATCHED}|v10|{HOST}"), 6),
+        (format!("outbound|{OTHER}|v11|{HOST}"), 6),
+    ] {
+        let ok = tests::support::eventually(Duration::from_secs(10), || async {
+            Ok(tcp_log_for(&mesh, &cluster).len() >= n)
+        })
+        .await;
+        assert!(
+            matches!(ok, Ok(true)),
+            "{n} L4 access lines for {cluster}: {:?}",
+            mesh.waypoint().tcp_access_log_lines()
+        );
+    }
+}
+
+/// `delegate`: the root VirtualService hands `/team…` to a host-less VirtualService. Its
+/// routes apply under the root's match (a delegate route without a match inherits it; one
+/// whose match lies outside the root's never applies), they keep their own header operations
+/// and are named `<root>-<delegate route>` as Istio merges them; routes of the root outside
+/// the delegate still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delegate_routes_apply_under_the_root_match() {
+    let root = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata:
+  name: demoapp
+spec:
+  hosts:
+  - demoapp
+  http:
+  - name: team
+    match:
+    - uri:
+        prefix: /team
+    delegate:
+      name: team-routes
+      namespace: default
+  - name: default
+    route:
+    - destination:
+        host: demoapp
+        subset: v10
+"#;
+    let delegate = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata:
+  name: team-routes
+  namespace: default
+spec:
+  http:
+  - name: v11
+    match:
+    - uri:
+        prefix: /team/v11
+    headers:
+      request:
+        set:
+          x-team: v11
+    route:
+    - destination:
+        host: demoapp
+        subset: v11
+  - name: outside
+    match:
+    - uri:
+        prefix: /elsewhere
+    headers:
+      request:
+        set:
+          x-team: outside
+    route:
+    - destination:
+        host: demoapp
+        subset: v11
+  - name: rest
+    headers:
+      request:
+        set:
+          x-team: rest
+    route:
+    - destination:
+        host: demoapp
+        subset: v10
+"#;
+    let (mesh, servers) = demo_mesh("rt-delegate", &[root, delegate, DR_SUBSETS]).await;
+    let mut c = client(&mesh).await;
+    // (path, subset pods, x-team the endpoint sees, route name in the access log)
+    let cases: [(&str, &[&str], Option<&str>, &str); 5] = [
+        ("/team/v11", &V11, Some("v11"), "team-v11"),
+        ("/team/v11/items?x=1", &V11, Some("v11"), "team-v11"),
+        ("/team/other", &V10, Some("rest"), "team-rest"),
+        ("/elsewhere", &V10, None, "default"),
+        ("/other", &V10, None, "default"),
+    ];
+    for round in 0..3 {
+        for (path, pods, team, _) in &cases {
+            let r = get(&mut c, path, &[]).await;
+            assert_eq!(r.status, 200, "{path}: {}", r.text());
+            assert!(
+                pods.contains(&r.pod().as_str()),
+                "round {round}: {path} answered by {}",
+                r.pod()
+            );
+            let rec = server(&servers, &r.pod()).records().pop().unwrap();
+            assert_eq!(rec.path, *path, "the path is not rewritten: {rec:?}");
+            assert_eq!(rec.header("x-team"), *team, "{path}: {rec:?}");
+        }
+    }
+    assert_eq!(total(&servers), 15, "{:?}", served(&servers));
+    let log = mesh
+        .waypoint()
+        .wait_access_log(15, Duration::from_secs(10), |_| true)
+        .await
+        .unwrap();
+    for (path, _, _, route) in &cases {
+        let entries: Vec<_> = log.iter().filter(|e| field(e, "path") == *path).collect();
+        assert_eq!(entries.len(), 3, "{path}: {entries:?}");
+        for e in entries {
+            assert_eq!(field(e, "route_name"), *route, "{path}: {e}");
+            assert_eq!(field(e, "response_flags"), "-", "{path}: {e}");
+        }
+    }
+}
+
+/// `rewrite.authority` replaces the Host the endpoint sees (once, not added next to the
+/// client's); with `rewrite.uri` in the same route both apply; a route without a rewrite keeps
+/// the client's Host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrite_authority_reaches_the_endpoint() {
+    let vs = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata:
+  name: demoapp
+spec:
+  hosts:
+  - demoapp
+  http:
+  - name: authority-only
+    match:
+    - uri:
+        prefix: /host
+    rewrite:
+      authority: reviews.internal
+    route:
+    - destination:
+        host: demoapp
+  - name: both
+    match:
+    - uri:
+        prefix: /api
+    rewrite:
+      uri: /v2
+      authority: api.internal:8443
+    route:
+    - destination:
+        host: demoapp
+        subset: v11
+  - name: untouched
+    route:
+    - destination:
+        host: demoapp
+"#;
+    let (mesh, servers) = demo_mesh("rt-authority", &[vs, DR_SUBSETS]).await;
+    let mut c = client(&mesh).await;
+    let seen = |r: &HttpReply| server(&servers, &r.pod()).records().pop().unwrap();
+    let hosts = |rec: &tests::http_apps::HttpRecord| -> Vec<String> {
+        rec.headers
+            .iter()
+            .filter(|(k, _)| k == "host")
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    for _ in 0..3 {
+        let r = get(&mut c, "/host/x?q=1", &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let rec = seen(&r);
+        assert_eq!(hosts(&rec), ["reviews.internal"], "{rec:?}");
+        assert_eq!(
+            rec.path, "/host/x?q=1",
+            "only the authority is rewritten: {rec:?}"
+        );
+
+        let r = get(&mut c, "/api/items?q=2", &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(V11.contains(&r.pod().as_str()), "/api → {}", r.pod());
+        let rec = seen(&r);
+        assert_eq!(hosts(&rec), ["api.internal:8443"], "{rec:?}");
+        assert_eq!(rec.path, "/v2/items?q=2", "{rec:?}");
+        // The JSON echo agrees with the record.
+        let doc = r.json().unwrap();
+        assert_eq!(doc["headers"]["host"], "api.internal:8443", "{doc}");
+        assert_eq!(doc["path"], "/v2/items?q=2", "{doc}");
+
+        let r = get(&mut c, "/plain", &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let rec = seen(&r);
+        assert_eq!(hosts(&rec), ["10.96.0.20:80"], "{rec:?}");
+        assert_eq!(rec.path, "/plain", "{rec:?}");
+    }
+    // The access log keeps the request as the client sent it.
+    let log = mesh
+        .waypoint()
+        .wait_access_log(9, Duration::from_secs(10), |_| true)
+        .await
+        .unwrap();
+    let both: Vec<_> = log
+        .iter()
+        .filter(|e| field(e, "route_name") == "both")
+        .collect();
+    assert_eq!(both.len(), 3, "{log:?}");
+    for e in both {
+        assert_eq!(field(e, "path"), "/api/items?q=2", "{e}");
+        assert_eq!(field(e, "upstream_cluster"), cluster("v11"), "{e}");
+    }
+}
+
+async fn client_in(mesh: &L7Mesh, pod: &str) -> Http1Client {
+    within(
+        10,
+        &format!("connect to the VIP from {pod}"),
+        Http1Client::connect(&mesh.pod(pod).ns, mesh.vip()),
+    )
+    .await
+    .unwrap()
+}
+
+/// consistentHash `useSourceIp: true`: every request from one client pod lands on the same
+/// endpoint, over many new connections (new source ports); the key is the client's IP, so six
+/// client pods do not all share one endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_source_ip_sticks_across_connections() {
+    const CLIENTS: [&str; 6] = ["a", "c", "p3", "p4", "p5", "p6"];
+    let dr = dr_with_policy("loadBalancer:\n  consistentHash:\n    useSourceIp: true");
+    let mesh = within(
+        120,
+        "start the mesh",
+        L7Mesh::demoapp_canary("rt-srcip")
+            .clients(&CLIENTS)
+            .document(&dr)
+            .start(),
+    )
+    .await
+    .unwrap();
+    let servers = mesh.start_http_servers(HttpMode::Auto).unwrap();
+    let mut owner: BTreeMap<&str, String> = BTreeMap::new();
+    let mut ports = std::collections::BTreeSet::new();
+    for round in 0..6 {
+        for pod in CLIENTS {
+            // A new connection every time: only the source IP stays the same.
+            let mut c = client_in(&mesh, pod).await;
+            ports.insert(c.local_addr);
+            for _ in 0..2 {
+                let r = get(&mut c, &format!("/ip/{round}"), &[]).await;
+                assert_eq!(r.status, 200, "{}", r.text());
+                let first = owner.entry(pod).or_insert_with(|| r.pod());
+                assert_eq!(
+                    *first,
+                    r.pod(),
+                    "client {pod} moved in round {round}: {:?}",
+                    served(&servers)
+                );
+            }
+        }
+    }
+    assert_eq!(
+        ports.len(),
+        36,
+        "every connection had its own source address"
+    );
+    let distinct: std::collections::BTreeSet<&String> = owner.values().collect();
+    assert!(
+        distinct.len() >= 2,
+        "six client IPs all hashed to {distinct:?}: {owner:?}"
+    );
+    assert_eq!(total(&servers), 72);
+}
+
+/// consistentHash `httpQueryParameterName`: requests with the same value of the parameter
+/// land on the same endpoint whatever the path, the other parameters or the connection;
+/// different values spread over several endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_query_parameter_sticks() {
+    let dr = dr_with_policy("loadBalancer:\n  consistentHash:\n    httpQueryParameterName: user");
+    let (mesh, servers) = demo_mesh("rt-query", &[&dr]).await;
+    let mut owner: BTreeMap<String, String> = BTreeMap::new();
+    for round in 0..3 {
+        // New connections each round, so no connection-level affinity can help.
+        let mut c = client(&mesh).await;
+        for u in 0..12 {
+            let user = format!("u{u}");
+            for path in [
+                format!("/q?user={user}"),
+                format!("/other/path?page={round}&user={user}"),
+                format!("/q?user={user}&x=y{u}"),
+            ] {
+                let r = get(&mut c, &path, &[]).await;
+                assert_eq!(r.status, 200, "{}", r.text());
+                let first = owner.entry(user.clone()).or_insert_with(|| r.pod());
+                assert_eq!(*first, r.pod(), "{path} (round {round}) moved");
+            }
+        }
+    }
+    let distinct: std::collections::BTreeSet<&String> = owner.values().collect();
+    assert!(distinct.len() >= 2, "12 users all on {distinct:?}");
+    assert_eq!(total(&servers), 3 * 12 * 3);
+}
+
+/// Starts `GET path` with `x-delay-ms: ms` on its own connection from pod `a` and waits until
+/// an endpoint has received it (the test server records a request before its delay); returns
+/// the request's task and the endpoint holding it.
+async fn hold_slow_request(
+    mesh: &L7Mesh,
+    servers: &[HttpServer],
+    path: &str,
+    ms: u64,
+) -> (tokio::task::JoinHandle<HttpReply>, String) {
+    let mut c = client(mesh).await;
+    let delay = ms.to_string();
+    let p = path.to_string();
+    let task = tokio::spawn(async move { c.get(&p, &[("x-delay-ms", &delay)]).await.unwrap() });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let holders: Vec<&str> = servers
+            .iter()
+            .filter(|s| s.records().iter().any(|r| r.path == path))
+            .map(|s| s.pod.as_str())
+            .collect();
+        if let [one] = holders.as_slice() {
+            return (task, one.to_string());
+        }
+        assert!(holders.is_empty(), "{path} reached {holders:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{path} never reached an endpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// LEAST_REQUEST really counts requests in flight. The waypoint's power of two choices draws
+/// two *distinct* endpoints, so over two endpoints (subset v11) it compares both and is exact:
+/// with a slow request held on one pod, every new request goes to the other; with two slow
+/// requests on one pod and one on the other, every new request goes to the less loaded one,
+/// while a ROUND_ROBIN subset over the same two pods keeps alternating. Over three endpoints
+/// (v10) a pod holding a slow request is never picked while the others are idle (round robin
+/// or random would give it a third). Requests run one at a time, so the only requests in
+/// flight are the held slow ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_request_avoids_endpoints_with_requests_in_flight() {
+    let dr = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata:
+  name: demoapp
+spec:
+  host: demoapp
+  trafficPolicy:
+    loadBalancer:
+      simple: LEAST_REQUEST
+  subsets:
+  - name: v10
+    labels:
+      version: v1.0
+  - name: v11
+    labels:
+      version: v1.1
+  - name: rr
+    labels:
+      version: v1.1
+    trafficPolicy:
+      loadBalancer:
+        simple: ROUND_ROBIN
+"#;
+    let vs = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata:
+  name: demoapp
+spec:
+  hosts:
+  - demoapp
+  http:
+  - name: round-robin
+    match:
+    - headers:
+        x-lb:
+          exact: rr
+    route:
+    - destination:
+        host: demoapp
+        subset: rr
+  - name: three
+    match:
+    - uri:
+        prefix: /v10
+    route:
+    - destination:
+        host: demoapp
+        subset: v10
+  - name: two
+    route:
+    - destination:
+        host: demoapp
+        subset: v11
+"#;
+    let (mesh, servers) = demo_mesh("rt-leastreq", &[vs, dr]).await;
+    let mut c = client(&mesh).await;
+    // Warm the upstream connections so no pick waits on a handshake.
+    for _ in 0..4 {
+        assert_eq!(get(&mut c, "/warm", &[]).await.status, 200);
+        assert_eq!(get(&mut c, "/v10/warm", &[]).await.status, 200);
+    }
+
+    // Three endpoints, one busy: never picked while the others are idle.
+    let (slow0, busy) = hold_slow_request(&mesh, &servers, "/v10/slow-0", 6000).await;
+    assert!(V10.contains(&busy.as_str()), "{busy}");
+    let mut fast = BTreeMap::new();
+    for i in 0..15 {
+        let r = get(&mut c, &format!("/v10/fast-{i}"), &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        *fast.entry(r.pod()).or_insert(0) += 1;
+    }
+    assert!(!slow0.is_finished(), "the slow request ended too early");
+    assert!(
+        !fast.contains_key(&busy),
+        "{busy} holds a request and the other v1.0 pods none, yet it got {fast:?}"
+    );
+    assert!(fast.keys().all(|p| V10.contains(&p.as_str())), "{fast:?}");
+
+    // Two endpoints, exact: one slow request on X → everything else to Y.
+    let (slow1, x) = hold_slow_request(&mesh, &servers, "/slow-1", 10000).await;
+    assert!(V11.contains(&x.as_str()), "{x}");
+    let y = V11.iter().find(|p| **p != x).unwrap().to_string();
+    for i in 0..10 {
+        let r = get(&mut c, &format!("/fast-a-{i}"), &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.pod(), y, "request {i}: {x} holds a request, {y} none");
+    }
+    // A second slow request must go to Y (1 vs 0 in flight); a third may go to either.
+    let (slow2, second) = hold_slow_request(&mesh, &servers, "/slow-2", 10000).await;
+    assert_eq!(second, y, "the second slow request avoids {x}");
+    let (slow3, third) = hold_slow_request(&mesh, &servers, "/slow-3", 10000).await;
+    assert!(V11.contains(&third.as_str()), "{third}");
+    let light = V11.iter().find(|p| **p != third).unwrap().to_string();
+    for i in 0..10 {
+        let r = get(&mut c, &format!("/fast-b-{i}"), &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.pod(),
+            light,
+            "request {i}: {third} holds two requests, {light} one"
+        );
+    }
+    // The control: round robin over the same two pods ignores what is in flight.
+    let mut rr = BTreeMap::new();
+    for i in 0..10 {
+        let r = get(&mut c, &format!("/rr-{i}"), &[("x-lb", "rr")]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        *rr.entry(r.pod()).or_insert(0) += 1;
+    }
+    assert_eq!(rr.len(), 2, "round robin uses both pods: {rr:?}");
+    assert!(
+        rr.values().all(|n| *n == 5),
+        "round robin alternates: {rr:?}"
+    );
+    for t in [&slow1, &slow2, &slow3] {
+        assert!(!t.is_finished(), "a slow request ended too early");
+    }
+    for t in [slow0, slow1, slow2, slow3] {
+        assert_eq!(within(30, "slow request", t).await.unwrap().status, 200);
+    }
+}
+
+/// consistentHash `useSourceIp: true` holds for non-HTTP traffic too: Istio gives the TCP
+/// proxy of a `tcp` port the DestinationRule's source-IP hash policy, so every connection from
+/// pod `a` to a port declared `tcp` lands on the same endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_source_ip_applies_to_tcp_connections() {
+    const PORT: u16 = 7000;
+    let dr = dr_with_policy("loadBalancer:\n  consistentHash:\n    useSourceIp: true");
+    let mesh = within(
+        120,
+        "start the mesh",
+        L7Mesh::demoapp_canary("rt-tcp-srcip")
+            .port(PORT, PORT)
+            .app_protocol(PORT, "tcp")
+            .document(&dr)
+            .start(),
+    )
+    .await
+    .unwrap();
+    let echoes = echo_servers(&mesh, PORT);
+    let mut pods: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..10u64 {
+        let pod = echoed_by(&mesh, &echoes, PORT, &tests::apps::random_bytes(1500, i)).await;
+        *pods.entry(pod).or_insert(0) += 1;
+    }
+    assert_eq!(
+        pods.len(),
+        1,
+        "10 connections from one source IP spread over {pods:?}"
+    );
 }

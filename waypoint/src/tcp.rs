@@ -7,7 +7,9 @@ use crate::route;
 use common::hbone::client::{ConnectRequest, PoolKey};
 use common::hbone::io::TunnelIo;
 use common::hbone::{forwarded_value, headers, HBONE_PORT};
-use common::l7::L4Info;
+use common::l7::destination_rule::HashKey;
+use common::l7::select::fnv1a64;
+use common::l7::{L4Info, LbPolicy};
 use common::model::Service;
 use http::{HeaderMap, HeaderValue};
 use std::collections::BTreeMap;
@@ -63,7 +65,17 @@ where
         .and_then(|r| route::pick_destination(&r.destinations))
         .map(|d| d.destination.clone());
     let decision = route::cluster_for(&snap, &state.identity.namespace, dest.as_ref(), &svc, port)
-        .and_then(|c| route::pick_endpoint(state, &c, None, &[], conn.target).map(|p| (c, p)));
+        .and_then(|c| {
+            // Of the consistent-hash keys only the source IP exists below HTTP (Istio gives
+            // the TCP proxy that hash policy too); the others fall back to the picker's default.
+            let hash = match &c.policy.load_balancer {
+                LbPolicy::ConsistentHash(HashKey::SourceIp) => {
+                    Some(fnv1a64(client.ip().to_canonical().to_string().as_bytes()))
+                }
+                _ => None,
+            };
+            route::pick_endpoint(state, &c, hash, &[], conn.target).map(|p| (c, p))
+        });
     let (cluster, pick) = match decision {
         Ok(v) => v,
         Err(reply) => {
