@@ -328,6 +328,14 @@ impl GrpcReply {
     }
 }
 
+fn content_type(headers: &http::HeaderMap) -> String {
+    headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
 impl GrpcClient {
     async fn connect(ns: &Netns, addr: SocketAddr) -> GrpcClient {
         let stream = ns.connect(addr).await.unwrap();
@@ -343,8 +351,8 @@ impl GrpcClient {
         }
     }
 
-    /// Calls `path` with `messages`, each in its own DATA frame, then reads the whole reply.
-    async fn call(&mut self, path: &str, messages: &[&[u8]]) -> GrpcReply {
+    /// Opens a gRPC call to `path`: the response future and the request stream.
+    async fn open(&mut self, path: &str) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
         let req = http::Request::builder()
             .method("POST")
             .uri(format!("http://{}{path}", self.authority))
@@ -353,7 +361,12 @@ impl GrpcClient {
             .body(())
             .unwrap();
         let mut sender = self.sender.clone().ready().await.unwrap();
-        let (resp, mut send) = sender.send_request(req, false).unwrap();
+        sender.send_request(req, false).unwrap()
+    }
+
+    /// Calls `path` with `messages`, each in its own DATA frame, then reads the whole reply.
+    async fn call(&mut self, path: &str, messages: &[&[u8]]) -> GrpcReply {
+        let (resp, mut send) = self.open(path).await;
         for (i, m) in messages.iter().enumerate() {
             send.reserve_capacity(5 + m.len());
             send.send_data(grpc_frame(m), i + 1 == messages.len())
@@ -369,12 +382,7 @@ impl GrpcClient {
         let trailers = body.trailers().await.unwrap();
         GrpcReply {
             status: parts.status.as_u16(),
-            content_type: parts
-                .headers
-                .get("content-type")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_string(),
+            content_type: content_type(&parts.headers),
             messages: grpc_messages(data),
             trailers,
         }
@@ -384,15 +392,7 @@ impl GrpcClient {
     /// reply to message `i` has arrived, and the request stream ends after the last reply.
     /// It never finishes if anything on the path holds the request stream back until its end.
     async fn ping_pong(&mut self, path: &str, messages: &[&[u8]]) -> GrpcReply {
-        let req = http::Request::builder()
-            .method("POST")
-            .uri(format!("http://{}{path}", self.authority))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
-        let mut sender = self.sender.clone().ready().await.unwrap();
-        let (resp, mut send) = sender.send_request(req, false).unwrap();
+        let (resp, mut send) = self.open(path).await;
         let mut replies = Vec::new();
         let mut buf = BytesMut::new();
         let mut resp = Some(resp);
@@ -407,12 +407,7 @@ impl GrpcClient {
                     .await
                     .unwrap();
                 status = resp.status().as_u16();
-                content_type = resp
-                    .headers()
-                    .get("content-type")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_string();
+                content_type = self::content_type(resp.headers());
                 body = Some(resp.into_body());
             }
             let body = body.as_mut().expect("response headers arrived");
