@@ -152,17 +152,22 @@ async fn certificate_rotation_keeps_live_connections() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_live_connections_then_removes_rules() {
-    const DRAIN: Duration = Duration::from_secs(20);
-    let mut mesh = Mesh::two_nodes_with("sigterm-drain", &standard_config(), |node, opts| {
-        if node.name == "n1" {
+/// The standard two-node mesh where `node`'s ztunnel drains for `drain` on SIGTERM.
+async fn mesh_draining(label: &str, node: &str, drain: Duration) -> Mesh {
+    Mesh::two_nodes_with(label, &standard_config(), |n, opts| {
+        if n.name == node {
             opts.extra_args
-                .extend(["--drain-timeout".into(), format!("{}s", DRAIN.as_secs())]);
+                .extend(["--drain-timeout".into(), format!("{}s", drain.as_secs())]);
         }
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_live_connections_then_removes_rules() {
+    const DRAIN: Duration = Duration::from_secs(20);
+    let mut mesh = mesh_draining("sigterm-drain", "n1", DRAIN).await;
     let server = echo_server(&mesh.pod("b").ns, any(9000)).unwrap();
     let n1_ns = mesh.node("n1").ns.handle();
     let a = mesh.pod("a").ns.handle();
@@ -282,14 +287,7 @@ async fn sigterm_drains_live_connections_then_removes_rules() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_connections_left_at_the_drain_deadline() {
     const DRAIN: Duration = Duration::from_secs(2);
-    let mut mesh = Mesh::two_nodes_with("drain-deadline", &standard_config(), |node, opts| {
-        if node.name == "n1" {
-            opts.extra_args
-                .extend(["--drain-timeout".into(), format!("{}s", DRAIN.as_secs())]);
-        }
-    })
-    .await
-    .unwrap();
+    let mut mesh = mesh_draining("drain-deadline", "n1", DRAIN).await;
     let _server = echo_server(&mesh.pod("b").ns, any(9000)).unwrap();
     let n1_ns = mesh.node("n1").ns.handle();
     let mut live = mesh.pod("a").ns.connect(echo_vip()).await.unwrap();
@@ -323,14 +321,7 @@ async fn sigterm_closes_connections_left_at_the_drain_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_on_destination_node_drains_live_tunnels() {
     const DRAIN: Duration = Duration::from_secs(20);
-    let mut mesh = Mesh::two_nodes_with("drain-dest", &standard_config(), |node, opts| {
-        if node.name == "n2" {
-            opts.extra_args
-                .extend(["--drain-timeout".into(), format!("{}s", DRAIN.as_secs())]);
-        }
-    })
-    .await
-    .unwrap();
+    let mut mesh = mesh_draining("drain-dest", "n2", DRAIN).await;
     let server = echo_server(&mesh.pod("b").ns, any(9000)).unwrap();
     let n2_ns = mesh.node("n2").ns.handle();
     let a = mesh.pod("a").ns.handle();
