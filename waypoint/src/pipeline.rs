@@ -118,14 +118,17 @@ pub async fn run(
     };
     // Phase: L7 authorization, first as Envoy's RBAC filter runs before CORS, faults and the
     // router: no redirect, fault, 404 or preflight answer for a request that is not allowed.
-    if let Err(denied) = authorize(state, ctx, snap, &req, &authority, &path) {
-        tracing::debug!(reason = %denied, "request denied by L7 policy");
-        return reply(LocalReply::new(
-            StatusCode::FORBIDDEN,
-            "-",
-            "RBAC: access denied",
-        ));
-    }
+    let own_cluster = match authorize(state, ctx, snap, &req, &authority, &path) {
+        Ok(c) => c,
+        Err(denied) => {
+            tracing::debug!(reason = %denied, "request denied by L7 policy");
+            return reply(LocalReply::new(
+                StatusCode::FORBIDDEN,
+                "-",
+                "RBAC: access denied",
+            ));
+        }
+    };
 
     // Phase: match.
     let matched: Option<HttpMatch> = match snap
@@ -218,13 +221,18 @@ pub async fn run(
         },
         None => None,
     };
-    let cluster = match route::cluster_for(
-        snap,
-        &state.identity.namespace,
-        dest.map(|d| &d.destination),
-        &ctx.service,
-        ctx.port,
-    ) {
+    // A route to the service itself uses the cluster authorization already resolved.
+    let resolved = match (dest, own_cluster) {
+        (None, Some(own)) => Ok(own),
+        _ => route::cluster_for(
+            snap,
+            &state.identity.namespace,
+            dest.map(|d| &d.destination),
+            &ctx.service,
+            ctx.port,
+        ),
+    };
+    let cluster = match resolved {
         Ok(c) => c,
         Err(r) => return reply(r),
     };
@@ -524,7 +532,8 @@ fn shape_for(proto: upstream::UpstreamProtocol, req: &mut Request<Body>, authori
 
 /// The L7 authorization policies of the addressed service's endpoints (all of them, so the
 /// decision does not depend on which endpoint a route or the balancer picks later: a policy
-/// bound to some of them restricts requests to the service), evaluated for `req`.
+/// bound to some of them restricts requests to the service), evaluated for `req`. Returns the
+/// service's own cluster when it had to resolve it (policies exist), for reuse.
 fn authorize(
     state: &State,
     ctx: &ConnContext,
@@ -532,9 +541,9 @@ fn authorize(
     req: &Request<Body>,
     authority: &str,
     path: &str,
-) -> Result<(), common::policy::Denied> {
+) -> Result<Option<Cluster>, common::policy::Denied> {
     if snap.l7.authorization_policies.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let Ok(own) = route::cluster_for(
         snap,
@@ -543,7 +552,7 @@ fn authorize(
         &ctx.service,
         ctx.port,
     ) else {
-        return Ok(());
+        return Ok(None);
     };
     let mut policies: Vec<&common::l7::L7Policy> = Vec::new();
     for ep in &own.endpoints {
@@ -554,10 +563,10 @@ fn authorize(
         }
     }
     let Some(first) = own.endpoints.first() else {
-        return Ok(());
+        return Ok(Some(own));
     };
     if policies.is_empty() {
-        return Ok(());
+        return Ok(Some(own));
     }
     let areq = common::l7::policy::AuthzRequest {
         method: req.method().as_str(),
@@ -569,7 +578,8 @@ fn authorize(
         destination_ip: first.workload.workload_ips.first().copied(),
         destination_port: first.target_port,
     };
-    common::l7::policy::authorize(policies, &areq)
+    common::l7::policy::authorize(policies, &areq)?;
+    Ok(Some(own))
 }
 
 fn info_for<'a>(
