@@ -37,6 +37,27 @@ spec:
       version: v1.1
 "#;
 
+/// [`DR_SUBSETS`] with ROUND_ROBIN, for tests that assert every pod of a subset takes part
+/// (Istio's default, LEAST_REQUEST, picks at random between idle endpoints).
+const DR_SUBSETS_ROUND_ROBIN: &str = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata:
+  name: demoapp
+spec:
+  host: demoapp
+  trafficPolicy:
+    loadBalancer:
+      simple: ROUND_ROBIN
+  subsets:
+  - name: v10
+    labels:
+      version: v1.0
+  - name: v11
+    labels:
+      version: v1.1
+"#;
+
 fn scenario(name: &str) -> String {
     let path = format!("{SCENARIOS}/{name}");
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
@@ -1431,7 +1452,7 @@ spec:
             .port(PORT, PORT)
             .app_protocol(PORT, "tcp")
             .document(vs)
-            .document(DR_SUBSETS)
+            .document(DR_SUBSETS_ROUND_ROBIN)
             .start(),
     )
     .await
@@ -1503,7 +1524,7 @@ spec:
             .port(OTHER, OTHER)
             .app_protocol(OTHER, "tcp")
             .document(vs)
-            .document(DR_SUBSETS)
+            .document(DR_SUBSETS_ROUND_ROBIN)
             .start(),
     )
     .await
