@@ -1,0 +1,5 @@
+//! `controller`: the control-plane binary.
+
+fn main() -> anyhow::Result<()> {
+    anyhow::bail!("controller: not wired yet")
+}
