@@ -15,3 +15,4 @@ pub mod policy;
 pub mod shards;
 pub mod snapshot;
 pub mod tls;
+pub mod xds;

@@ -11,6 +11,7 @@
 //! kinds: a bad VirtualService, DestinationRule or ServiceEntry is left out and recorded in
 //! `Snapshot::rejected`, and the rest of the file applies (see [`crate::l7`]).
 
+pub mod assemble;
 pub mod istio;
 mod l7;
 pub mod local;

@@ -1,0 +1,241 @@
+//! Building a [`Snapshot`] from resources received over xDS rather than read from a file: the
+//! workloads, services and L4 policies of Istio's WDS (already converted to the model) plus our
+//! config resources (Kubernetes objects as JSON: VirtualService, AuthorizationPolicy,
+//! PeerAuthentication, Sidecar, Gateway…). The same document loader and cross-document
+//! validation as the local file run over them, so the two modes cannot drift.
+//!
+//! Differences from a file, because a cluster is never perfectly consistent mid-change:
+//! two workloads claiming one IP (a finished pod's address reused) keep the healthy one; two
+//! services claiming one VIP keep the first by key; a waypoint given as `<namespace>/<hostname>`
+//! (Istio's preferred form) is resolved to that service's VIP. A config resource that does not
+//! load alone is reported back (for a NACK) and left out; policies compiled from config
+//! resources replace WDS policies of the same `<namespace>/<name>` (they carry selectors and
+//! the HTTP-rule flag the wire form cannot).
+
+use super::{load_document, Collected, ConfigError, Document, Origin};
+use crate::model::{Authorization, HealthStatus, Protocol, Service, Workload};
+use crate::snapshot::{parse_network_address, Snapshot};
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+
+/// Source name used in errors for xDS-delivered configuration.
+pub const XDS_SOURCE: &str = "xds";
+
+/// Everything one proxy has received, by resource name.
+#[derive(Debug, Default, Clone)]
+pub struct Parts {
+    pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
+    pub authorizations: Vec<Authorization>,
+    /// (resource name, Kubernetes object as JSON).
+    pub documents: Vec<(String, serde_json::Value)>,
+}
+
+/// Checks one config resource on its own: `Err` carries the reason to NACK it with.
+pub fn check_document(value: &serde_json::Value) -> Result<(), ConfigError> {
+    let mut scratch = Collected::default();
+    load_value(1, value, &mut scratch)?;
+    match scratch.rejected.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn load_value(index: usize, value: &serde_json::Value, out: &mut Collected) -> Result<(), ConfigError> {
+    // JSON is YAML: the document loader reads it unchanged.
+    let doc = Document {
+        index,
+        first_line: 1,
+        text: value.to_string(),
+    };
+    load_document(&doc, XDS_SOURCE, out)
+}
+
+fn preference(w: &Workload) -> (bool, bool) {
+    (w.status == HealthStatus::Healthy, w.protocol == Protocol::Hbone)
+}
+
+/// Assembles a snapshot. Fails only where a file would fail for reasons a single resource
+/// cannot be blamed for; the caller keeps its last good snapshot then.
+pub fn assemble(parts: Parts) -> Result<Snapshot, ConfigError> {
+    let mut c = Collected::default();
+    let origin = |doc: usize, resource: String| Origin {
+        doc,
+        resource,
+        field: String::new(),
+    };
+
+    // Config documents first: policies compiled from them shadow WDS policies.
+    for (i, (_, value)) in parts.documents.iter().enumerate() {
+        load_value(i + 1, value, &mut c)?;
+    }
+    let shadowed: HashSet<(String, String)> = c
+        .policies
+        .iter()
+        .map(|(p, _, _)| (p.namespace.clone(), p.name.clone()))
+        .collect();
+
+    // Workloads: one owner per IP (the healthy, mesh-capable one; then the first uid).
+    let mut workloads = parts.workloads;
+    workloads.sort_by(|a, b| preference(b).cmp(&preference(a)).then_with(|| a.uid.cmp(&b.uid)));
+    let mut owners: HashMap<IpAddr, String> = HashMap::new();
+    for mut w in workloads {
+        w.workload_ips.retain(|ip| match owners.get(&ip.to_canonical()) {
+            Some(owner) => {
+                tracing::warn!(ip = %ip, workload = %w.uid, owner = %owner,
+                    "address claimed by two workloads; keeping the healthy one");
+                false
+            }
+            None => {
+                owners.insert(ip.to_canonical(), w.uid.clone());
+                true
+            }
+        });
+        let resource = format!("workload {}", w.uid);
+        c.workloads.push((w, origin(0, resource), true));
+    }
+
+    // Services: unique VIPs; hostname-form waypoints resolved to a VIP.
+    let mut services = parts.services;
+    services.sort_by_key(Service::key);
+    let first_vip: HashMap<String, String> = services
+        .iter()
+        .filter_map(|s| s.vips.first().map(|v| (s.key(), v.clone())))
+        .collect();
+    let mut vips: HashSet<IpAddr> = HashSet::new();
+    for mut s in services {
+        s.vips.retain(|v| match parse_network_address(v) {
+            Ok((_, ip)) => vips.insert(ip),
+            Err(_) => false,
+        });
+        let resource = format!("service {}", s.key());
+        c.services.push((s, origin(0, resource)));
+    }
+    let resolve = |gw: &mut Option<crate::model::GatewayAddress>| {
+        if let Some(g) = gw.as_mut() {
+            if parse_network_address(&g.destination).is_err() {
+                if let Some(vip) = first_vip.get(&g.destination) {
+                    g.destination = vip.clone();
+                }
+            }
+        }
+    };
+    for (w, _, _) in &mut c.workloads {
+        resolve(&mut w.waypoint);
+    }
+    for (s, _) in &mut c.services {
+        resolve(&mut s.waypoint);
+    }
+
+    for p in parts.authorizations {
+        if shadowed.contains(&(p.namespace.clone(), p.name.clone())) {
+            continue;
+        }
+        let resource = format!("authorization {}/{}", p.namespace, p.name);
+        c.policies.push((p, origin(0, resource), false));
+    }
+    super::validate::finish(c, XDS_SOURCE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::GatewayAddress;
+
+    fn workload(uid: &str, ip: &str, status: HealthStatus) -> Workload {
+        serde_json::from_value(serde_json::json!({
+            "uid": uid, "name": uid, "namespace": "default",
+            "workloadIps": [ip], "protocol": "HBONE", "node": "n1",
+            "status": match status { HealthStatus::Healthy => "Healthy", HealthStatus::Unhealthy => "Unhealthy" },
+        }))
+        .expect("workload")
+    }
+
+    #[test]
+    fn a_reused_address_goes_to_the_healthy_workload() {
+        let parts = Parts {
+            workloads: vec![
+                workload("a-old", "10.0.0.1", HealthStatus::Unhealthy),
+                workload("b-new", "10.0.0.1", HealthStatus::Healthy),
+            ],
+            ..Default::default()
+        };
+        let snap = assemble(parts).expect("assembles");
+        let ip: IpAddr = "10.0.0.1".parse().expect("ip");
+        assert_eq!(snap.workload_by_ip(ip).map(|w| w.uid.as_str()), Some("b-new"));
+    }
+
+    #[test]
+    fn hostname_waypoints_resolve_to_the_service_vip() {
+        let mut wp = workload("wp", "10.0.0.9", HealthStatus::Healthy);
+        wp.services
+            .insert("default/wp.default.svc.cluster.local".into(), [(15006, 15006)].into());
+        let wp_svc: Service = serde_json::from_value(serde_json::json!({
+            "name": "wp", "namespace": "default", "hostname": "wp.default.svc.cluster.local",
+            "vips": ["/10.96.0.9"], "ports": {"15006": 15006},
+        }))
+        .expect("service");
+        let mut app: Service = serde_json::from_value(serde_json::json!({
+            "name": "app", "namespace": "default", "hostname": "app.default.svc.cluster.local",
+            "vips": ["/10.96.0.1"], "ports": {"80": 8080},
+        }))
+        .expect("service");
+        app.waypoint = Some(GatewayAddress {
+            destination: "default/wp.default.svc.cluster.local".into(),
+            hbone_mtls_port: 15006,
+            identity: None,
+        });
+        let snap = assemble(Parts {
+            workloads: vec![wp],
+            services: vec![wp_svc, app],
+            ..Default::default()
+        })
+        .expect("assembles");
+        let app = snap
+            .services
+            .iter()
+            .find(|s| s.name == "app")
+            .expect("app service");
+        let gw = app.waypoint.as_ref().expect("waypoint");
+        assert_eq!(gw.destination, "/10.96.0.9");
+        assert_eq!(gw.identity.as_ref().map(|i| i.to_string()).as_deref(),
+            Some("spiffe://cluster.local/ns/default/sa/default"));
+    }
+
+    #[test]
+    fn config_policies_shadow_wire_policies_of_the_same_name() {
+        let wire: Authorization = serde_json::from_value(serde_json::json!({
+            "name": "deny", "namespace": "default", "scope": "Namespace", "action": "Allow",
+        }))
+        .expect("policy");
+        let doc = serde_json::json!({
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "deny", "namespace": "default"},
+            "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin"]}}]}]},
+        });
+        let snap = assemble(Parts {
+            authorizations: vec![wire],
+            documents: vec![("AuthorizationPolicy/default/deny".into(), doc)],
+            ..Default::default()
+        })
+        .expect("assembles");
+        assert_eq!(snap.authorizations.len(), 1);
+        assert!(snap.authorizations[0].has_l7_rules, "the compiled document wins");
+    }
+
+    #[test]
+    fn a_bad_document_is_refused_alone() {
+        let bad = serde_json::json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": "v", "namespace": "default"},
+            "spec": {"hosts": ["a"], "http": [{"route": [{"destination": {"host": "a", "port": {"number": 99999}}}]}]},
+        });
+        assert!(check_document(&bad).is_err());
+        let good = serde_json::json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": "v", "namespace": "default"},
+            "spec": {"hosts": ["a"], "http": [{"route": [{"destination": {"host": "a"}}]}]},
+        });
+        assert!(check_document(&good).is_ok());
+    }
+}
