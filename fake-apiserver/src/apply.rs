@@ -243,6 +243,12 @@ pub fn write_managers(obj: &mut Value, managers: &[Manager]) {
             e
         })
         .collect();
+    if !obj.get("metadata").is_some_and(Value::is_object) {
+        if entries.is_empty() {
+            return;
+        }
+        obj["metadata"] = Value::Object(Map::new());
+    }
     if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
         if entries.is_empty() {
             meta.remove("managedFields");

@@ -179,9 +179,8 @@ async fn status_subresource_and_preconditions() {
     let mut s = created.clone();
     s.status = Some(serde_json::from_value(json!({"replicas": 1, "readyReplicas": 1})).unwrap());
     s.spec.as_mut().unwrap().replicas = Some(7);
-    let body = serde_json::to_vec(&s).unwrap();
     let after = api
-        .replace_status("web", &PostParams::default(), body)
+        .replace_status("web", &PostParams::default(), &s)
         .await
         .unwrap();
     assert_eq!(after.status.as_ref().unwrap().ready_replicas, Some(1));
