@@ -30,7 +30,7 @@ fn split_top_level(s: &str) -> ApiResult<Vec<String>> {
             ')' => depth -= 1,
             _ => {}
         }
-        if depth < 0 || depth > 1 {
+        if !(0..=1).contains(&depth) {
             return Err(ApiError::bad_request(format!(
                 "unable to parse requirement: unbalanced parentheses in {s:?}"
             )));
