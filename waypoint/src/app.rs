@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use common::admin_http::{self, Handler};
 use common::config::watch::ConfigStore;
+use common::xds::client::{XdsClient, XdsConfig};
 use common::drain::{Drain, DrainWatch};
 use common::hbone::client::{plain_dialer, HboneClient, PoolTimings};
 use common::hbone::H2Settings;
@@ -40,9 +41,20 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Local configuration file (YAML), reloaded when it changes.
-    #[arg(long, env = "WAYPOINT_CONFIG")]
-    pub config: PathBuf,
+    /// Local configuration file (YAML), reloaded when it changes. Either this or
+    /// `--xds-address`.
+    #[arg(long, env = "WAYPOINT_CONFIG", required_unless_present = "xds_address")]
+    pub config: Option<PathBuf>,
+    /// The control plane, instead of `--config`: `https://host:port` (Istio's `XDS_ADDRESS`;
+    /// token, root and node metadata from Istio's environment variables).
+    #[arg(long, env = "XDS_ADDRESS", conflicts_with = "config")]
+    pub xds_address: Option<String>,
+    /// PEM file the control plane's certificate must chain to (overrides `XDS_ROOT_CA`).
+    #[arg(long)]
+    pub xds_root_ca: Option<PathBuf>,
+    /// This node's name, sent to the control plane (`NODE_NAME`).
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    pub node: String,
     /// Directory with the mesh root (root-cert.pem, root-key.pem).
     #[arg(long)]
     pub ca_dir: PathBuf,
@@ -133,16 +145,47 @@ fn own_identity(store: &ConfigStore, workload: &str) -> anyhow::Result<Identity>
     }
 }
 
-async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Result<()> {
-    let config = Arc::new(
-        ConfigStore::from_file(&args.config)
-            .with_context(|| format!("initial config {}", args.config.display()))?,
+/// The configuration store, fed by a watched file or by the control plane. With xDS this
+/// returns once every subscribed type was ACKed and the waypoint's own workload is known
+/// (its identity is what the waypoint presents).
+async fn config_source(args: &RunArgs) -> anyhow::Result<Arc<ConfigStore>> {
+    if let Some(address) = &args.xds_address {
+        let mut cfg = XdsConfig::from_env(address.clone(), "waypoint", &args.node, true);
+        if let Some(root) = &args.xds_root_ca {
+            cfg.root_cert = Some(root.clone());
+        }
+        let store = Arc::new(ConfigStore::default());
+        let synced = Arc::new(AtomicBool::new(false));
+        tracing::info!(address = %address, node_id = %cfg.node_id, "configuration from the control plane");
+        tokio::spawn(XdsClient::new(cfg, store.clone(), synced.clone()).run());
+        let started = Instant::now();
+        let mut warned = false;
+        while !synced.load(Ordering::Acquire) || own_identity(&store, &args.workload).is_err() {
+            if !warned && started.elapsed() > Duration::from_secs(10) {
+                warned = true;
+                tracing::warn!(workload = %args.workload, "still waiting for the control plane to list this waypoint's workload");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        return Ok(store);
+    }
+    let Some(path) = &args.config else {
+        bail!("either --config or --xds-address is needed");
+    };
+    let store = Arc::new(
+        ConfigStore::from_file(path).with_context(|| format!("initial config {}", path.display()))?,
     );
-    let _watcher = common::config::watch::spawn_file_watcher(
-        args.config.clone(),
-        config.clone(),
+    // Detached: the watcher lives as long as the process.
+    drop(common::config::watch::spawn_file_watcher(
+        path.clone(),
+        store.clone(),
         args.config_poll,
-    );
+    ));
+    Ok(store)
+}
+
+async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Result<()> {
+    let config = config_source(&args).await?;
     let identity = own_identity(&config, &args.workload)?;
     let ca = MeshCa::load(&args.ca_dir).context("loading the mesh CA")?;
     let certs = Arc::new(CertStore::new(ca, args.cert_ttl)?);

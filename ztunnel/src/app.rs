@@ -19,6 +19,7 @@ use common::hbone::H2Settings;
 use common::identity::ca::MeshCa;
 use common::identity::store::CertStore;
 use common::identity::Identity;
+use common::xds::client::{XdsClient, XdsConfig};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -71,18 +72,39 @@ fn local_identities(store: &ConfigStore, node: &str) -> Vec<Identity> {
     ids
 }
 
-async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Result<()> {
+/// Where configuration comes from: a watched file, or the control plane. Returns the store
+/// and, for xDS, the flag that turns true once every subscribed type was ACKed.
+fn config_source(args: &RunArgs) -> anyhow::Result<(Arc<ConfigStore>, Option<Arc<AtomicBool>>)> {
+    if let Some(address) = &args.xds_address {
+        let mut cfg = XdsConfig::from_env(address.clone(), "ztunnel", &args.node, true);
+        if let Some(root) = &args.xds_root_ca {
+            cfg.root_cert = Some(root.clone());
+        }
+        let store = Arc::new(ConfigStore::default());
+        let synced = Arc::new(AtomicBool::new(false));
+        tracing::info!(address = %address, node_id = %cfg.node_id, "configuration from the control plane");
+        tokio::spawn(XdsClient::new(cfg, store.clone(), synced.clone()).run());
+        return Ok((store, Some(synced)));
+    }
+    let Some(path) = &args.config else {
+        anyhow::bail!("either --config or --xds-address is needed");
+    };
     // `from_file` records the content hash, so the watcher's first tick does not parse the
     // unchanged file a second time.
     let store = Arc::new(
-        ConfigStore::from_file(&args.config)
-            .with_context(|| format!("initial config {}", args.config.display()))?,
+        ConfigStore::from_file(path).with_context(|| format!("initial config {}", path.display()))?,
     );
-    let _watcher = common::config::watch::spawn_file_watcher(
-        args.config.clone(),
+    // Detached: the watcher lives as long as the process.
+    drop(common::config::watch::spawn_file_watcher(
+        path.clone(),
         store.clone(),
         args.config_poll,
-    );
+    ));
+    Ok((store, None))
+}
+
+async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Result<()> {
+    let (store, xds_synced) = config_source(&args)?;
     let ca = MeshCa::load(&args.ca_dir).context("loading the mesh CA")?;
     let certs = Arc::new(CertStore::new(ca, args.cert_ttl)?);
     for id in local_identities(&store, &args.node) {
@@ -169,6 +191,12 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         args.node.clone(),
         args.cert_ttl,
     ));
+    if let Some(synced) = &xds_synced {
+        // Ready only once the control plane's first answers are applied (as Istio's ztunnel).
+        while !synced.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     ready.store(true, Ordering::Release);
     tracing::info!(
         node = %args.node,

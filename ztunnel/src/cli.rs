@@ -101,9 +101,18 @@ pub struct CaptureArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// Local configuration file (YAML); reloaded when it changes.
-    #[arg(long, env = "ZTUNNEL_CONFIG")]
-    pub config: PathBuf,
+    /// Local configuration file (YAML); reloaded when it changes. Either this or
+    /// `--xds-address`.
+    #[arg(long, env = "ZTUNNEL_CONFIG", required_unless_present = "xds_address")]
+    pub config: Option<PathBuf>,
+    /// The control plane, instead of `--config`: `https://host:port` (Istio's `XDS_ADDRESS`).
+    /// Node id, metadata, token (`AUTH_TOKEN`), root (`XDS_ROOT_CA`) and server name
+    /// (`ALT_XDS_HOSTNAME`) come from Istio's environment variables.
+    #[arg(long, env = "XDS_ADDRESS", conflicts_with = "config")]
+    pub xds_address: Option<String>,
+    /// PEM file the control plane's certificate must chain to (overrides `XDS_ROOT_CA`).
+    #[arg(long)]
+    pub xds_root_ca: Option<PathBuf>,
     /// This node's name: workloads whose `node` equals it are served here.
     #[arg(long, env = "NODE_NAME")]
     pub node: String,

@@ -41,7 +41,11 @@ pub fn check_document(value: &serde_json::Value) -> Result<(), ConfigError> {
     }
 }
 
-fn load_value(index: usize, value: &serde_json::Value, out: &mut Collected) -> Result<(), ConfigError> {
+fn load_value(
+    index: usize,
+    value: &serde_json::Value,
+    out: &mut Collected,
+) -> Result<(), ConfigError> {
     // JSON is YAML: the document loader reads it unchanged.
     let doc = Document {
         index,
@@ -52,7 +56,10 @@ fn load_value(index: usize, value: &serde_json::Value, out: &mut Collected) -> R
 }
 
 fn preference(w: &Workload) -> (bool, bool) {
-    (w.status == HealthStatus::Healthy, w.protocol == Protocol::Hbone)
+    (
+        w.status == HealthStatus::Healthy,
+        w.protocol == Protocol::Hbone,
+    )
 }
 
 /// Assembles a snapshot. Fails only where a file would fail for reasons a single resource
@@ -77,20 +84,25 @@ pub fn assemble(parts: Parts) -> Result<Snapshot, ConfigError> {
 
     // Workloads: one owner per IP (the healthy, mesh-capable one; then the first uid).
     let mut workloads = parts.workloads;
-    workloads.sort_by(|a, b| preference(b).cmp(&preference(a)).then_with(|| a.uid.cmp(&b.uid)));
+    workloads.sort_by(|a, b| {
+        preference(b)
+            .cmp(&preference(a))
+            .then_with(|| a.uid.cmp(&b.uid))
+    });
     let mut owners: HashMap<IpAddr, String> = HashMap::new();
     for mut w in workloads {
-        w.workload_ips.retain(|ip| match owners.get(&ip.to_canonical()) {
-            Some(owner) => {
-                tracing::warn!(ip = %ip, workload = %w.uid, owner = %owner,
+        w.workload_ips
+            .retain(|ip| match owners.get(&ip.to_canonical()) {
+                Some(owner) => {
+                    tracing::warn!(ip = %ip, workload = %w.uid, owner = %owner,
                     "address claimed by two workloads; keeping the healthy one");
-                false
-            }
-            None => {
-                owners.insert(ip.to_canonical(), w.uid.clone());
-                true
-            }
-        });
+                    false
+                }
+                None => {
+                    owners.insert(ip.to_canonical(), w.uid.clone());
+                    true
+                }
+            });
         let resource = format!("workload {}", w.uid);
         c.workloads.push((w, origin(0, resource), true));
     }
@@ -162,14 +174,19 @@ mod tests {
         };
         let snap = assemble(parts).expect("assembles");
         let ip: IpAddr = "10.0.0.1".parse().expect("ip");
-        assert_eq!(snap.workload_by_ip(ip).map(|w| w.uid.as_str()), Some("b-new"));
+        assert_eq!(
+            snap.workload_by_ip(ip).map(|w| w.uid.as_str()),
+            Some("b-new")
+        );
     }
 
     #[test]
     fn hostname_waypoints_resolve_to_the_service_vip() {
         let mut wp = workload("wp", "10.0.0.9", HealthStatus::Healthy);
-        wp.services
-            .insert("default/wp.default.svc.cluster.local".into(), [(15006, 15006)].into());
+        wp.services.insert(
+            "default/wp.default.svc.cluster.local".into(),
+            [(15006, 15006)].into(),
+        );
         let wp_svc: Service = serde_json::from_value(serde_json::json!({
             "name": "wp", "namespace": "default", "hostname": "wp.default.svc.cluster.local",
             "vips": ["/10.96.0.9"], "ports": {"15006": 15006},
@@ -198,8 +215,10 @@ mod tests {
             .expect("app service");
         let gw = app.waypoint.as_ref().expect("waypoint");
         assert_eq!(gw.destination, "/10.96.0.9");
-        assert_eq!(gw.identity.as_ref().map(|i| i.to_string()).as_deref(),
-            Some("spiffe://cluster.local/ns/default/sa/default"));
+        assert_eq!(
+            gw.identity.as_ref().map(|i| i.to_string()).as_deref(),
+            Some("spiffe://cluster.local/ns/default/sa/default")
+        );
     }
 
     #[test]
@@ -220,7 +239,10 @@ mod tests {
         })
         .expect("assembles");
         assert_eq!(snap.authorizations.len(), 1);
-        assert!(snap.authorizations[0].has_l7_rules, "the compiled document wins");
+        assert!(
+            snap.authorizations[0].has_l7_rules,
+            "the compiled document wins"
+        );
     }
 
     #[test]

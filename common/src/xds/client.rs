@@ -13,7 +13,9 @@ use super::discovery::{
     aggregated_discovery_service_client::AggregatedDiscoveryServiceClient, DeltaDiscoveryRequest,
     DeltaDiscoveryResponse, Node, Status as RpcStatus,
 };
-use super::{convert, mesh_config, security, workload, ADDRESS_TYPE, AUTHORIZATION_TYPE, CONFIG_TYPE};
+use super::{
+    convert, mesh_config, security, workload, ADDRESS_TYPE, AUTHORIZATION_TYPE, CONFIG_TYPE,
+};
 use crate::config::assemble::{self, Parts};
 use crate::config::watch::ConfigStore;
 use crate::model::{Authorization, Service, Workload};
@@ -58,6 +60,49 @@ impl XdsConfig {
             t.push(CONFIG_TYPE.to_string());
         }
         t
+    }
+
+    /// A configuration the way Istio's proxies derive it from their environment: node id
+    /// `<proxy_type>~<INSTANCE_IP>~<POD_NAME>.<POD_NAMESPACE>~<POD_NAMESPACE>.svc.cluster.local`,
+    /// metadata `NAME`, `NAMESPACE`, `INSTANCE_IPS`, `NODE_NAME` plus every `ISTIO_META_<K>`
+    /// as `<K>`, `clusterid` from `ISTIO_META_CLUSTER_ID` / `CLUSTER_ID` (else `Kubernetes`),
+    /// token from `AUTH_TOKEN` (else Istio's default token path when it exists).
+    pub fn from_env(address: String, proxy_type: &str, node_name: &str, with_config: bool) -> Self {
+        let env = |k: &str| std::env::var(k).unwrap_or_default();
+        let instance_ip = std::env::var("INSTANCE_IP").unwrap_or_else(|_| "1.1.1.1".into());
+        let (pod, ns) = (env("POD_NAME"), env("POD_NAMESPACE"));
+        let mut metadata: BTreeMap<String, String> = std::env::vars()
+            .filter_map(|(k, v)| k.strip_prefix("ISTIO_META_").map(|k| (k.to_string(), v)))
+            .collect();
+        metadata.insert("NAME".into(), pod.clone());
+        metadata.insert("NAMESPACE".into(), ns.clone());
+        metadata.insert("INSTANCE_IPS".into(), instance_ip.clone());
+        metadata.insert("NODE_NAME".into(), node_name.to_string());
+        let cluster_id = ["ISTIO_META_CLUSTER_ID", "CLUSTER_ID"]
+            .iter()
+            .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+            .unwrap_or_else(|| "Kubernetes".into());
+        let default_token = "/var/run/secrets/tokens/istio-token";
+        let token = std::env::var("AUTH_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .or_else(|| {
+                std::path::Path::new(default_token)
+                    .exists()
+                    .then(|| default_token.into())
+            });
+        XdsConfig {
+            address,
+            root_cert: std::env::var_os("XDS_ROOT_CA").map(PathBuf::from),
+            server_name: std::env::var("ALT_XDS_HOSTNAME")
+                .ok()
+                .filter(|s| !s.is_empty()),
+            token,
+            cluster_id,
+            node_id: format!("{proxy_type}~{instance_ip}~{pod}.{ns}~{ns}.svc.cluster.local"),
+            metadata,
+            types: Self::default_types(with_config),
+        }
     }
 
     fn token(&self) -> Option<String> {
@@ -138,7 +183,8 @@ fn decode(type_url: &str, bytes: &[u8]) -> Result<Decoded, String> {
                 .map_err(|e| e.to_string())
         }
         CONFIG_TYPE => {
-            let r = mesh_config::ConfigResource::decode(bytes).map_err(|e| format!("decode: {e}"))?;
+            let r =
+                mesh_config::ConfigResource::decode(bytes).map_err(|e| format!("decode: {e}"))?;
             let value: serde_json::Value =
                 serde_json::from_str(&r.json).map_err(|e| format!("json: {e}"))?;
             crate::config::assemble::check_document(&value).map_err(|e| e.to_string())?;
@@ -164,7 +210,9 @@ impl Resources {
     fn insert(&mut self, name: String, version: String, d: Decoded) -> Undo {
         match d {
             Decoded::Workload(value) => {
-                let old = self.workloads.insert(name.clone(), Entry { version, value });
+                let old = self
+                    .workloads
+                    .insert(name.clone(), Entry { version, value });
                 Undo::Workload(name, old)
             }
             Decoded::Service(value) => {
@@ -172,11 +220,15 @@ impl Resources {
                 Undo::Service(name, old)
             }
             Decoded::Authorization(value) => {
-                let old = self.authorizations.insert(name.clone(), Entry { version, value });
+                let old = self
+                    .authorizations
+                    .insert(name.clone(), Entry { version, value });
                 Undo::Authorization(name, old)
             }
             Decoded::Document(value) => {
-                let old = self.documents.insert(name.clone(), Entry { version, value });
+                let old = self
+                    .documents
+                    .insert(name.clone(), Entry { version, value });
                 Undo::Document(name, old)
             }
         }

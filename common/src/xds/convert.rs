@@ -81,7 +81,10 @@ fn gateway_to_proto(gw: &GatewayAddress) -> Result<wds::GatewayAddress, ConvertE
             _ => {
                 return Err(bad(
                     "waypoint.destination",
-                    format!("{:?} is neither <network>/<IP> nor <namespace>/<hostname>", gw.destination),
+                    format!(
+                        "{:?} is neither <network>/<IP> nor <namespace>/<hostname>",
+                        gw.destination
+                    ),
                 ))
             }
         },
@@ -92,19 +95,32 @@ fn gateway_to_proto(gw: &GatewayAddress) -> Result<wds::GatewayAddress, ConvertE
     })
 }
 
-fn gateway_from_proto(gw: &wds::GatewayAddress, field: &str) -> Result<GatewayAddress, ConvertError> {
+fn gateway_from_proto(
+    gw: &wds::GatewayAddress,
+    field: &str,
+) -> Result<GatewayAddress, ConvertError> {
     use wds::gateway_address::Destination;
     let destination = match &gw.destination {
         Some(Destination::Address(a)) => network_address_string(a, field)?,
         Some(Destination::Hostname(h)) if !h.hostname.is_empty() => {
             format!("{}/{}", h.namespace, h.hostname)
         }
-        _ => return Err(bad(field, "a gateway address needs a hostname or an address")),
+        _ => {
+            return Err(bad(
+                field,
+                "a gateway address needs a hostname or an address",
+            ))
+        }
     };
     let port = u16::try_from(gw.hbone_mtls_port)
         .ok()
         .filter(|p| *p != 0)
-        .ok_or_else(|| bad(field, format!("hboneMtlsPort {} is not a port", gw.hbone_mtls_port)))?;
+        .ok_or_else(|| {
+            bad(
+                field,
+                format!("hboneMtlsPort {} is not a port", gw.hbone_mtls_port),
+            )
+        })?;
     Ok(GatewayAddress {
         destination,
         hbone_mtls_port: port,
@@ -231,8 +247,10 @@ pub fn workload_from_proto(p: wds::Workload) -> Result<model::Workload, ConvertE
         let mut ports = BTreeMap::new();
         for (i, port) in list.ports.iter().enumerate() {
             let field = format!("services[{key:?}].ports[{i}]");
-            let sp = u16::try_from(port.service_port).map_err(|_| bad(&field, "servicePort is not a port"))?;
-            let tp = u16::try_from(port.target_port).map_err(|_| bad(&field, "targetPort is not a port"))?;
+            let sp = u16::try_from(port.service_port)
+                .map_err(|_| bad(&field, "servicePort is not a port"))?;
+            let tp = u16::try_from(port.target_port)
+                .map_err(|_| bad(&field, "targetPort is not a port"))?;
             ports.insert(sp, tp);
         }
         services.insert(key.clone(), ports);
@@ -242,7 +260,11 @@ pub fn workload_from_proto(p: wds::Workload) -> Result<model::Workload, ConvertE
         if ext.name != LABELS_EXTENSION {
             continue;
         }
-        let value = ext.config.as_ref().map(|a| a.value.as_slice()).unwrap_or_default();
+        let value = ext
+            .config
+            .as_ref()
+            .map(|a| a.value.as_slice())
+            .unwrap_or_default();
         let decoded = WorkloadLabels::decode(value)
             .map_err(|e| bad(format!("extensions[{i}]"), format!("bad labels: {e}")))?;
         labels.extend(decoded.labels);
@@ -378,8 +400,10 @@ pub fn service_from_proto(p: wds::Service) -> Result<model::Service, ConvertErro
     let mut app_protocols = BTreeMap::new();
     for (i, port) in p.ports.iter().enumerate() {
         let field = format!("ports[{i}]");
-        let sp = u16::try_from(port.service_port).map_err(|_| bad(&field, "servicePort is not a port"))?;
-        let tp = u16::try_from(port.target_port).map_err(|_| bad(&field, "targetPort is not a port"))?;
+        let sp = u16::try_from(port.service_port)
+            .map_err(|_| bad(&field, "servicePort is not a port"))?;
+        let tp =
+            u16::try_from(port.target_port).map_err(|_| bad(&field, "targetPort is not a port"))?;
         ports.insert(sp, tp);
         if let Some(proto) = app_protocol_from_proto(port.app_protocol) {
             app_protocols.insert(sp, proto.to_string());
@@ -435,7 +459,9 @@ fn string_match_to_proto(m: &StringMatch) -> sec::StringMatch {
             }
         }
     };
-    sec::StringMatch { match_type: Some(t) }
+    sec::StringMatch {
+        match_type: Some(t),
+    }
 }
 
 fn string_match_from_proto(m: &sec::StringMatch, field: &str) -> Result<StringMatch, ConvertError> {
@@ -452,8 +478,15 @@ fn string_match_from_proto(m: &sec::StringMatch, field: &str) -> Result<StringMa
         Some(MatchType::Exact(e)) => typed(Some(e.clone()), None, None, None),
         Some(MatchType::Prefix(p)) => typed(None, Some(p.clone()), None, None),
         Some(MatchType::Suffix(s)) => typed(None, None, Some(s.clone()), None),
-        Some(MatchType::Presence(())) => typed(None, None, None, Some(serde_json::Value::Bool(true))),
-        None => return Err(bad(field, "a string match needs exact, prefix, suffix or presence")),
+        Some(MatchType::Presence(())) => {
+            typed(None, None, None, Some(serde_json::Value::Bool(true)))
+        }
+        None => {
+            return Err(bad(
+                field,
+                "a string match needs exact, prefix, suffix or presence",
+            ))
+        }
     })
 }
 
@@ -476,7 +509,10 @@ fn address_from_proto(a: &sec::Address, field: &str) -> Result<AddressMatch, Con
         .ok()
         .filter(|l| *l <= max)
         .ok_or_else(|| bad(field, format!("prefix length {} is out of range", a.length)))?;
-    Ok(AddressMatch::Parts { address: ip, length })
+    Ok(AddressMatch::Parts {
+        address: ip,
+        length,
+    })
 }
 
 fn match_to_proto(m: &RuleMatch) -> sec::Match {
@@ -517,7 +553,8 @@ fn match_from_proto(m: &sec::Match, field: &str) -> Result<RuleMatch, ConvertErr
         v.iter()
             .enumerate()
             .map(|(i, p)| {
-                u16::try_from(*p).map_err(|_| bad(format!("{field}.{name}[{i}]"), format!("{p} is not a port")))
+                u16::try_from(*p)
+                    .map_err(|_| bad(format!("{field}.{name}[{i}]"), format!("{p} is not a port")))
             })
             .collect::<Result<Vec<_>, _>>()
     };
@@ -553,7 +590,9 @@ fn match_from_proto(m: &sec::Match, field: &str) -> Result<RuleMatch, ConvertErr
 pub fn authorization_to_proto(a: &Authorization) -> sec::Authorization {
     let rules = if a.has_l7_rules {
         match a.action {
-            PolicyAction::Deny => vec![sec::Rule { clauses: Vec::new() }],
+            PolicyAction::Deny => vec![sec::Rule {
+                clauses: Vec::new(),
+            }],
             PolicyAction::Allow => Vec::new(),
         }
     } else {
@@ -616,7 +655,9 @@ pub fn authorization_from_proto(
                 .matches
                 .iter()
                 .enumerate()
-                .map(|(mi, m)| match_from_proto(m, &format!("rules[{ri}].clauses[{ci}].matches[{mi}]")))
+                .map(|(mi, m)| {
+                    match_from_proto(m, &format!("rules[{ri}].clauses[{ci}].matches[{mi}]"))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             clauses.push(model::Clause { matches });
         }

@@ -41,11 +41,11 @@ pub mod proto {
     }
 }
 
+pub use proto::ambient::config::v1 as mesh_config;
 pub use proto::envoy::service::discovery::v3 as discovery;
 pub use proto::istio::security;
 pub use proto::istio::v1::auth as ca;
 pub use proto::istio::workload;
-pub use proto::ambient::config::v1 as mesh_config;
 
 /// Type URL of Istio's workload/service addresses.
 pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
