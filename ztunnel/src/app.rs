@@ -109,6 +109,13 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         own_ports,
     ));
 
+    let node = args.node.clone();
+    let _revalidator = common::revalidate::spawn_revalidator(
+        store.clone(),
+        state.live.clone(),
+        move |snap, conn| proxy::revalidate::check(snap, &node, conn),
+    );
+
     let outbound = socket::transparent_listener(args.outbound_addr)?;
     let inbound_plain = socket::transparent_listener(args.inbound_plaintext_addr)?;
     let inbound = socket::transparent_listener(args.inbound_addr)?;
