@@ -130,6 +130,7 @@ where
     };
     let key = PoolKey {
         src: state.identity.clone(),
+        src_ip: None,
         dst: SocketAddr::new(decision.target.addr.ip(), HBONE_PORT),
         expected: vec![decision.target.identity.clone()],
     };

@@ -86,11 +86,13 @@ async fn handle_stream(
 ) {
     let _guard = state.track();
     let target = req.authority;
-    let client = req.client(peer);
+    let snap = state.config.current();
+    // The TCP peer is the client (its ztunnel connects from the client pod's own address),
+    // unless a known waypoint proxies for it.
+    let client = req.client(&snap, peer, &peer_id);
     let mut log = AccessLog::new("inbound_hbone", client, target);
     log.peer_identity = Some(peer_id.clone());
     log.upstream = Some(target);
-    let snap = state.config.current();
     let reject = |status: StatusCode, why: String, req: IncomingConnect, mut log: AccessLog| {
         state.metrics.refused.inc();
         log.error = Some(format!("{status}: {why}"));

@@ -58,6 +58,7 @@ pub async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr)
         } => {
             let key = PoolKey {
                 src: source.identity(),
+                src_ip: Some(peer.ip()),
                 dst: SocketAddr::new(target.ip(), HBONE_PORT),
                 expected: expected_identities(workload, service.as_deref()),
             };
@@ -92,6 +93,7 @@ pub async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr)
         } => {
             let key = PoolKey {
                 src: source.identity(),
+                src_ip: Some(peer.ip()),
                 dst: *waypoint,
                 expected: vec![identity.clone()],
             };
