@@ -322,3 +322,65 @@ async fn source_spoofed_from_wrong_interface_is_dropped() {
         "only c's own connection reached b"
     );
 }
+
+/// A DENY with HTTP fields, added live: the endpoint's ztunnel skips such policies for the
+/// waypoint's connections, so only the waypoint's own revalidation can close a live L4 stream.
+const DENY_ADMIN_PATHS: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: echo-deny-admin
+  namespace: default
+spec:
+  selector:
+    matchLabels:
+      app: echo
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        paths: ["/admin/*"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_policy_closes_live_l4_stream_at_the_waypoint() {
+    let mesh = tests::l7mesh::L7Mesh::builder("revoke-wp")
+        .port(7000, 7000)
+        .start()
+        .await
+        .unwrap();
+    let echo = echo_server(&mesh.pod("b").ns, any(7000)).unwrap();
+    let a = &mesh.pod("a").ns;
+    let mut s = a.connect(mesh.vip_port(7000)).await.unwrap();
+    echo_roundtrip(&mut s, b"HELLO not http\r\n").await.unwrap();
+
+    let config = mesh.config.clone().document(DENY_ADMIN_PATHS);
+    mesh.write_config(&config).unwrap();
+    assert!(
+        closed_within(&mut s, Duration::from_secs(10)).await,
+        "the live L4 stream stayed open under the new DENY"
+    );
+    let wp = mesh.waypoint();
+    wp.wait_log_line(
+        &["closing live connection", "default/echo-deny-admin"],
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let revoked = sum_metric(
+        &wp.metrics().await.unwrap(),
+        "waypoint_connections_revoked_total",
+        &[],
+    );
+    assert_eq!(revoked, 1.0);
+    // Through the waypoint b's ztunnel still delivered for a's own address: the waypoint's
+    // `forwarded` is trusted (known waypoint identity at the waypoint's address).
+    mesh.ztunnel("n2")
+        .wait_log_line(
+            &["inbound_hbone", "src=10.244.1.2:", "sa/waypoint"],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(echo.peer_ips(), vec![IpAddr::from([10, 244, 1, 2])]);
+}

@@ -78,14 +78,16 @@ impl IncomingConnect {
 
     /// The original client: the TCP peer, unless the peer is a waypoint this snapshot knows
     /// ([`is_known_waypoint`]), whose `forwarded: for=` names the client it proxies. Any
-    /// other peer's `forwarded` is ignored: a mesh peer cannot choose the source address
-    /// policy and the destination pod see.
+    /// other peer's `forwarded` is ignored (a mesh peer cannot choose the source address
+    /// policy and the destination pod see), except for its port when it names the peer's own
+    /// address (the client application's port, for access logs).
     pub fn client(&self, snap: &Snapshot, peer: SocketAddr, peer_id: &Identity) -> SocketAddr {
         let Some(fwd) = self.forwarded_for() else {
             return peer;
         };
         if fwd.ip() == peer.ip() {
-            return peer;
+            // The address is the wire's; the port is the application's own (for logs).
+            return if fwd.port() == 0 { peer } else { fwd };
         }
         if is_known_waypoint(snap, peer.ip(), peer_id) {
             return fwd;
