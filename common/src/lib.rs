@@ -12,6 +12,7 @@ pub mod l7;
 pub mod logging;
 pub mod model;
 pub mod policy;
+pub mod revalidate;
 pub mod shards;
 pub mod snapshot;
 pub mod tls;

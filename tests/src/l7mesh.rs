@@ -248,7 +248,8 @@ impl L7MeshBuilder {
         let (wp_if, wp_cidr) = (wp_pod.host_if.clone(), format!("{}/32", wp_pod.ip));
         let mesh = Mesh::start_with(&self.label, topo, &config, |_, opts: &mut ZtunnelOpts| {
             // The waypoint speaks mTLS itself: its node's ztunnel must leave it alone.
-            opts.pod_ifaces.retain(|i| *i != wp_if);
+            opts.pod_ifaces
+                .retain(|i| i.split('=').next() != Some(wp_if.as_str()));
             opts.pod_cidrs.retain(|c| *c != wp_cidr);
         })
         .await?;

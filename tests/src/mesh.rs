@@ -111,7 +111,11 @@ impl Mesh {
             config: self.config_path.clone(),
             ca_dir: self.ca.dir.clone(),
             capture: true,
-            pod_ifaces: mesh_pods.iter().map(|p| p.host_if.clone()).collect(),
+            // `iface=ip`: ztunnel drops TCP from a pod interface with any other source.
+            pod_ifaces: mesh_pods
+                .iter()
+                .map(|p| format!("{}={}", p.host_if, p.ip))
+                .collect(),
             pod_cidrs: mesh_pods.iter().map(|p| format!("{}/32", p.ip)).collect(),
             extra_args: Vec::new(),
         }

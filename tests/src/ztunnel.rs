@@ -126,7 +126,7 @@ pub struct ZtunnelOpts {
     pub ca_dir: PathBuf,
     /// `--capture nft` when true, `--capture none` otherwise.
     pub capture: bool,
-    /// Node-side interfaces of mesh pods (`--pod-iface`).
+    /// Node-side interfaces of mesh pods (`--pod-iface`), `name` or `name=ip`.
     pub pod_ifaces: Vec<String>,
     /// CIDRs of mesh pods (`--pod-cidr`).
     pub pod_cidrs: Vec<String>,

@@ -48,14 +48,16 @@ fn capture_install_is_idempotent() {
         ns.ip(&["-4", "rule", "show"]).unwrap_or_default()
     );
     // Exactly one copy of every rule: one chain, one redirect per listener, one drop each for
-    // inbound and outbound.
+    // inbound and outbound, and the anti-spoofing drop (source must route back through the
+    // pod interface).
     for (needle, n) in [
         ("chain prerouting", 1),
         ("tproxy ip to 127.0.0.1:15001", 1),
         ("tproxy ip to 127.0.0.1:15006", 1),
         ("tproxy ip to 127.0.0.1:15008", 1),
         ("socket transparent 1", 1),
-        (" drop", 2),
+        (" drop", 3),
+        ("fib saddr . iif oif missing drop", 1),
         ("set pod_ifs", 1),
         ("set pod_ips", 1),
     ] {

@@ -105,6 +105,8 @@ pub struct State {
     pub limits: crate::limits::Limits,
     /// A handle to this state for tasks that outlive a request (mirrors).
     pub me: std::sync::Weak<State>,
+    /// L4 connections this waypoint authorized, re-checked on every snapshot swap.
+    pub live: Arc<common::revalidate::Registry<crate::tcp::Authorized>>,
     active: AtomicUsize,
 }
 
@@ -198,12 +200,17 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         plain_dialer(),
     );
     let (drain, drain_watch) = Drain::new();
+    let metrics = Metrics::new();
+    let live = common::revalidate::Registry::with_counter(metrics.revoked.clone());
+    let _revalidator =
+        common::revalidate::spawn_revalidator(config.clone(), live.clone(), crate::tcp::check);
     let state = Arc::new_cyclic(|me| State {
+        live,
         config: config.clone(),
         certs: certs.clone(),
         identity: identity.clone(),
         upstreams: Upstreams::new(hbone.clone(), identity.clone()),
-        metrics: Metrics::new(),
+        metrics,
         settings,
         drain: drain_watch,
         sniff_timeout: args.sniff_timeout,

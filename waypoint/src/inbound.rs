@@ -84,8 +84,10 @@ async fn handle_stream(
 ) {
     let _guard = state.track();
     let target = req.authority;
-    let client = req.client(peer);
     let snap = state.config.current();
+    // The TCP peer (the client's ztunnel connects from the client pod's address), unless the
+    // peer is itself a known waypoint proxying for someone.
+    let client = req.client(&snap, peer, &peer_id);
     let service = snap
         .service_by_vip(target.ip())
         .cloned()

@@ -39,6 +39,8 @@ type Histograms = Family<RequestLabels, Histogram, fn() -> Histogram>;
 pub struct Metrics {
     pub registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
+    /// L4 connections closed by a configuration change.
+    pub revoked: Counter,
     pub duration_ms: Histograms,
     pub request_bytes: Histograms,
     pub response_bytes: Histograms,
@@ -80,8 +82,15 @@ impl Metrics {
             "Response body sizes",
             response_bytes.clone(),
         );
+        let revoked = Counter::default();
+        registry.register(
+            "waypoint_connections_revoked",
+            "L4 connections closed because a configuration change no longer allows them",
+            revoked.clone(),
+        );
         Metrics {
             registry,
+            revoked,
             requests,
             duration_ms,
             request_bytes,

@@ -108,13 +108,29 @@ where
         );
         return;
     }
-    drop(snap);
+    let authorized = Authorized {
+        src_ip: client.ip(),
+        identity: conn.peer.clone(),
+        endpoint: pick.target.addr,
+        service: service.hostname.clone(),
+    };
+    let live = state.live.register(authorized.clone());
+    let now = state.config.current();
+    if !Arc::ptr_eq(&now, &snap) {
+        if let Some(why) = decide(&now, &authorized) {
+            tracing::info!(target: "access", chain = "waypoint_tcp", service = %service.hostname, %client, upstream = %pick.target.addr, error = %why, "tcp connection denied");
+            return;
+        }
+    }
+    drop((now, snap));
+    let (_live, revoked) = live;
     let decision = Decision {
         target: pick.target,
         cluster: cluster.name,
     };
     let key = PoolKey {
         src: state.identity.clone(),
+        src_ip: None,
         dst: SocketAddr::new(decision.target.addr.ip(), HBONE_PORT),
         expected: vec![decision.target.identity.clone()],
     };
@@ -148,7 +164,13 @@ where
     match connected {
         Ok((stream, _lease)) => {
             let mut up = TunnelIo::new(stream);
-            let r = tokio::io::copy_bidirectional(&mut io, &mut up).await;
+            let r = tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut io, &mut up) => r,
+                why = revoked.wait() => Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("closed: {why}"),
+                )),
+            };
             let (sent, received) = r.as_ref().map(|(a, b)| (*a, *b)).unwrap_or((0, 0));
             tracing::info!(
                 target: "access",
@@ -168,4 +190,49 @@ where
             tracing::info!(target: "access", chain = "waypoint_tcp", service = %service.hostname, %client, upstream = %decision.target.addr, error = %e, "tcp upstream connect failed");
         }
     }
+}
+
+/// What an L4 connection through the waypoint was authorized on, for re-checking it when the
+/// configuration changes.
+#[derive(Debug, Clone)]
+pub struct Authorized {
+    pub src_ip: std::net::IpAddr,
+    pub identity: common::identity::Identity,
+    /// The endpoint (pod IP and target port) the connection was sent to.
+    pub endpoint: SocketAddr,
+    pub service: String,
+}
+
+/// Why `a` is no longer allowed under `snap`, or `None` if it still is.
+fn decide(snap: &common::snapshot::Snapshot, a: &Authorized) -> Option<String> {
+    let Some(dst) = snap.workload_by_ip(a.endpoint.ip()) else {
+        return Some(format!("endpoint {} is no longer known", a.endpoint.ip()));
+    };
+    let authz = common::policy::ConnectionInfo {
+        src_ip: a.src_ip,
+        src_identity: Some(&a.identity),
+        dst,
+        dst_ip: a.endpoint.ip(),
+        dst_port: a.endpoint.port(),
+        via_waypoint: false,
+    };
+    common::policy::authorize(snap, &authz)
+        .err()
+        .map(|d| d.to_string())
+}
+
+/// [`decide`] for the revalidator, logging each connection it closes.
+pub fn check(snap: &common::snapshot::Snapshot, a: &Authorized) -> Option<String> {
+    let why = decide(snap, a)?;
+    tracing::info!(
+        target: "access",
+        chain = "waypoint_tcp",
+        service = %a.service,
+        client = %a.src_ip,
+        upstream = %a.endpoint,
+        peer_identity = %a.identity,
+        reason = %why,
+        "closing live connection: no longer allowed by the new configuration"
+    );
+    Some(why)
 }

@@ -214,6 +214,7 @@ impl Upstreams {
     ) -> Result<Pooled, UpstreamError> {
         let key = PoolKey {
             src: self.identity.clone(),
+            src_ip: None,
             dst: SocketAddr::new(target.addr.ip(), HBONE_PORT),
             expected: vec![target.identity.clone()],
         };

@@ -111,7 +111,13 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         certs.get(&id)?;
     }
     let metrics = Arc::new(Metrics::new());
-    let dialer: Dialer = Arc::new(|addr| Box::pin(socket::connect_marked(addr)));
+    // With capture installed, tunnels leave from the source pod's own address (the receiver
+    // takes the client from the TCP peer); their replies reach ztunnel through the capture's
+    // `socket transparent` rule. Without capture nothing steers those replies back.
+    let original_source = args.capture == CaptureMode::Nft;
+    let dialer: Dialer = Arc::new(move |src, addr| {
+        Box::pin(socket::connect_from(src.filter(|_| original_source), addr))
+    });
     let settings = H2Settings::default();
     let hbone = HboneClient::new(certs.clone(), settings, PoolTimings::default(), dialer);
     let (drain, drain_watch) = Drain::new();
@@ -130,6 +136,13 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         drain_watch,
         own_ports,
     ));
+
+    let node = args.node.clone();
+    let _revalidator = common::revalidate::spawn_revalidator(
+        store.clone(),
+        state.live.clone(),
+        move |snap, conn| proxy::revalidate::check(snap, &node, conn),
+    );
 
     let outbound = socket::transparent_listener(args.outbound_addr)?;
     let inbound_plain = socket::transparent_listener(args.inbound_plaintext_addr)?;

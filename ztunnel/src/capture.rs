@@ -5,6 +5,7 @@
 use crate::cli::CaptureArgs;
 use anyhow::{bail, Context};
 use std::io::Write;
+use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
 /// Mark TPROXY sets on captured packets (value within the mask).
@@ -21,6 +22,8 @@ const TABLE: &str = "ztunnel";
 #[derive(Debug, Clone)]
 pub struct CaptureSpec {
     pub pod_ifaces: Vec<String>,
+    /// (interface, address) pairs: the only sources a pod interface may send TCP from.
+    pub pod_sources: Vec<(String, Ipv4Addr)>,
     pub pod_cidrs: Vec<ipnet::IpNet>,
     pub outbound_port: u16,
     pub inbound_plaintext_port: u16,
@@ -29,7 +32,13 @@ pub struct CaptureSpec {
 
 impl CaptureSpec {
     pub fn from_args(args: &CaptureArgs) -> anyhow::Result<Self> {
-        for i in &args.pod_ifaces {
+        let mut pod_ifaces = Vec::new();
+        let mut pod_sources = Vec::new();
+        for spec in &args.pod_ifaces {
+            let (i, ips) = match spec.split_once('=') {
+                Some((i, ips)) => (i, Some(ips)),
+                None => (spec.as_str(), None),
+            };
             if i.is_empty()
                 || i.len() > 15
                 || !i
@@ -38,12 +47,20 @@ impl CaptureSpec {
             {
                 bail!("--pod-iface {i:?} is not a valid interface name");
             }
+            for ip in ips.into_iter().flat_map(|s| s.split(',')) {
+                let ip: Ipv4Addr = ip.trim().parse().map_err(|_| {
+                    anyhow::anyhow!("--pod-iface {spec:?}: {ip:?} is not an IPv4 address")
+                })?;
+                pod_sources.push((i.to_string(), ip));
+            }
+            pod_ifaces.push(i.to_string());
         }
         if args.pod_ifaces.is_empty() && args.pod_cidrs.is_empty() {
             bail!("capture needs at least one --pod-iface or --pod-cidr");
         }
         Ok(CaptureSpec {
-            pod_ifaces: args.pod_ifaces.clone(),
+            pod_ifaces,
+            pod_sources,
             pod_cidrs: args.pod_cidrs.clone(),
             outbound_port: 15001,
             inbound_plaintext_port: 15006,
@@ -80,7 +97,41 @@ impl CaptureSpec {
                 v4.join(", ")
             ));
         }
+        let mut paired: Vec<String> = self
+            .pod_sources
+            .iter()
+            .map(|(i, _)| format!("\"{i}\""))
+            .collect();
+        paired.dedup();
+        if !paired.is_empty() {
+            let pairs: Vec<String> = self
+                .pod_sources
+                .iter()
+                .map(|(i, ip)| format!("\"{i}\" . {ip}"))
+                .collect();
+            r.push_str(&format!(
+                "  set paired_ifs {{ type ifname; elements = {{ {} }} }}\n",
+                paired.join(", ")
+            ));
+            r.push_str(&format!(
+                "  set pod_srcs {{ type ifname . ipv4_addr; elements = {{ {} }} }}\n",
+                pairs.join(", ")
+            ));
+        }
         r.push_str("  chain prerouting {\n    type filter hook prerouting priority mangle; policy accept;\n");
+        // Anti-spoofing, before anything can divert the packet: a pod may send TCP only from
+        // its own addresses (kernel-enforced, so a spoofed SYN never reaches 15001 and a
+        // spoofed segment never reaches a transparent socket).
+        if !paired.is_empty() {
+            r.push_str(
+                "    iifname @paired_ifs meta nfproto ipv4 meta l4proto tcp iifname . ip saddr != @pod_srcs drop\n",
+            );
+        }
+        if !self.pod_ifaces.is_empty() {
+            r.push_str(
+                "    iifname @pod_ifs meta nfproto ipv4 meta l4proto tcp fib saddr . iif oif missing drop\n",
+            );
+        }
         // Segments of connections a transparent socket already owns go to that socket.
         r.push_str(&format!(
             "    tcp flags & (syn | ack | fin | rst) != syn socket transparent 1 {mark} accept\n"
@@ -236,6 +287,35 @@ mod tests {
         ));
         // Fail closed: the drop rules follow the tproxy rules.
         assert!(r.find("tproxy ip to 127.0.0.1:15001").unwrap() < r.rfind("drop").unwrap());
+    }
+
+    #[test]
+    fn pod_sources_are_enforced_before_capture() {
+        let spec = CaptureSpec::from_args(&CaptureArgs {
+            pod_ifaces: vec!["va=10.244.1.2".into(), "vc".into()],
+            pod_cidrs: vec![],
+        })
+        .unwrap();
+        assert_eq!(spec.pod_ifaces, vec!["va", "vc"]);
+        let r = spec.ruleset();
+        assert!(r.contains(
+            "set pod_srcs { type ifname . ipv4_addr; elements = { \"va\" . 10.244.1.2 } }"
+        ));
+        assert!(r.contains("set paired_ifs { type ifname; elements = { \"va\" } }"));
+        let paired = r
+            .find("iifname . ip saddr != @pod_srcs drop")
+            .expect("source check");
+        let rpf = r
+            .find("fib saddr . iif oif missing drop")
+            .expect("rpf check");
+        let first_divert = r.find("socket transparent").unwrap();
+        assert!(paired < first_divert && rpf < first_divert);
+        let bad = CaptureSpec::from_args(&CaptureArgs {
+            pod_ifaces: vec!["va=fd00::1".into()],
+            pod_cidrs: vec![],
+        })
+        .unwrap_err();
+        assert!(bad.to_string().contains("not an IPv4 address"), "{bad}");
     }
 
     #[test]

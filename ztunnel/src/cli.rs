@@ -92,6 +92,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Args)]
 pub struct CaptureArgs {
     /// Node-side interfaces of mesh pods: their outbound TCP is captured to 15001.
+    /// `NAME=IP[,IP…]` also names the pod's IPv4 addresses: TCP arriving on that interface
+    /// from any other source is dropped (a pod cannot borrow a neighbour's address). On every
+    /// pod interface, TCP whose source does not route back through it is dropped too.
     #[arg(long = "pod-iface")]
     pub pod_ifaces: Vec<String>,
     /// Mesh pod addresses on this node: inbound SYNs to them are captured to 15008/15006.

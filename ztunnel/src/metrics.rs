@@ -93,6 +93,7 @@ pub struct Metrics {
     pub received_bytes: Family<TcpLabels, Counter>,
     pub active: Gauge,
     pub refused: Counter,
+    pub revoked: Counter,
 }
 
 impl Metrics {
@@ -104,6 +105,7 @@ impl Metrics {
         let received_bytes = Family::<TcpLabels, Counter>::default();
         let active = Gauge::default();
         let refused = Counter::default();
+        let revoked = Counter::default();
         registry.register(
             "istio_tcp_connections_opened",
             "Total TCP connections opened",
@@ -134,6 +136,11 @@ impl Metrics {
             "Captured connections refused (policy, REGISTRY_ONLY, no endpoint, bad peer)",
             refused.clone(),
         );
+        registry.register(
+            "ztunnel_connections_revoked",
+            "Live connections closed because a configuration change no longer allows them",
+            revoked.clone(),
+        );
         Metrics {
             registry,
             opened,
@@ -142,6 +149,7 @@ impl Metrics {
             received_bytes,
             active,
             refused,
+            revoked,
         }
     }
 

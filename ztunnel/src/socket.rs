@@ -82,3 +82,20 @@ pub async fn connect_spoofed(src: std::net::IpAddr, dst: SocketAddr) -> io::Resu
     let sock = TcpSocket::from_std_stream(s.into());
     sock.connect(dst).await
 }
+
+/// Connects from `src` when given (the source pod's address, so the peer sees the pod as the
+/// TCP source), else from the node; marked either way. If the address cannot be bound (no
+/// `CAP_NET_ADMIN`), falls back to the node's address with a warning.
+pub async fn connect_from(src: Option<std::net::IpAddr>, dst: SocketAddr) -> io::Result<TcpStream> {
+    let Some(src) = src else {
+        return connect_marked(dst).await;
+    };
+    match connect_spoofed(src, dst).await {
+        Ok(s) => Ok(s),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            tracing::warn!(%src, %dst, error = %e, "cannot leave from the pod's address; connecting from the node");
+            connect_marked(dst).await
+        }
+        Err(e) => Err(e),
+    }
+}

@@ -2,11 +2,13 @@
 //! connection pool, metrics, the drain signal and the count of live connections.
 
 use crate::metrics::Metrics;
+use crate::proxy::revalidate::Authorized;
 use common::config::watch::ConfigStore;
 use common::drain::DrainWatch;
 use common::hbone::client::HboneClient;
 use common::hbone::H2Settings;
 use common::identity::store::CertStore;
+use common::revalidate::Registry;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +23,8 @@ pub struct ProxyState {
     pub drain: DrainWatch,
     /// Ports of ztunnel's own listeners: a captured connection to one of them is a loop.
     pub own_ports: Vec<u16>,
+    /// Live connections this node authorized, re-checked on every snapshot swap.
+    pub live: Arc<Registry<Authorized>>,
     round_robin: Mutex<HashMap<(String, u16), usize>>,
     active: Arc<AtomicUsize>,
 }
@@ -51,9 +55,10 @@ impl ProxyState {
             config,
             certs,
             hbone,
-            metrics,
+            metrics: metrics.clone(),
             settings,
             drain,
+            live: Registry::with_counter(metrics.revoked.clone()),
             own_ports,
             round_robin: Mutex::new(HashMap::new()),
             active: Arc::new(AtomicUsize::new(0)),

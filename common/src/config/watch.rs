@@ -20,6 +20,8 @@ pub struct ConfigStore {
     /// Hash of the file content the current snapshot was loaded from (if it came from a file).
     content_hash: Mutex<Option<u64>>,
     last_error: Mutex<Option<ConfigError>>,
+    /// Carries the generation to [`ConfigStore::subscribe`]rs after every swap.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for ConfigStore {
@@ -45,7 +47,14 @@ impl ConfigStore {
             generation: AtomicU64::new(0),
             content_hash: Mutex::new(None),
             last_error: Mutex::new(None),
+            changes: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Notified (with the new generation) after every snapshot swap; the current value at
+    /// subscription counts as seen.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Loads `path` into a new store (generation 0).
@@ -64,9 +73,10 @@ impl ConfigStore {
     /// Swaps in a new snapshot and bumps the generation.
     pub fn replace(&self, s: Snapshot) {
         self.current.store(Arc::new(s));
-        self.generation.fetch_add(1, Ordering::SeqCst);
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         *lock(&self.content_hash) = None;
         *lock(&self.last_error) = None;
+        self.changes.send_replace(generation);
     }
 
     /// How many times the snapshot has been replaced.

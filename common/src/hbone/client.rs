@@ -1,5 +1,6 @@
 //! HBONE client: opens CONNECT streams over pooled mTLS HTTP/2 connections. Connections are
-//! pooled per (shard, source identity, destination address, expected identities), carry up to
+//! pooled per (shard, source identity, source address, destination address, expected
+//! identities), carry up to
 //! `max_streams_per_conn` streams each, are kept alive with PINGs and released when idle. Each
 //! shard ([`crate::shards`]) has its own connections, driven on its own thread, and spreads
 //! its streams over its share of `parallel_connections`.
@@ -12,24 +13,28 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
-/// Opens the TCP connection under the tunnel (ztunnel marks its sockets so they are never
-/// captured again).
+/// Opens the TCP connection under the tunnel from the given source address, if any (ztunnel
+/// marks its sockets so they are never captured again, and leaves from the source pod's
+/// address).
 pub type Dialer = Arc<
-    dyn Fn(SocketAddr) -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>
+    dyn Fn(
+            Option<IpAddr>,
+            SocketAddr,
+        ) -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>
         + Send
         + Sync,
 >;
 
-/// A plain dialer with TCP_NODELAY.
+/// A plain dialer with TCP_NODELAY, from the host's own address (ignores the source).
 pub fn plain_dialer() -> Dialer {
-    Arc::new(|addr| {
+    Arc::new(|_src, addr| {
         Box::pin(async move {
             let s = TcpStream::connect(addr).await?;
             s.set_nodelay(true)?;
@@ -42,6 +47,8 @@ pub fn plain_dialer() -> Dialer {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     pub src: Identity,
+    /// The address the connection leaves from (the source pod's), or `None` for the host's.
+    pub src_ip: Option<IpAddr>,
     pub dst: SocketAddr,
     pub expected: Vec<Identity>,
 }
@@ -239,7 +246,7 @@ impl HboneClient {
             .map_err(|e| HboneError::Cert(e.to_string()))?;
         let conn = tokio::time::timeout(
             self.timings.connect_timeout,
-            self.establish(key.dst, client_config, cert.generation),
+            self.establish(key.src_ip, key.dst, client_config, cert.generation),
         )
         .await
         .map_err(|_| HboneError::Timeout(self.timings.connect_timeout))??;
@@ -250,11 +257,12 @@ impl HboneClient {
 
     async fn establish(
         &self,
+        src: Option<IpAddr>,
         dst: SocketAddr,
         client_config: rustls::ClientConfig,
         cert_generation: u64,
     ) -> Result<Arc<PooledConn>, HboneError> {
-        let tcp = (self.dialer)(dst)
+        let tcp = (self.dialer)(src, dst)
             .await
             .map_err(|source| HboneError::Connect { addr: dst, source })?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));

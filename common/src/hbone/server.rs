@@ -4,12 +4,15 @@
 
 use super::{H2Settings, H2Stream};
 use crate::drain::DrainWatch;
+use crate::identity::Identity;
+use crate::model::GatewayAddress;
+use crate::snapshot::{parse_network_address, Snapshot};
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// A CONNECT request waiting for its answer.
@@ -44,14 +47,53 @@ pub async fn accept_tls(
     Ok((tls, id))
 }
 
+/// Whether the HBONE peer is a waypoint of the mesh: its verified identity is that of a
+/// workload at the peer's own address, and some service or workload names that address and
+/// identity as its waypoint. Only such a peer proxies for others; both must hold.
+pub fn is_known_waypoint(snap: &Snapshot, peer_ip: IpAddr, peer_id: &Identity) -> bool {
+    let Some(w) = snap.workload_by_ip(peer_ip) else {
+        return false;
+    };
+    if w.identity() != *peer_id {
+        return false;
+    }
+    let names_peer = |g: &Option<GatewayAddress>| {
+        g.as_ref().is_some_and(|g| {
+            g.identity.as_ref() == Some(peer_id)
+                && parse_network_address(&g.destination).is_ok_and(|(_, ip)| ip == peer_ip)
+        })
+    };
+    snap.services.iter().any(|s| names_peer(&s.waypoint))
+        || snap.workloads.iter().any(|w| names_peer(&w.waypoint))
+}
+
 impl IncomingConnect {
-    /// The original client: the `forwarded: for=` address, else the TCP peer.
-    pub fn client(&self, peer: SocketAddr) -> SocketAddr {
+    /// The `forwarded: for=` address, if the header has one.
+    pub fn forwarded_for(&self) -> Option<SocketAddr> {
         self.headers
             .get(super::headers::FORWARDED)
             .and_then(|v| v.to_str().ok())
             .and_then(super::forwarded_for)
-            .unwrap_or(peer)
+    }
+
+    /// The original client: the TCP peer, unless the peer is a waypoint this snapshot knows
+    /// ([`is_known_waypoint`]), whose `forwarded: for=` names the client it proxies. Any
+    /// other peer's `forwarded` is ignored (a mesh peer cannot choose the source address
+    /// policy and the destination pod see), except for its port when it names the peer's own
+    /// address (the client application's port, for access logs).
+    pub fn client(&self, snap: &Snapshot, peer: SocketAddr, peer_id: &Identity) -> SocketAddr {
+        let Some(fwd) = self.forwarded_for() else {
+            return peer;
+        };
+        if fwd.ip() == peer.ip() {
+            // The address is the wire's; the port is the application's own (for logs).
+            return if fwd.port() == 0 { peer } else { fwd };
+        }
+        if is_known_waypoint(snap, peer.ip(), peer_id) {
+            return fwd;
+        }
+        tracing::debug!(%peer, peer_identity = %peer_id, forwarded_for = %fwd, "ignoring `forwarded` from a peer that is not a known waypoint");
+        peer
     }
 
     /// Answers 200 and returns the tunnel stream.

@@ -3,6 +3,7 @@
 //! apply L4 policy and connect to the pod with the original client IP.
 
 use super::access_log::AccessLog;
+use super::revalidate::{self, Authorized, Path};
 use crate::metrics::{Reporter, SecurityPolicy, TcpLabels};
 use crate::state::ProxyState;
 use common::copy::copy_tcp_h2;
@@ -85,11 +86,13 @@ async fn handle_stream(
 ) {
     let _guard = state.track();
     let target = req.authority;
-    let client = req.client(peer);
+    let snap = state.config.current();
+    // The TCP peer is the client (its ztunnel connects from the client pod's own address),
+    // unless a known waypoint proxies for it.
+    let client = req.client(&snap, peer, &peer_id);
     let mut log = AccessLog::new("inbound_hbone", client, target);
     log.peer_identity = Some(peer_id.clone());
     log.upstream = Some(target);
-    let snap = state.config.current();
     let reject = |status: StatusCode, why: String, req: IncomingConnect, mut log: AccessLog| {
         state.metrics.refused.inc();
         log.error = Some(format!("{status}: {why}"));
@@ -145,6 +148,19 @@ async fn handle_stream(
         service.as_deref(),
         SecurityPolicy::mutual_tls,
     );
+    let authorized = Authorized {
+        path: Path::InboundHbone,
+        src_ip: client.ip(),
+        identity: Some(peer_id.clone()),
+        target,
+    };
+    let (_live, revoked) = match revalidate::register(&state, &snap, authorized) {
+        Ok(v) => v,
+        Err(why) => {
+            reject(StatusCode::UNAUTHORIZED, why, req, log);
+            return;
+        }
+    };
     drop(snap);
     let upstream = match super::connect_to_pod(client.ip(), target).await {
         Ok(u) => u,
@@ -168,7 +184,7 @@ async fn handle_stream(
     };
     let recorder = state.metrics.open(labels);
     // tcp→h2 is pod→client (Istio "sent"), h2→tcp is client→pod ("received").
-    let r = copy_tcp_h2(upstream, tunnel).await;
+    let r = revalidate::until_revoked(copy_tcp_h2(upstream, tunnel), revoked).await;
     recorder.close(r.received, r.sent);
     log.received = r.received;
     log.sent = r.sent;

@@ -3,6 +3,7 @@
 //! and the connection is delivered with the client's IP.
 
 use super::access_log::AccessLog;
+use super::revalidate::{self, Authorized, Path};
 use crate::metrics::{Reporter, SecurityPolicy, TcpLabels};
 use crate::state::ProxyState;
 use common::copy::copy_tcp_tcp;
@@ -59,6 +60,19 @@ pub async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr)
         None,
         SecurityPolicy::none,
     );
+    let authorized = Authorized {
+        path: Path::InboundPlaintext,
+        src_ip: peer.ip(),
+        identity: None,
+        target,
+    };
+    let (_live, revoked) = match revalidate::register(&state, &snap, authorized) {
+        Ok(v) => v,
+        Err(why) => {
+            refuse(why, stream, log);
+            return;
+        }
+    };
     drop(snap);
     let upstream = match super::connect_to_pod(peer.ip(), target).await {
         Ok(u) => u,
@@ -68,7 +82,7 @@ pub async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr)
         }
     };
     let recorder = state.metrics.open(labels);
-    let r = copy_tcp_tcp(stream, upstream).await;
+    let r = revalidate::until_revoked(copy_tcp_tcp(stream, upstream), revoked).await;
     recorder.close(r.sent, r.received);
     log.received = r.sent;
     log.sent = r.received;

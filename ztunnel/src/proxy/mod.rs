@@ -10,6 +10,7 @@ pub mod filter_chain;
 pub mod inbound;
 pub mod inbound_passthrough;
 pub mod outbound;
+pub mod revalidate;
 
 use crate::socket;
 use crate::state::ProxyState;

@@ -4,6 +4,7 @@
 
 use super::access_log::AccessLog;
 use super::filter_chain::{self, Chain};
+use super::revalidate::{self, Authorized, Path};
 use crate::metrics::{Reporter, SecurityPolicy, TcpLabels};
 use crate::socket;
 use crate::state::ProxyState;
@@ -57,6 +58,7 @@ pub async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr)
         } => {
             let key = PoolKey {
                 src: source.identity(),
+                src_ip: Some(peer.ip()),
                 dst: SocketAddr::new(target.ip(), HBONE_PORT),
                 expected: expected_identities(workload, service.as_deref()),
             };
@@ -91,6 +93,7 @@ pub async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr)
         } => {
             let key = PoolKey {
                 src: source.identity(),
+                src_ip: Some(peer.ip()),
                 dst: *waypoint,
                 expected: vec![identity.clone()],
             };
@@ -269,7 +272,7 @@ async fn plain(
 #[allow(clippy::too_many_arguments)]
 async fn local(
     state: &ProxyState,
-    snap: &common::snapshot::Snapshot,
+    snap: &Arc<common::snapshot::Snapshot>,
     stream: TcpStream,
     peer: SocketAddr,
     source: &Workload,
@@ -278,17 +281,30 @@ async fn local(
     service: Option<&Service>,
 ) -> CopyResult {
     let identity = source.identity();
-    if let Err(denied) = super::authorize(snap, dst, target, peer.ip(), Some(&identity)) {
+    let refuse = |why: String, stream: TcpStream| {
         state.metrics.refused.inc();
         super::reset(stream);
-        return CopyResult {
+        CopyResult {
             error: Some(std::io::Error::new(
                 std::io::ErrorKind::PermissionDenied,
-                denied.to_string(),
+                why,
             )),
             ..Default::default()
-        };
+        }
+    };
+    if let Err(denied) = super::authorize(snap, dst, target, peer.ip(), Some(&identity)) {
+        return refuse(denied.to_string(), stream);
     }
+    let authorized = Authorized {
+        path: Path::Local,
+        src_ip: peer.ip(),
+        identity: Some(identity.clone()),
+        target,
+    };
+    let (_live, revoked) = match revalidate::register(state, snap, authorized) {
+        Ok(v) => v,
+        Err(why) => return refuse(why, stream),
+    };
     let out = state.metrics.open(TcpLabels::new(
         Reporter::source,
         Some(source),
@@ -307,7 +323,7 @@ async fn local(
     ));
     match super::connect_to_pod(peer.ip(), target).await {
         Ok(up) => {
-            let r = copy_tcp_tcp(stream, up).await;
+            let r = revalidate::until_revoked(copy_tcp_tcp(stream, up), revoked).await;
             out.close(r.sent, r.received);
             inb.close(r.sent, r.received);
             r
