@@ -34,6 +34,7 @@ pub mod cors;
 pub mod destination_rule;
 pub mod export;
 pub mod matching;
+pub mod path;
 pub mod policy;
 pub mod rewrite;
 pub mod route;
