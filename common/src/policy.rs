@@ -37,10 +37,20 @@ pub struct Denied {
 
 /// Decides whether `conn` is allowed under the policies of `snapshot`.
 pub fn authorize(snapshot: &Snapshot, conn: &ConnectionInfo) -> Result<(), Denied> {
-    let src = Source::new(conn);
-    let applicable: Vec<&Arc<Authorization>> = applicable_policies(snapshot, conn.dst)
+    let applicable = applicable_policies(snapshot, conn.dst)
         .filter(|p| !(conn.via_waypoint && p.has_l7_rules))
-        .collect();
+        .map(|p| p.as_ref());
+    decide(applicable, conn)
+}
+
+/// Decides `conn` under exactly `policies` (any matching DENY denies; otherwise, if any ALLOW
+/// is among them, one must match).
+pub fn decide<'p>(
+    policies: impl IntoIterator<Item = &'p Authorization>,
+    conn: &ConnectionInfo,
+) -> Result<(), Denied> {
+    let src = Source::new(conn);
+    let applicable: Vec<&Authorization> = policies.into_iter().collect();
     if let Some(deny) = applicable
         .iter()
         .find(|p| p.action == PolicyAction::Deny && policy_matches(p, &src))
@@ -51,7 +61,7 @@ pub fn authorize(snapshot: &Snapshot, conn: &ConnectionInfo) -> Result<(), Denie
             policy: Some(key),
         });
     }
-    let allows: Vec<&&Arc<Authorization>> = applicable
+    let allows: Vec<&&Authorization> = applicable
         .iter()
         .filter(|p| p.action == PolicyAction::Allow)
         .collect();

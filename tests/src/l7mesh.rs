@@ -72,6 +72,8 @@ pub struct L7MeshBuilder {
     app_protocols: Vec<(u16, String)>,
     /// The endpoints name the waypoint too (traffic to their own IPs goes through it).
     workload_waypoint: bool,
+    /// More services, each with its endpoint pods (from `others`).
+    extra_services: Vec<(Service, Vec<String>)>,
 }
 
 impl L7MeshBuilder {
@@ -163,6 +165,14 @@ impl L7MeshBuilder {
         self
     }
 
+    /// Adds another service whose endpoints are the named pods (added with
+    /// [`L7MeshBuilder::other_pod`]).
+    pub fn extra_service(mut self, service: Service, endpoints: &[&str]) -> Self {
+        let eps = endpoints.iter().map(|e| e.to_string()).collect();
+        self.extra_services.push((service, eps));
+        self
+    }
+
     /// `--sniff-timeout` of the waypoint.
     pub fn sniff_timeout(mut self, t: &str) -> Self {
         self.sniff_timeout = Some(t.to_string());
@@ -215,6 +225,12 @@ impl L7MeshBuilder {
         cfg = cfg.service(svc);
         for ep in &self.endpoints {
             cfg = cfg.endpoint(&ep.name, &self.service_name);
+        }
+        for (svc, eps) in &self.extra_services {
+            cfg = cfg.service(svc.clone());
+            for ep in eps {
+                cfg = cfg.endpoint(ep, &svc.name);
+            }
         }
         for d in &self.documents {
             cfg = cfg.document(d);
@@ -313,6 +329,7 @@ impl L7Mesh {
             sniff_timeout: None,
             app_protocols: Vec::new(),
             workload_waypoint: false,
+            extra_services: Vec::new(),
         }
     }
 

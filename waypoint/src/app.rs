@@ -94,6 +94,8 @@ pub struct State {
     pub config: Arc<ConfigStore>,
     pub certs: Arc<CertStore>,
     pub identity: Identity,
+    /// This waypoint's workload (namespace, name), for policies attached to its Gateway.
+    pub workload: (String, String),
     pub upstreams: Upstreams,
     pub metrics: Metrics,
     pub settings: H2Settings,
@@ -209,6 +211,13 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         config: config.clone(),
         certs: certs.clone(),
         identity: identity.clone(),
+        workload: {
+            let (ns, name) = args
+                .workload
+                .split_once('/')
+                .unwrap_or(("default", &args.workload));
+            (ns.to_string(), name.to_string())
+        },
         upstreams: Upstreams::new(hbone.clone(), identity.clone()),
         metrics,
         settings,

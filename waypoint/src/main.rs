@@ -3,6 +3,7 @@
 //! and forwards it over HBONE to the chosen endpoint's node.
 
 mod app;
+mod authz;
 mod body;
 mod client_hello;
 mod hop;

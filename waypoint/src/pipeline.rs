@@ -1,10 +1,13 @@
-//! The routing phases of one request, in order: match the VirtualService route (404 `NR`
-//! when none) → CORS preflight → fault injection → redirect / direct response → pick the
-//! destination (weights, subset) → L7 authorization → rewrite and header operations →
-//! circuit breaking → mirror → forward with timeout, retries and outlier detection → response
-//! header operations.
+//! The phases of one request, in order: path normalization (400 for an escaped slash, see
+//! [`common::l7::path`]) → L7 authorization against the addressed service → match the
+//! VirtualService route (404 `NR` when none) → CORS preflight → fault injection → redirect /
+//! direct response → pick the destination (weights, subset) → rewrite and header operations →
+//! circuit breaking → mirror → forward with timeout, retries and outlier detection (each
+//! attempt, and each mirror, authorized against the endpoint it goes to, see [`crate::authz`])
+//! → response header operations.
 
 use crate::app::State;
+use crate::authz;
 use crate::body::{self, Body};
 use crate::hop;
 use crate::outlier::Observation;
@@ -92,13 +95,47 @@ fn target_of(req: &Request<Body>, ctx: &ConnContext) -> (String, String) {
     (path, authority)
 }
 
+/// Normalizes the request's path in place (the query is kept), as Envoy does before any filter:
+/// authorization, routing and the endpoint all see the normalized path.
+fn normalize_path(req: &mut Request<Body>) -> Result<(), String> {
+    let Some(pq) = req.uri().path_and_query() else {
+        return Ok(());
+    };
+    let normalized = match common::l7::path::normalize(pq.as_str()) {
+        Ok(std::borrow::Cow::Borrowed(_)) => return Ok(()),
+        Ok(std::borrow::Cow::Owned(p)) => p,
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(
+        normalized
+            .parse()
+            .map_err(|e| format!("normalized path {normalized:?}: {e}"))?,
+    );
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn denied(reason: &common::policy::Denied) -> Done {
+    tracing::debug!(%reason, "request denied by L7 policy");
+    reply(LocalReply::new(
+        StatusCode::FORBIDDEN,
+        "-",
+        authz::DENIED_BODY,
+    ))
+}
+
 pub async fn run(
     state: &State,
     ctx: &ConnContext,
     snap: &Snapshot,
     log: &mut RequestLog,
-    req: Request<Body>,
+    mut req: Request<Body>,
 ) -> Done {
+    // Phase: path normalization, before anything reads the path.
+    if let Err(why) = normalize_path(&mut req) {
+        return reply(LocalReply::new(StatusCode::BAD_REQUEST, "DPE", why));
+    }
     let (path, authority) = target_of(&req, ctx);
     let no_labels = BTreeMap::new();
     let info = RequestInfo {
@@ -118,16 +155,17 @@ pub async fn run(
     };
     // Phase: L7 authorization, first as Envoy's RBAC filter runs before CORS, faults and the
     // router: no redirect, fault, 404 or preflight answer for a request that is not allowed.
-    let own_cluster = match authorize(state, ctx, snap, &req, &authority, &path) {
+    let own_cluster = match authz::addressed_service(
+        state,
+        ctx,
+        snap,
+        req.method().as_str(),
+        req.headers(),
+        &authority,
+        &path,
+    ) {
         Ok(c) => c,
-        Err(denied) => {
-            tracing::debug!(reason = %denied, "request denied by L7 policy");
-            return reply(LocalReply::new(
-                StatusCode::FORBIDDEN,
-                "-",
-                "RBAC: access denied",
-            ));
-        }
+        Err(reason) => return denied(&reason),
     };
 
     // Phase: match.
@@ -359,7 +397,7 @@ pub async fn run(
                 &ctx.service,
                 ctx.port,
             ) {
-                Ok(mc) => spawn_mirror(state, ctx, mc, &parts, replay, &authority),
+                Ok(mc) => spawn_mirror(state, ctx, snap, mc, &parts, replay, &authority),
                 Err(r) => tracing::debug!(reason = %r.body, "mirror destination unavailable"),
             }
         }
@@ -377,6 +415,13 @@ pub async fn run(
                 Err(r) => return (reply(r), None),
             };
             tried.push(pick.target.addr);
+            // The workload that receives the request authorizes it (its ztunnel leaves L7
+            // rules to the waypoint), whichever service the route chose, on every attempt.
+            if let Err(reason) =
+                authz::chosen_endpoint(state, ctx, snap, &parts, &authority, &cluster, &pick)
+            {
+                return (denied(&reason), None);
+            }
             let body = next_body.take().unwrap_or_else(|| body::full(Bytes::new()));
             let mut up_req = Request::from_parts(clone_parts(&parts), body);
             *up_req.extensions_mut() = http::Extensions::new();
@@ -530,58 +575,6 @@ fn shape_for(proto: upstream::UpstreamProtocol, req: &mut Request<Body>, authori
     }
 }
 
-/// The L7 authorization policies of the addressed service's endpoints (all of them, so the
-/// decision does not depend on which endpoint a route or the balancer picks later: a policy
-/// bound to some of them restricts requests to the service), evaluated for `req`. Returns the
-/// service's own cluster when it had to resolve it (policies exist), for reuse.
-fn authorize(
-    state: &State,
-    ctx: &ConnContext,
-    snap: &Snapshot,
-    req: &Request<Body>,
-    authority: &str,
-    path: &str,
-) -> Result<Option<Cluster>, common::policy::Denied> {
-    if snap.l7.authorization_policies.is_empty() {
-        return Ok(None);
-    }
-    let Ok(own) = route::cluster_for(
-        snap,
-        &state.identity.namespace,
-        None,
-        &ctx.service,
-        ctx.port,
-    ) else {
-        return Ok(None);
-    };
-    let mut policies: Vec<&common::l7::L7Policy> = Vec::new();
-    for ep in &own.endpoints {
-        for p in snap.l7.policies_for(snap, &ep.workload) {
-            if !policies.iter().any(|q| std::ptr::eq(*q, p)) {
-                policies.push(p);
-            }
-        }
-    }
-    let Some(first) = own.endpoints.first() else {
-        return Ok(Some(own));
-    };
-    if policies.is_empty() {
-        return Ok(Some(own));
-    }
-    let areq = common::l7::policy::AuthzRequest {
-        method: req.method().as_str(),
-        host: authority,
-        path,
-        headers: req.headers(),
-        source: Some(&ctx.peer),
-        source_ip: Some(ctx.client.ip()),
-        destination_ip: first.workload.workload_ips.first().copied(),
-        destination_port: first.target_port,
-    };
-    common::l7::policy::authorize(policies, &areq)?;
-    Ok(Some(own))
-}
-
 fn info_for<'a>(
     parts: &'a http::request::Parts,
     authority: &'a str,
@@ -694,6 +687,7 @@ fn forwarded(mut resp: Response<hyper::body::Incoming>, endpoint: Arc<Workload>)
 fn spawn_mirror(
     state: &State,
     ctx: &ConnContext,
+    snap: &Snapshot,
     cluster: Cluster,
     parts: &http::request::Parts,
     replay: &body::Replayable,
@@ -704,6 +698,12 @@ fn spawn_mirror(
     let Ok(pick) = route::pick_endpoint(&me, &cluster, None, &[], ctx.target) else {
         return;
     };
+    // A mirror reaches a workload too: its policies decide whether the copy may be sent.
+    if let Err(reason) = authz::chosen_endpoint(state, ctx, snap, parts, authority, &cluster, &pick)
+    {
+        tracing::debug!(%reason, "mirror request denied by L7 policy: not sent");
+        return;
+    }
     let mut p = clone_parts(parts);
     // The host after any rewrite, as Envoy shadows the request it would send.
     let current = p

@@ -95,7 +95,10 @@ where
         dst_port: pick.target.addr.port(),
         via_waypoint: false,
     };
-    if let Err(denied) = common::policy::authorize(&snap, &authz) {
+    let decision = common::policy::authorize(&snap, &authz).and_then(|()| {
+        crate::authz::attached_l4(state, &snap, [service, &cluster.service], &authz)
+    });
+    if let Err(denied) = decision {
         tracing::info!(
             target: "access",
             chain = "waypoint_tcp",

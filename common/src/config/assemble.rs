@@ -31,14 +31,14 @@ pub struct Parts {
     pub documents: Vec<(String, serde_json::Value)>,
 }
 
-/// Checks one config resource on its own: `Err` carries the reason to NACK it with.
-pub fn check_document(value: &serde_json::Value) -> Result<(), ConfigError> {
+/// Checks one config resource on its own. `Err`: it cannot be read as a resource at all (it
+/// must not be applied: it would fail the whole snapshot). `Ok(Some(e))`: it was rejected alone
+/// — apply it anyway, because the loader then puts in its place what the file mode would (a
+/// security resource becomes a fail-closed stand-in; a route is left out) — and report `e`.
+pub fn check_document(value: &serde_json::Value) -> Result<Option<ConfigError>, ConfigError> {
     let mut scratch = Collected::default();
     load_value(1, value, &mut scratch)?;
-    match scratch.rejected.into_iter().next() {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    Ok(scratch.rejected.into_iter().next())
 }
 
 fn load_value(
@@ -252,12 +252,14 @@ mod tests {
             "metadata": {"name": "v", "namespace": "default"},
             "spec": {"hosts": ["a"], "http": [{"route": [{"destination": {"host": "a", "port": {"number": 99999}}}]}]},
         });
-        assert!(check_document(&bad).is_err());
+        assert!(matches!(check_document(&bad), Ok(Some(_))), "rejected alone, reported");
         let good = serde_json::json!({
             "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
             "metadata": {"name": "v", "namespace": "default"},
             "spec": {"hosts": ["a"], "http": [{"route": [{"destination": {"host": "a"}}]}]},
         });
-        assert!(check_document(&good).is_ok());
+        assert!(matches!(check_document(&good), Ok(None)));
+        let unreadable = serde_json::json!({"kind": "VirtualService"});
+        assert!(check_document(&unreadable).is_err(), "no apiVersion: not a resource");
     }
 }

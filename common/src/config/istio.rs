@@ -8,6 +8,7 @@
 
 use super::walk::{addresses, join, labels, mapping, plain, port, ports, sequence, string, Obj, R};
 use super::{Collected, FieldError, Origin};
+use crate::l7::attached::PolicyTarget;
 use crate::model::{
     Authorization, Clause, EgressListener, MtlsMode, OutboundTrafficMode, PeerAuthentication,
     PolicyAction, PolicyScope, Rule, RuleMatch, SidecarScope, StringMatch,
@@ -85,8 +86,13 @@ pub(super) fn load(
     let empty = Value::Mapping(Mapping::new());
     let spec = top.get("spec").map_or(&empty, |(v, _)| v);
     let result = match kind {
-        "AuthorizationPolicy" => authorization_policy(spec, name, namespace)
-            .map(|a| out.policies.push((a, origin, true))),
+        "AuthorizationPolicy" => authorization_policy(spec, name, namespace).map(|(a, targets)| {
+            if targets.is_empty() {
+                out.policies.push((a, origin, true));
+            } else {
+                out.attached_l4.push((a, targets, doc));
+            }
+        }),
         "PeerAuthentication" => {
             peer_authentication(spec, name, namespace).map(|pa| out.peer_authentications.push(pa))
         }
@@ -126,9 +132,14 @@ fn selector_labels(spec: &Obj, key: &str, labels_key: &str) -> R<BTreeMap<String
         .map_or(Ok(BTreeMap::new()), |(v, p)| labels(v, &p))
 }
 
-/// Compiles an Istio AuthorizationPolicy. The scope is provisional (`Namespace` or
-/// `WorkloadSelector`): `Global` is decided once the root namespace is known.
-pub fn authorization_policy(spec: &Value, name: String, namespace: String) -> R<Authorization> {
+/// Compiles an Istio AuthorizationPolicy, with the waypoint targets it is attached to (none for
+/// a workload-scoped policy). The scope is provisional (`Namespace` or `WorkloadSelector`):
+/// `Global` is decided once the root namespace is known.
+pub fn authorization_policy(
+    spec: &Value,
+    name: String,
+    namespace: String,
+) -> R<(Authorization, Vec<PolicyTarget>)> {
     let spec = Obj::new(
         spec,
         "spec",
@@ -141,12 +152,14 @@ pub fn authorization_policy(spec: &Value, name: String, namespace: String) -> R<
             "targetRefs",
         ],
     )?;
-    for key in ["targetRef", "targetRefs"] {
-        if let Some((_, p)) = spec.get(key) {
-            return Err(FieldError::new(p, "policy attachment to a Gateway/waypoint is not supported by the L4 data plane yet; use selector"));
-        }
-    }
+    let targets = read_targets(&spec, &namespace)?;
     let selector = selector_labels(&spec, "selector", "matchLabels")?;
+    if !targets.is_empty() && spec.get("selector").is_some() {
+        return Err(FieldError::new(
+            "spec.selector",
+            "cannot be combined with targetRef/targetRefs",
+        ));
+    }
     let action = match spec.get("action") {
         None => PolicyAction::Allow,
         Some((v, p)) => match string(v, &p)?.as_str() {
@@ -196,7 +209,7 @@ pub fn authorization_policy(spec: &Value, name: String, namespace: String) -> R<
     } else {
         PolicyScope::WorkloadSelector
     };
-    Ok(Authorization {
+    let policy = Authorization {
         name,
         namespace,
         scope,
@@ -204,7 +217,56 @@ pub fn authorization_policy(spec: &Value, name: String, namespace: String) -> R<
         rules,
         selector,
         has_l7_rules,
-    })
+    };
+    Ok((policy, targets))
+}
+
+/// `targetRef` / `targetRefs`: a Gateway (`gateway.networking.k8s.io`, a waypoint) or a
+/// Service (core group) in the policy's namespace. Other kinds are errors.
+pub(super) fn read_targets(spec: &Obj, namespace: &str) -> R<Vec<PolicyTarget>> {
+    let mut refs: Vec<(&Value, String)> = Vec::new();
+    if let Some((v, p)) = spec.get("targetRef") {
+        refs.push((v, p));
+    }
+    if let Some((v, p)) = spec.get("targetRefs") {
+        for (i, item) in sequence(v, &p)?.iter().enumerate() {
+            refs.push((item, format!("{p}[{i}]")));
+        }
+    }
+    let mut out = Vec::with_capacity(refs.len());
+    for (v, p) in refs {
+        let o = Obj::new(v, &p, &["group", "kind", "name", "namespace"])?;
+        let field =
+            |key: &str| -> R<Option<String>> { o.get(key).map(|(v, p)| string(v, &p)).transpose() };
+        let group = field("group")?.unwrap_or_default();
+        let kind = field("kind")?.ok_or_else(|| FieldError::new(join(&p, "kind"), "missing"))?;
+        let name = field("name")?
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| FieldError::new(join(&p, "name"), "missing"))?;
+        if let Some(ns) = field("namespace")? {
+            if ns != namespace {
+                return Err(FieldError::new(
+                    join(&p, "namespace"),
+                    format!("must be the policy's own namespace {namespace:?}"),
+                ));
+            }
+        }
+        let namespace = namespace.to_string();
+        out.push(match (group.as_str(), kind.as_str()) {
+            ("gateway.networking.k8s.io", "Gateway") => PolicyTarget::Gateway { namespace, name },
+            ("" | "core", "Service") => PolicyTarget::Service { namespace, name },
+            _ => {
+                return Err(FieldError::new(
+                    p,
+                    format!(
+                        "unsupported target {group:?} {kind:?} (supported: gateway.networking.k8s.io Gateway, \
+                         core Service)"
+                    ),
+                ))
+            }
+        });
+    }
+    Ok(out)
 }
 
 /// One Istio rule → one `Rule` (or `None`: an ALLOW rule using L7-only fields matches nothing).

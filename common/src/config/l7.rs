@@ -4,9 +4,10 @@
 //! fails to parse or compile is left out and recorded in `Snapshot::rejected` (and logged), and
 //! the rest of the file still applies (the rule is spelled out in [`crate::l7`]).
 //! AuthorizationPolicy documents, already compiled for L4 by [`super::istio`], are also compiled
-//! to their L7 form here; their errors stay fatal like every L4 kind.
+//! to their L7 form here; their errors reject the policy like an L4 error (see
+//! [`super::reject`]).
 
-use super::{Collected, ConfigError, Document};
+use super::{Collected, ConfigError, Document, FieldError};
 use crate::l7::policy::{compile_policy, AuthorizationPolicySpec};
 use crate::l7::spec::Resource;
 use crate::l7::{self, L7Config, Named};
@@ -122,21 +123,21 @@ pub(super) fn load(
     }
 }
 
-/// Compiles the L7 form of an AuthorizationPolicy document the L4 compile accepted.
+/// Compiles the L7 form of an AuthorizationPolicy document the L4 compile accepted; an error
+/// carries the resource label and the field.
 pub(super) fn load_authorization(
     doc: &Document,
     value: &Value,
-    source: &str,
     out: &mut Collected,
-) -> Result<(), ConfigError> {
+) -> Result<(), (Option<String>, FieldError)> {
     let (name, namespace) = identity(value);
     let name = name.unwrap_or_default();
-    let error = |field: Option<String>, message: String| ConfigError {
-        file: source.to_string(),
-        document: Some(doc.index),
-        resource: Some(format!("AuthorizationPolicy {namespace}/{name}")),
-        field,
-        message,
+    let resource = Some(format!("AuthorizationPolicy {namespace}/{name}"));
+    let error = |field: Option<String>, message: String| {
+        (
+            resource.clone(),
+            FieldError::new(field.unwrap_or_default(), message),
+        )
     };
     let parsed: Resource<AuthorizationPolicySpec> =
         serde_yaml::from_str(&doc.text).map_err(|e| {

@@ -1,11 +1,14 @@
 //! The ztunnel local-config document (no `apiVersion`/`kind`): `workloads`, `services` and
 //! `policies` in Istio ztunnel's camelCase form, plus our `meshConfig` extension (root
-//! namespace, trust domain, mesh-wide outbound traffic policy). Unknown keys are errors.
+//! namespace, trust domain, mesh-wide outbound traffic policy). Unknown keys and YAML errors
+//! fail the whole file; a policy that parses but fails its checks is rejected alone and
+//! replaced by a DENY-all for its scope (fail closed, see [`super::reject`]).
 
 use super::{Collected, ConfigError, Document, Origin};
 use crate::identity::DEFAULT_TRUST_DOMAIN;
 use crate::model::{
-    AddressMatch, Authorization, OutboundTrafficMode, RuleMatch, Service, StringMatch, Workload,
+    AddressMatch, Authorization, OutboundTrafficMode, PolicyAction, Rule, RuleMatch, Service,
+    StringMatch, Workload,
 };
 use crate::snapshot::DEFAULT_ROOT_NAMESPACE;
 use serde::{Deserialize, Serialize};
@@ -129,11 +132,20 @@ pub(super) fn load(
             field: format!("policies[{i}]"),
         };
         if let Err((field, message)) = check_policy(&p) {
-            return Err(error(
+            // Rejected alone, replaced by a DENY-all for the same scope (see `super::reject`).
+            out.rejected.push(error(
                 Some(origin.resource.clone()),
                 Some(origin.field(&field)),
-                message,
+                format!("{message}; fail-closed: until it is fixed, a DENY-all stand-in applies in its place"),
             ));
+            let stand_in = Authorization {
+                action: PolicyAction::Deny,
+                rules: vec![Rule::default()],
+                has_l7_rules: false,
+                ..p
+            };
+            out.policies.push((stand_in, origin, false));
+            continue;
         }
         out.policies.push((p, origin, false));
     }

@@ -7,14 +7,23 @@
 //! [`validate`]; hot reloading in [`watch`]. Every error is a [`ConfigError`] naming the file,
 //! the document, the resource and the field.
 //!
-//! Errors fail the whole load (the last good snapshot stays), except in the three L7 routing
-//! kinds: a bad VirtualService, DestinationRule or ServiceEntry is left out and recorded in
-//! `Snapshot::rejected`, and the rest of the file applies (see [`crate::l7`]).
+//! Every `apiVersion`/`kind` resource is accepted or rejected alone: a bad one is left out and
+//! recorded in `Snapshot::rejected` (file, document, resource, field), and the rest of the file
+//! applies. A rejected security resource (AuthorizationPolicy, PeerAuthentication, Sidecar) is
+//! replaced by a fail-closed stand-in for the scope that can still be read, so rejecting it
+//! never opens a path around policy; the rule is spelled out in the `reject` module. A waypoint binding
+//! that cannot be resolved is rejected for its service, which then fails closed
+//! ([`waypoints`]). What still fails the whole load (the last good snapshot stays): YAML syntax
+//! errors, a document without a readable `apiVersion`/`kind`, a security resource whose
+//! namespace cannot be read, and the local form's errors (unknown keys, duplicate IPs, uids,
+//! services or VIPs, unresolvable waypoint addresses), except a local policy failing its
+//! checks, which is rejected alone with a stand-in.
 
 pub mod assemble;
 pub mod istio;
 mod l7;
 pub mod local;
+mod reject;
 mod validate;
 mod walk;
 pub mod watch;
@@ -120,8 +129,46 @@ pub(crate) struct Collected {
     pub mesh: Option<(MeshConfig, usize)>,
     /// VirtualService / DestinationRule / ServiceEntry (parsed) and L7 authorization policies.
     pub l7: crate::l7::Resources,
-    /// L7 resources left out (parse errors so far; compile errors are added at the end).
+    /// Resources left out (L7 compile errors are added at the end).
     pub rejected: Vec<ConfigError>,
+    /// AuthorizationPolicies attached to waypoints (`targetRefs`): (L4 form, targets, document).
+    pub attached_l4: Vec<(Authorization, Vec<crate::l7::attached::PolicyTarget>, usize)>,
+}
+
+/// How far [`Collected`] had grown before a document, to undo a half-loaded one.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Mark {
+    policies: usize,
+    attached_l4: usize,
+    peer_authentications: usize,
+    sidecars: usize,
+    other_resources: usize,
+    l7_policies: usize,
+    l7_attached: usize,
+}
+
+impl Collected {
+    pub(crate) fn mark(&self) -> Mark {
+        Mark {
+            policies: self.policies.len(),
+            attached_l4: self.attached_l4.len(),
+            peer_authentications: self.peer_authentications.len(),
+            sidecars: self.sidecars.len(),
+            other_resources: self.other_resources.len(),
+            l7_policies: self.l7.authorization_policies.len(),
+            l7_attached: self.l7.attached_policies.len(),
+        }
+    }
+
+    pub(crate) fn rollback(&mut self, m: Mark) {
+        self.policies.truncate(m.policies);
+        self.attached_l4.truncate(m.attached_l4);
+        self.peer_authentications.truncate(m.peer_authentications);
+        self.sidecars.truncate(m.sidecars);
+        self.other_resources.truncate(m.other_resources);
+        self.l7.authorization_policies.truncate(m.l7_policies);
+        self.l7.attached_policies.truncate(m.l7_attached);
+    }
 }
 
 /// Reads and loads a configuration file.
@@ -298,11 +345,79 @@ fn load_document(doc: &Document, source: &str, out: &mut Collected) -> Result<()
         l7::load(doc, &api_version, &kind, &value, source, out);
         return Ok(());
     }
-    istio::load(doc.index, &api_version, &kind, &value, out).map_err(|(resource, e)| {
-        error(resource, Some(e.field).filter(|f| !f.is_empty()), e.message)
-    })?;
-    if group == "security.istio.io" && kind == "AuthorizationPolicy" {
-        l7::load_authorization(doc, &value, source, out)?;
+    let mark = out.mark();
+    let mut loaded = istio::load(doc.index, &api_version, &kind, &value, out);
+    if loaded.is_ok() && group == "security.istio.io" && kind == "AuthorizationPolicy" {
+        loaded = l7::load_authorization(doc, &value, out).and_then(|()| unique_policy(out, mark));
+    }
+    match loaded {
+        Ok(()) => {
+            attach(out, mark);
+            Ok(())
+        }
+        Err((resource, e)) => {
+            out.rollback(mark);
+            reject::reject(doc, group, &kind, &value, source, resource, e, out)
+        }
+    }
+}
+
+/// A policy with `targetRefs` just loaded: its L7 form goes with its L4 form to the waypoint
+/// (no workload-scoped lookup finds it).
+fn attach(out: &mut Collected, mark: Mark) {
+    if out.attached_l4.len() == mark.attached_l4 {
+        return;
+    }
+    let (Some((l4, targets, _)), Some(l7)) =
+        (out.attached_l4.last(), out.l7.authorization_policies.pop())
+    else {
+        return;
+    };
+    out.l7
+        .attached_policies
+        .push(std::sync::Arc::new(crate::l7::attached::AttachedPolicy {
+            targets: targets.clone(),
+            l7,
+            l4: std::sync::Arc::new(l4.clone()),
+        }));
+}
+
+/// The policy just loaded must not reuse the `<ns>/<name>` of an earlier one (a second
+/// definition would silently replace the first's HTTP rules).
+fn unique_policy(out: &Collected, mark: Mark) -> Result<(), (Option<String>, FieldError)> {
+    let just_loaded = out.policies[mark.policies..]
+        .iter()
+        .map(|(a, _, _)| a)
+        .chain(
+            out.attached_l4[mark.attached_l4..]
+                .iter()
+                .map(|(a, _, _)| a),
+        );
+    for new in just_loaded {
+        let key = (new.namespace.as_str(), new.name.as_str());
+        let earlier = out.policies[..mark.policies]
+            .iter()
+            .map(|(a, o, _)| (a, o.doc))
+            .chain(
+                out.attached_l4[..mark.attached_l4]
+                    .iter()
+                    .map(|(a, _, d)| (a, *d)),
+            );
+        if let Some((_, doc)) = earlier
+            .into_iter()
+            .find(|(a, _)| (a.namespace.as_str(), a.name.as_str()) == key)
+        {
+            return Err((
+                Some(format!("AuthorizationPolicy {}/{}", key.0, key.1)),
+                FieldError::new(
+                    "metadata.name",
+                    format!(
+                        "authorization policy {}/{} is already defined (document {doc})",
+                        key.0, key.1
+                    ),
+                ),
+            ));
+        }
     }
     Ok(())
 }

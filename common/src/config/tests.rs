@@ -22,6 +22,15 @@ fn load_err(yaml: &str) -> String {
     }
 }
 
+/// The one rejection of a file that loads (the rest of it applied).
+fn rejected(yaml: &str) -> String {
+    let s = load(yaml);
+    match s.rejected.as_slice() {
+        [one] => one.to_string(),
+        other => panic!("expected one rejection, got {other:?} for:\n{yaml}"),
+    }
+}
+
 fn scenario(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/scenarios");
     assert!(
@@ -180,11 +189,12 @@ fn local_form_errors_name_file_document_and_key() {
     );
     let e = load_err("- just\n- a list\n");
     assert!(e.contains("expected a mapping"), "{e}");
-    let e = load_err(
+    // A local policy that parses but fails its checks is rejected alone (fail-closed stand-in).
+    let e = rejected(
         "policies:\n- {name: p, scope: Namespace, action: Allow, rules: [{clauses: [{matches: [{principals: [{exact: a, prefix: b}]}]}]}]}\n",
     );
     assert!(e.contains("(policy default/p): policies[0].rules[0].clauses[0].matches[0].principals[0]: set exactly one"), "{e}");
-    let e = load_err("policies:\n- {name: p, scope: Namespace, action: Allow, rules: [{clauses: [{matches: [{sourceIps: [{address: 10.0.0.0, length: 40}]}]}]}]}\n");
+    let e = rejected("policies:\n- {name: p, scope: Namespace, action: Allow, rules: [{clauses: [{matches: [{sourceIps: [{address: 10.0.0.0, length: 40}]}]}]}]}\n");
     assert!(e.contains("sourceIps[0]: prefix length 40"), "{e}");
 }
 
@@ -312,75 +322,79 @@ fn istio_resource_errors() {
     let deny = |ports: &str| {
         format!("workloads: []\n---\nmeshConfig: {{}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-9999\n  namespace: default\nspec:\n  action: DENY\n  rules:\n  - to:\n    - operation:\n        ports: [{ports}]\n")
     };
-    assert_eq!(
-        load_err(&deny("\"abc\"")),
-        "test.yaml: document 3 (AuthorizationPolicy default/deny-9999): spec.rules[0].to[0].operation.ports[0]: \"abc\" is not a port number"
-    );
-    assert!(load_err(&deny("\"80\", 70000")).ends_with("ports[1]: 70000 is not a port number"));
+    assert!(
+        rejected(&deny("\"abc\"")).starts_with(
+        "test.yaml: document 3 (AuthorizationPolicy default/deny-9999): spec.rules[0].to[0].operation.ports[0]: \"abc\" is not a port number; fail-closed"
+    ));
+    assert!(rejected(&deny("\"80\", 70000"))
+        .contains("ports[1]: 70000 is not a port number; fail-closed"));
     let ap = |spec: &str| {
         format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: ns}}\nspec: {spec}\n")
     };
-    let e = load_err(&ap("{action: AUDIT}"));
-    assert_eq!(e, "test.yaml: document 1 (AuthorizationPolicy ns/p): spec.action: action AUDIT is not supported by the L4 data plane (use ALLOW or DENY)");
+    let e = rejected(&ap("{action: AUDIT}"));
+    assert_eq!(e, "test.yaml: document 1 (AuthorizationPolicy ns/p): spec.action: action AUDIT is not supported by the L4 data plane (use ALLOW or DENY); fail-closed: until it is fixed, a DENY-all stand-in applies to every workload in namespace ns");
     assert!(
-        load_err(&ap("{action: CUSTOM, provider: {name: x}}")).contains("CUSTOM is not supported")
+        rejected(&ap("{action: CUSTOM, provider: {name: x}}")).contains("CUSTOM is not supported")
     );
-    let e = load_err(&ap("{rules: [{from: [{source: {principal: [x]}}]}]}"));
+    let e = rejected(&ap("{rules: [{from: [{source: {principal: [x]}}]}]}"));
     assert!(
         e.contains(
             "spec.rules[0].from[0].source.principal: unknown field (expected one of: principals,"
         ),
         "{e}"
     );
-    let e = load_err(&ap("{rules: [{when: [{key: source.color, values: [x]}]}]}"));
+    let e = rejected(&ap("{rules: [{when: [{key: source.color, values: [x]}]}]}"));
     assert!(
         e.contains("spec.rules[0].when[0].key: unknown condition key \"source.color\""),
         "{e}"
     );
-    let e = load_err(&ap("{rules: [{when: [{key: source.ip}]}]}"));
+    let e = rejected(&ap("{rules: [{when: [{key: source.ip}]}]}"));
     assert!(e.contains("needs values or notValues"), "{e}");
-    let e = load_err(&ap(
+    let e = rejected(&ap(
         "{rules: [{from: [{source: {ipBlocks: [\"10.0.0.0/33\"]}}]}]}",
     ));
     assert!(
         e.contains("source.ipBlocks[0]: \"10.0.0.0/33\" is not an IP address or CIDR block"),
         "{e}"
     );
-    let e = load_err(&ap(
+    let e = rejected(&ap(
         "{rules: [{from: [{source: {serviceAccounts: [nosep]}}]}]}",
     ));
     assert!(e.contains("serviceAccounts[0]: \"nosep\" is not"), "{e}");
-    let e = load_err(&ap("{targetRefs: [{kind: Gateway, name: wp}]}"));
-    assert!(e.contains("spec.targetRefs: policy attachment"), "{e}");
-    let e = load_err(&ap("{selector: {matchLabels: {version: 1}}}"));
+    let e = rejected(&ap("{targetRefs: [{kind: Gateway, name: wp}]}"));
+    assert!(
+        e.contains("spec.targetRefs[0]: unsupported target \"\" \"Gateway\""),
+        "{e}"
+    );
+    let e = rejected(&ap("{selector: {matchLabels: {version: 1}}}"));
     assert!(
         e.contains("spec.selector.matchLabels.version: label values must be strings"),
         "{e}"
     );
-    let e = load_err(
+    let e = rejected(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {namespace: x}\n",
     );
     assert_eq!(
         e,
-        "test.yaml: document 1 (AuthorizationPolicy): metadata.name: missing"
+        "test.yaml: document 1 (AuthorizationPolicy): metadata.name: missing; fail-closed: until it is fixed, a DENY-all stand-in applies to every workload in namespace x"
     );
-    let e = load_err("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspecs: {}\n");
+    let e = rejected("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspecs: {}\n");
     assert!(e.contains("specs: unknown field"), "{e}");
-    let e = load_err(
+    let e = rejected(
         "apiVersion: security.istio.io/v1alpha9\nkind: AuthorizationPolicy\nmetadata: {name: p}\n",
     );
     assert!(e.contains("apiVersion: unsupported version"), "{e}");
-    let e = load_err("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: p}\n");
+    let e = rejected("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: p}\n");
     assert!(
         e.starts_with(
-            "test.yaml: document 1: kind: unsupported kind \"ConfigMap\" (apiVersion v1)"
+            "test.yaml: document 1 (ConfigMap): kind: unsupported kind \"ConfigMap\" (apiVersion v1)"
         ),
         "{e}"
     );
     assert!(load_err("kind: Pod\n").contains("apiVersion: missing"));
     assert!(load_err("apiVersion: v1\n").contains("kind: missing"));
-    let e = load_err(&format!("{}---\n{}", ap("{}"), ap("{}")));
-    assert!(e.contains("document 2 (AuthorizationPolicy ns/p): authorization policy ns/p is already defined (document 1)"), "{e}");
+    let e = rejected(&format!("{}---\n{}", ap("{}"), ap("{}")));
+    assert!(e.contains("document 2 (AuthorizationPolicy ns/p): metadata.name: authorization policy ns/p is already defined (document 1)"), "{e}");
 }
 
 #[test]
@@ -418,11 +432,11 @@ workloads:
     let pa = |spec: &str| {
         format!("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: p}}\nspec: {spec}\n")
     };
-    assert!(load_err(&pa("{mtls: {mode: STRICTER}}"))
+    assert!(rejected(&pa("{mtls: {mode: STRICTER}}"))
         .contains("spec.mtls.mode: unknown mode \"STRICTER\""));
-    assert!(load_err(&pa("{portLevelMtls: {80: {mode: STRICT}}}"))
+    assert!(rejected(&pa("{portLevelMtls: {80: {mode: STRICT}}}"))
         .contains("portLevelMtls requires a selector"));
-    let e = load_err(&pa(
+    let e = rejected(&pa(
         "{selector: {matchLabels: {a: b}}, portLevelMtls: {http: {mode: STRICT}}}",
     ));
     assert!(
@@ -454,14 +468,14 @@ spec:
     let sc = |spec: &str| {
         format!("apiVersion: networking.istio.io/v1beta1\nkind: Sidecar\nmetadata: {{name: s}}\nspec: {spec}\n")
     };
-    assert!(load_err(&sc("{egress: [{hosts: [foo.com]}]}"))
+    assert!(rejected(&sc("{egress: [{hosts: [foo.com]}]}"))
         .contains("spec.egress[0].hosts[0]: \"foo.com\" is not \"<namespace>/<host>\""));
-    assert!(load_err(&sc("{egress: [{port: {number: 8080}}]}"))
+    assert!(rejected(&sc("{egress: [{port: {number: 8080}}]}"))
         .contains("spec.egress[0].hosts: an egress listener needs"));
-    assert!(load_err(&sc("{outboundTrafficPolicy: {mode: DENY_ALL}}"))
+    assert!(rejected(&sc("{outboundTrafficPolicy: {mode: DENY_ALL}}"))
         .contains("unknown mode \"DENY_ALL\""));
     assert!(
-        load_err(&sc("{egress: [{port: {number: x}, hosts: [\"./*\"]}]}"))
+        rejected(&sc("{egress: [{port: {number: x}, hosts: [\"./*\"]}]}"))
             .contains("spec.egress[0].port.number: \"x\" is not a port number")
     );
 }

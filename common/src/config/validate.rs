@@ -126,13 +126,29 @@ pub(super) fn finish(c: Collected, source: &str) -> Result<Snapshot, ConfigError
     let namespace_waypoints = super::waypoints::namespace_waypoints(&c.other_resources);
     let plain_workloads: Vec<&crate::model::Workload> =
         workloads.iter().map(|(w, _, _)| w).collect();
+    let mut rejected = c.rejected;
     let mut resolved_services = Vec::with_capacity(services.len());
     for (s, origin) in &services {
         let mut s = s.clone();
-        super::waypoints::bind(&mut s, &gateways, &namespace_waypoints, &plain_workloads)
-            .map_err(|m| err(source, origin, "labels", m))?;
-        if let Some(gw) = s.waypoint.as_mut() {
-            resolve(gw, origin)?;
+        match super::waypoints::bind(&mut s, &gateways, &namespace_waypoints, &plain_workloads) {
+            Ok(()) => {
+                if let Some(gw) = s.waypoint.as_mut() {
+                    resolve(gw, origin)?;
+                }
+            }
+            // The binding is rejected, not the file; the service fails closed (its traffic must
+            // not skip the waypoint, where its policies may live).
+            Err(m) => {
+                s.waypoint = Some(super::waypoints::unresolved());
+                rejected.push(err(
+                    source,
+                    origin,
+                    "labels",
+                    format!(
+                        "{m}; fail-closed: connections to the service are refused until its waypoint exists"
+                    ),
+                ));
+            }
         }
         resolved_services.push(Arc::new(s));
     }
@@ -183,7 +199,6 @@ pub(super) fn finish(c: Collected, source: &str) -> Result<Snapshot, ConfigError
     snapshot.trust_domain = mesh.trust_domain;
     snapshot.outbound_traffic_policy = mesh.outbound_traffic_policy.mode;
     snapshot.other_resources = c.other_resources;
-    let mut rejected = c.rejected;
     snapshot.l7 = Arc::new(super::l7::finish(c.l7, &mut rejected, source));
     snapshot.rejected = rejected;
     Ok(snapshot.indexed())

@@ -2,7 +2,10 @@
 //! waypoint pods labelled `gateway.networking.k8s.io/gateway-name: <gateway>`, and services
 //! (or their namespace, through a `Namespace` document) labelled
 //! `istio.io/use-waypoint: <gateway>`. Such services get their `waypoint` filled in with a
-//! waypoint pod's address, exactly as if it had been written in the local form.
+//! waypoint pod's address, exactly as if it had been written in the local form. A binding that
+//! cannot be resolved (no such Gateway, or no pod for it) is rejected for that service alone,
+//! which then fails closed: it keeps an [`unresolved`] waypoint, so ztunnels refuse its traffic
+//! rather than send it around the waypoint where its policies are enforced.
 
 use crate::model::{GatewayAddress, Service, Workload};
 use std::collections::{BTreeMap, BTreeSet};
@@ -90,6 +93,16 @@ pub fn bind(
     Ok(())
 }
 
+/// The waypoint of a service whose binding failed: an address no proxy can resolve (no IP, no
+/// identity), so ztunnels refuse its traffic instead of sending it around the waypoint.
+pub fn unresolved() -> GatewayAddress {
+    GatewayAddress {
+        destination: "unresolved/".to_string(),
+        hbone_mtls_port: WAYPOINT_HBONE_PORT,
+        identity: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     const CONFIG: &str = r#"
@@ -133,11 +146,17 @@ services:
     }
 
     #[test]
-    fn label_without_gateway_is_an_error_naming_it() {
-        let err = crate::config::load_str(CONFIG, "t.yaml")
-            .unwrap_err()
-            .to_string();
+    fn label_without_gateway_is_a_rejection_naming_it() {
+        let snap = crate::config::load_str(CONFIG, "t.yaml").unwrap();
+        let err = snap.rejected[0].to_string();
         assert!(err.contains("no Gateway default/productpage"), "{err}");
+        // Fail closed: the service keeps a waypoint nobody can reach.
+        let pp = snap
+            .services
+            .iter()
+            .find(|s| s.name == "productpage")
+            .unwrap();
+        assert!(pp.waypoint.as_ref().unwrap().identity.is_none());
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub struct Resources {
     pub service_entries: Vec<Named<ServiceEntrySpec>>,
     /// Already compiled (their errors are fatal to the load, like every L4 kind).
     pub authorization_policies: Vec<Arc<L7Policy>>,
+    /// AuthorizationPolicies attached to waypoints (`targetRefs`).
+    pub attached_policies: Vec<Arc<super::attached::AttachedPolicy>>,
     /// DestinationRules rejected before compilation (`spec` = the host as written), so that
     /// VirtualServices using their subsets can say why the subsets are missing.
     pub rejected_destination_rules: Vec<Named<String>>,
@@ -360,6 +362,7 @@ pub fn compile(res: Resources, domain: &str) -> (L7Config, Vec<Rejected>) {
         destination_rules: drs.by_host,
         service_entries,
         authorization_policies,
+        attached_policies: res.attached_policies,
         warnings,
     };
     (config, rejected)

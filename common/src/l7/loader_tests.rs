@@ -144,13 +144,20 @@ fn duplicates_are_rejected() {
 }
 
 #[test]
-fn l4_kinds_keep_failing_the_whole_file() {
-    let e = load_str(&format!("{GOOD_VS}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p}}\nspec: {{action: AUDIT}}\n"), "test.yaml").expect_err("fatal");
+fn a_bad_authorization_policy_is_rejected_alone_beside_routes() {
+    let s = load(&format!("{GOOD_VS}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p}}\nspec: {{action: AUDIT}}\n"));
+    let e = s.rejected[0].to_string();
     assert!(
-        e.to_string()
-            .contains("(AuthorizationPolicy default/p): spec.action"),
+        e.contains("(AuthorizationPolicy default/p): spec.action"),
         "{e}"
     );
+    assert!(s
+        .l7
+        .routes
+        .mesh("good.default.svc.cluster.local", "default")
+        .is_some());
+    // Fail closed in its place.
+    assert_eq!(s.authorizations[0].action, crate::model::PolicyAction::Deny);
 }
 
 #[test]

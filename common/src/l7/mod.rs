@@ -15,8 +15,9 @@
 //! names a subset of a rejected DestinationRule is rejected in turn (its message says so).
 //! Conflicts that do not make a resource wrong (two VirtualServices for one host in one
 //! namespace: the first in file order wins; a delegate that does not exist: the route is skipped) are
-//! [`L7Config::warnings`]. Every other kind, including AuthorizationPolicy, keeps the
-//! all-or-nothing rule: one error fails the whole load and the last good snapshot stays.
+//! [`L7Config::warnings`]. The security kinds (AuthorizationPolicy, PeerAuthentication,
+//! Sidecar) are rejected one by one as well, but replaced by fail-closed stand-ins (see
+//! `config::reject`).
 //!
 //! # Life of a request (what the waypoint does with this module)
 //! `routes.mesh(service hostname, waypoint namespace)` (the table exported to the waypoint's
@@ -28,12 +29,14 @@
 //! retry policy.
 
 pub mod actions;
+pub mod attached;
 pub mod compile;
 mod compile_match;
 pub mod cors;
 pub mod destination_rule;
 pub mod export;
 pub mod matching;
+pub mod path;
 pub mod policy;
 pub mod rewrite;
 pub mod route;
@@ -65,6 +68,9 @@ pub struct L7Config {
     pub destination_rules: BTreeMap<String, Vec<Arc<DestinationPolicy>>>,
     pub service_entries: Vec<Arc<ServiceEntry>>,
     pub authorization_policies: BTreeMap<String, Arc<L7Policy>>,
+    /// Policies attached to waypoints with `targetRefs` (only waypoints evaluate them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attached_policies: Vec<Arc<attached::AttachedPolicy>>,
     /// Conflicts resolved by a rule rather than by rejecting a resource.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,

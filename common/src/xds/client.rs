@@ -159,7 +159,9 @@ enum Decoded {
     Workload(Workload),
     Service(Service),
     Authorization(Option<Authorization>),
-    Document(serde_json::Value),
+    /// A config object and, when the loader rejected it alone, why (it is still applied: the
+    /// loader leaves a route out, or puts a fail-closed stand-in for a security resource).
+    Document(serde_json::Value, Option<String>),
 }
 
 fn decode(type_url: &str, bytes: &[u8]) -> Result<Decoded, String> {
@@ -187,8 +189,8 @@ fn decode(type_url: &str, bytes: &[u8]) -> Result<Decoded, String> {
                 mesh_config::ConfigResource::decode(bytes).map_err(|e| format!("decode: {e}"))?;
             let value: serde_json::Value =
                 serde_json::from_str(&r.json).map_err(|e| format!("json: {e}"))?;
-            crate::config::assemble::check_document(&value).map_err(|e| e.to_string())?;
-            Ok(Decoded::Document(value))
+            let soft = assemble::check_document(&value).map_err(|e| e.to_string())?;
+            Ok(Decoded::Document(value, soft.map(|e| e.to_string())))
         }
         other => Err(format!("unsupported type {other}")),
     }
@@ -225,7 +227,7 @@ impl Resources {
                     .insert(name.clone(), Entry { version, value });
                 Undo::Authorization(name, old)
             }
-            Decoded::Document(value) => {
+            Decoded::Document(value, _) => {
                 let old = self
                     .documents
                     .insert(name.clone(), Entry { version, value });
@@ -473,7 +475,12 @@ impl XdsClient {
                 continue;
             };
             match decode(type_url, &any.value) {
-                Ok(d) => log.push(self.resources.insert(r.name, r.version, d)),
+                Ok(d) => {
+                    if let Decoded::Document(_, Some(why)) = &d {
+                        rejected.push(format!("{}: {why}", r.name));
+                    }
+                    log.push(self.resources.insert(r.name, r.version, d));
+                }
                 Err(e) => rejected.push(format!("{}: {e}", r.name)),
             }
         }
