@@ -94,6 +94,11 @@ pub struct Workload {
     pub waypoint: Option<GatewayAddress>,
     #[serde(default)]
     pub status: HealthStatus,
+    /// Being deleted but still serving (EndpointSlice `serving` and `terminating`): an
+    /// endpoint of last resort, for when no healthy endpoint exists (our extension; such a
+    /// workload is also `Unhealthy`, as istiod reports it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub terminating: bool,
     #[serde(default)]
     pub locality: Option<Locality>,
     /// Names (`<ns>/<name>`) of policies bound to this workload (Istio's form).
