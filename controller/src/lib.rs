@@ -2,6 +2,13 @@
 //! model the local YAML produces, serves it over delta xDS (Istio's WDS types for ztunnel, our
 //! L7 type for waypoints), signs workload certificates from CSRs, and (on the Lease holder)
 //! creates each waypoint's Kubernetes objects.
+//!
+//! Data flow: [`watch`] (kube-runtime watchers) → [`index`] (sans-IO translation, change feed)
+//! → [`feed`] + [`publish`] (changes as xDS resources) → [`xds`] (delta ADS server).
 
+pub mod auth;
+pub mod feed;
 pub mod index;
+pub mod publish;
 pub mod watch;
+pub mod xds;

@@ -1,0 +1,220 @@
+//! The resource cache every stream reads: per type URL, `name → Arc<CachedResource>`, each
+//! resource wrapped once into its `envoy.service.discovery.v3.Resource` (Any + aliases) and
+//! versioned by a hash of its content, so an unchanged resource is never pushed and a
+//! reconnecting client that already holds a version is not sent it again.
+
+use common::xds::discovery::Resource;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// One resource as every stream sends it.
+#[derive(Debug)]
+pub struct CachedResource {
+    /// The xDS name (workload uid, `namespace/hostname`, `namespace/name`).
+    pub name: String,
+    /// Content hash (16 hex digits of SHA-256 over the message and its aliases).
+    pub version: String,
+    /// The wire resource: name, version, `Any{type_url, value}`, aliases.
+    pub resource: Resource,
+}
+
+/// A change to publish: `resource: None` removes the name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Type URL, e.g. [`common::xds::ADDRESS_TYPE`].
+    pub type_url: String,
+    /// xDS resource name.
+    pub name: String,
+    /// The encoded message (e.g. an `istio.workload.Address`) and its aliases; `None` = removed.
+    pub resource: Option<(Vec<u8>, Vec<String>)>,
+}
+
+impl Change {
+    /// A new or updated resource.
+    pub fn upsert(
+        type_url: impl Into<String>,
+        name: impl Into<String>,
+        message: Vec<u8>,
+        aliases: Vec<String>,
+    ) -> Self {
+        Change {
+            type_url: type_url.into(),
+            name: name.into(),
+            resource: Some((message, aliases)),
+        }
+    }
+
+    /// A removed resource.
+    pub fn remove(type_url: impl Into<String>, name: impl Into<String>) -> Self {
+        Change {
+            type_url: type_url.into(),
+            name: name.into(),
+            resource: None,
+        }
+    }
+}
+
+/// Content version of a message with its aliases.
+pub fn content_version(message: &[u8], aliases: &[String]) -> String {
+    let mut h = Sha256::new();
+    h.update((message.len() as u64).to_be_bytes());
+    h.update(message);
+    for a in aliases {
+        h.update((a.len() as u64).to_be_bytes());
+        h.update(a.as_bytes());
+    }
+    let digest = h.finalize();
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl CachedResource {
+    /// Wraps an encoded message once; all streams share the result.
+    pub fn new(type_url: &str, name: String, message: Vec<u8>, aliases: Vec<String>) -> Self {
+        let version = content_version(&message, &aliases);
+        let resource = Resource {
+            version: version.clone(),
+            resource: Some(prost_types::Any {
+                type_url: type_url.to_string(),
+                value: message,
+            }),
+            name: name.clone(),
+            aliases,
+            ttl: None,
+            cache_control: None,
+        };
+        CachedResource {
+            name,
+            version,
+            resource,
+        }
+    }
+}
+
+/// All resources of all types.
+#[derive(Debug, Default)]
+pub struct Cache {
+    types: HashMap<String, HashMap<String, Arc<CachedResource>>>,
+}
+
+/// A prepared change: the resource already wrapped (outside any lock).
+pub(crate) struct Prepared {
+    type_url: String,
+    name: String,
+    resource: Option<Arc<CachedResource>>,
+}
+
+impl Prepared {
+    pub(crate) fn new(c: Change) -> Self {
+        let resource = c
+            .resource
+            .map(|(m, a)| Arc::new(CachedResource::new(&c.type_url, c.name.clone(), m, a)));
+        Prepared {
+            type_url: c.type_url,
+            name: c.name,
+            resource,
+        }
+    }
+}
+
+impl Cache {
+    /// Applies prepared changes; returns the `(type_url, name)` pairs whose content changed
+    /// (an identical version or removing an absent name is a no-op).
+    pub(crate) fn apply(&mut self, changes: Vec<Prepared>) -> Vec<(String, String)> {
+        let mut changed = Vec::new();
+        for p in changes {
+            let changed_now = match p.resource {
+                Some(r) => {
+                    let m = self.types.entry(p.type_url.clone()).or_default();
+                    match m.get(&p.name) {
+                        Some(old) if old.version == r.version => false,
+                        _ => {
+                            m.insert(p.name.clone(), r);
+                            true
+                        }
+                    }
+                }
+                None => self
+                    .types
+                    .get_mut(&p.type_url)
+                    .is_some_and(|m| m.remove(&p.name).is_some()),
+            };
+            if changed_now {
+                changed.push((p.type_url, p.name));
+            }
+        }
+        changed
+    }
+
+    /// The resource `name` of `type_url`.
+    pub fn get(&self, type_url: &str, name: &str) -> Option<&Arc<CachedResource>> {
+        self.types.get(type_url)?.get(name)
+    }
+
+    /// Every resource of `type_url`.
+    pub fn all(&self, type_url: &str) -> impl Iterator<Item = &Arc<CachedResource>> {
+        self.types
+            .get(type_url)
+            .into_iter()
+            .flat_map(|m| m.values())
+    }
+
+    /// Number of resources of `type_url`.
+    pub fn len(&self, type_url: &str) -> usize {
+        self.types.get(type_url).map_or(0, |m| m.len())
+    }
+
+    /// Whether the cache holds nothing at all.
+    pub fn is_empty(&self) -> bool {
+        self.types.values().all(|m| m.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: &str = "type.googleapis.com/test.Msg";
+
+    fn apply(c: &mut Cache, changes: Vec<Change>) -> Vec<(String, String)> {
+        c.apply(changes.into_iter().map(Prepared::new).collect())
+    }
+
+    #[test]
+    fn version_depends_on_message_and_aliases() {
+        let a = content_version(b"abc", &[]);
+        assert_eq!(a.len(), 16);
+        assert_eq!(a, content_version(b"abc", &[]));
+        assert_ne!(a, content_version(b"abd", &[]));
+        assert_ne!(a, content_version(b"abc", &["/10.0.0.1".into()]));
+        // Boundaries between message and aliases matter.
+        assert_ne!(
+            content_version(b"ab", &["c".into()]),
+            content_version(b"a", &["bc".into()])
+        );
+    }
+
+    #[test]
+    fn unchanged_content_and_absent_removals_are_no_ops() {
+        let mut c = Cache::default();
+        let ch = apply(&mut c, vec![Change::upsert(T, "a", b"1".to_vec(), vec![])]);
+        assert_eq!(ch, vec![(T.to_string(), "a".to_string())]);
+        assert!(apply(&mut c, vec![Change::upsert(T, "a", b"1".to_vec(), vec![])]).is_empty());
+        assert!(apply(&mut c, vec![Change::remove(T, "zzz")]).is_empty());
+        assert_eq!(
+            apply(&mut c, vec![Change::upsert(T, "a", b"2".to_vec(), vec![])]).len(),
+            1
+        );
+        let r = c.get(T, "a").expect("present");
+        assert_eq!(r.resource.name, "a");
+        assert_eq!(r.resource.version, r.version);
+        let any = r.resource.resource.as_ref().expect("any");
+        assert_eq!(
+            (any.type_url.as_str(), any.value.as_slice()),
+            (T, &b"2"[..])
+        );
+        assert_eq!(apply(&mut c, vec![Change::remove(T, "a")]).len(), 1);
+        assert_eq!(c.len(T), 0);
+        assert!(c.is_empty());
+    }
+}

@@ -1,0 +1,357 @@
+//! The state machine of one delta ADS stream, free of I/O: it reads requests (initial,
+//! ACK/NACK, subscription changes), keeps per type the subscription, the names changed since
+//! the last response (a coalescing dirty set: a slow client gets the latest state and the
+//! memory is bounded by the number of resources, never a queue of responses), and builds each
+//! response from the [`Cache`].
+//!
+//! Flow control: at most one un-ACKed response per type is in flight; changes arriving
+//! meanwhile coalesce in the dirty set and go out in one response after the ACK (or NACK).
+//! istiod does not wait for ACKs; we do because it bounds both the memory per stream and the
+//! work wasted on a client that applies slower than we publish. Types do not wait for each
+//! other.
+//!
+//! A NACKed resource is not sent again until its content changes (it is only ever sent when
+//! dirty, i.e. changed), when the client subscribes to it again, or on a new stream.
+
+use super::cache::Cache;
+use super::node::NodeInfo;
+use common::xds::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use std::collections::{HashMap, HashSet};
+use tokio::time::Instant;
+
+/// Which names of a type a stream wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subscription {
+    /// Everything (empty subscribe list on the initial request, or `*`).
+    Wildcard,
+    /// Only these names (missing ones are answered in `removed_resources`).
+    Explicit(HashSet<String>),
+}
+
+impl Subscription {
+    fn wants(&self, name: &str) -> bool {
+        match self {
+            Subscription::Wildcard => true,
+            Subscription::Explicit(s) => s.contains(name),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct TypeState {
+    type_url: String,
+    sub: Subscription,
+    /// Names changed (or newly subscribed) since the last response of this type.
+    dirty: HashSet<String>,
+    /// Publish time of the oldest change in `dirty` (for the push-latency metric).
+    oldest_change: Option<Instant>,
+    /// Consider every subscribed name, not only the dirty ones (the stream's first response).
+    full: bool,
+    /// The client's `initial_resource_versions`, until the first response is built.
+    client_versions: HashMap<String, String>,
+    /// Answer even with nothing to say (the initial request; a subscription).
+    must_respond: bool,
+    /// Nonce of the response awaiting ACK/NACK.
+    in_flight: Option<String>,
+    /// Whether a response of this type was sent on this stream.
+    answered: bool,
+}
+
+impl TypeState {
+    fn has_work(&self) -> bool {
+        self.in_flight.is_none() && (self.full || self.must_respond || !self.dirty.is_empty())
+    }
+}
+
+/// What a request meant, for the driver's logs and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The first request for a type.
+    Initial {
+        /// Type URL.
+        type_url: String,
+    },
+    /// The in-flight response was accepted.
+    Ack {
+        /// Type URL.
+        type_url: String,
+    },
+    /// The in-flight response was (partly) rejected.
+    Nack {
+        /// Type URL.
+        type_url: String,
+        /// The client's `error_detail.message` (`<name>: <reason>; …`).
+        message: String,
+    },
+    /// A nonce that is not the one in flight (ignored).
+    StaleNonce {
+        /// Type URL.
+        type_url: String,
+        /// The nonce.
+        nonce: String,
+    },
+    /// Only a subscription change.
+    Subscription {
+        /// Type URL.
+        type_url: String,
+    },
+}
+
+/// A request that breaks the protocol.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// A request without a type URL.
+    #[error("a DeltaDiscoveryRequest without type_url")]
+    NoTypeUrl,
+}
+
+/// A response ready to send.
+#[derive(Debug)]
+pub struct Built {
+    /// The response.
+    pub response: DeltaDiscoveryResponse,
+    /// Publish time of the oldest change it carries (none for a first response).
+    pub oldest_change: Option<Instant>,
+    /// Whether this is the stream's first response for the type.
+    pub initial: bool,
+}
+
+/// One stream's protocol state.
+#[derive(Debug)]
+pub struct StreamState {
+    id: u64,
+    node: Option<NodeInfo>,
+    types: Vec<TypeState>,
+    responses: u64,
+    next: usize,
+}
+
+impl StreamState {
+    /// A stream with server-unique `id` (used in nonces).
+    pub fn new(id: u64) -> Self {
+        StreamState {
+            id,
+            node: None,
+            types: Vec::new(),
+            responses: 0,
+            next: 0,
+        }
+    }
+
+    /// The node of the first request that carried one.
+    pub fn node(&self) -> Option<&NodeInfo> {
+        self.node.as_ref()
+    }
+
+    /// The subscription of `type_url`, once requested.
+    pub fn subscription(&self, type_url: &str) -> Option<&Subscription> {
+        self.types
+            .iter()
+            .find(|t| t.type_url == type_url)
+            .map(|t| &t.sub)
+    }
+
+    /// Applies one request.
+    pub fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<Event, ProtocolError> {
+        if req.type_url.is_empty() {
+            return Err(ProtocolError::NoTypeUrl);
+        }
+        if self.node.is_none() {
+            if let Some(n) = &req.node {
+                self.node = Some(NodeInfo::from_proto(n));
+            }
+        }
+        let star = |v: &[String]| v.iter().any(|n| n == "*");
+        let named = |v: Vec<String>| v.into_iter().filter(|n| n != "*");
+        let Some(ts) = self.types.iter_mut().find(|t| t.type_url == req.type_url) else {
+            // First request of this type on this stream (a stale nonce from a previous stream,
+            // if any, means nothing here).
+            let wildcard = (req.resource_names_subscribe.is_empty()
+                || star(&req.resource_names_subscribe))
+                && !star(&req.resource_names_unsubscribe);
+            let sub = if wildcard {
+                Subscription::Wildcard
+            } else {
+                // What the client already holds stays subscribed (on-demand reconnects).
+                let mut names: HashSet<String> = named(req.resource_names_subscribe).collect();
+                names.extend(req.initial_resource_versions.keys().cloned());
+                Subscription::Explicit(names)
+            };
+            self.types.push(TypeState {
+                type_url: req.type_url.clone(),
+                sub,
+                dirty: HashSet::new(),
+                oldest_change: None,
+                full: true,
+                client_versions: req.initial_resource_versions.into_iter().collect(),
+                must_respond: true,
+                in_flight: None,
+                answered: false,
+            });
+            return Ok(Event::Initial {
+                type_url: req.type_url,
+            });
+        };
+        let mut event = Event::Subscription {
+            type_url: req.type_url.clone(),
+        };
+        if !req.response_nonce.is_empty() {
+            if ts.in_flight.as_deref() == Some(req.response_nonce.as_str()) {
+                ts.in_flight = None;
+                event = match req.error_detail {
+                    Some(e) => Event::Nack {
+                        type_url: req.type_url.clone(),
+                        message: e.message,
+                    },
+                    None => Event::Ack {
+                        type_url: req.type_url.clone(),
+                    },
+                };
+            } else {
+                event = Event::StaleNonce {
+                    type_url: req.type_url.clone(),
+                    nonce: req.response_nonce,
+                };
+            }
+        }
+        // Subscription changes (may come with an ACK).
+        if star(&req.resource_names_unsubscribe) {
+            ts.sub = Subscription::Explicit(HashSet::new());
+        } else if star(&req.resource_names_subscribe) && ts.sub != Subscription::Wildcard {
+            ts.sub = Subscription::Wildcard;
+            ts.full = true;
+            ts.must_respond = true;
+        }
+        for n in named(req.resource_names_unsubscribe) {
+            if let Subscription::Explicit(s) = &mut ts.sub {
+                s.remove(&n);
+                ts.dirty.remove(&n);
+            }
+        }
+        for n in named(req.resource_names_subscribe) {
+            if let Subscription::Explicit(s) = &mut ts.sub {
+                s.insert(n.clone());
+            }
+            // Answer a (re)subscription even when nothing changed.
+            ts.dirty.insert(n);
+            ts.must_respond = true;
+        }
+        Ok(event)
+    }
+
+    /// Type URLs requested so far.
+    pub fn type_urls(&self) -> impl Iterator<Item = &str> {
+        self.types.iter().map(|t| t.type_url.as_str())
+    }
+
+    /// Marks names of `type_url` changed (published at `published`). Ignored for a type the
+    /// stream has not requested.
+    pub fn mark_dirty(
+        &mut self,
+        type_url: &str,
+        names: impl IntoIterator<Item = String>,
+        published: Option<Instant>,
+    ) {
+        if let Some(ts) = self.types.iter_mut().find(|t| t.type_url == type_url) {
+            ts.dirty.extend(names);
+            ts.oldest_change = match (ts.oldest_change, published) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+    }
+
+    /// Whether some type has a response to build now.
+    pub fn has_work(&self) -> bool {
+        self.types.iter().any(TypeState::has_work)
+    }
+
+    /// Builds the next response (types take turns), if any type has one to send. `None` also
+    /// when the changes turned out not to concern this client.
+    pub fn build(&mut self, cache: &Cache) -> Option<Built> {
+        let n = self.types.len();
+        for k in 0..n {
+            let i = (self.next + k) % n;
+            if !self.types[i].has_work() {
+                continue;
+            }
+            self.next = (i + 1) % n;
+            if let Some(b) = self.build_type(i, cache) {
+                return Some(b);
+            }
+        }
+        None
+    }
+
+    fn build_type(&mut self, i: usize, cache: &Cache) -> Option<Built> {
+        let ts = &mut self.types[i];
+        let t = ts.type_url.as_str();
+        let mut resources = Vec::new();
+        let mut removed = Vec::new();
+        if ts.full {
+            match &ts.sub {
+                Subscription::Wildcard => {
+                    for r in cache.all(t) {
+                        if ts.client_versions.get(&r.name) != Some(&r.version) {
+                            resources.push(r.resource.clone());
+                        }
+                    }
+                    for name in ts.client_versions.keys() {
+                        if cache.get(t, name).is_none() {
+                            removed.push(name.clone());
+                        }
+                    }
+                }
+                Subscription::Explicit(names) => {
+                    for name in names {
+                        match cache.get(t, name) {
+                            Some(r) if ts.client_versions.get(name) == Some(&r.version) => {}
+                            Some(r) => resources.push(r.resource.clone()),
+                            None => removed.push(name.clone()),
+                        }
+                    }
+                }
+            }
+            ts.full = false;
+            ts.client_versions = HashMap::new();
+            ts.dirty.clear();
+        } else {
+            for name in ts.dirty.drain() {
+                if !ts.sub.wants(&name) {
+                    continue;
+                }
+                match cache.get(t, &name) {
+                    Some(r) => resources.push(r.resource.clone()),
+                    None => removed.push(name),
+                }
+            }
+        }
+        ts.dirty.shrink_to(64);
+        let oldest_change = ts.oldest_change.take();
+        let must = std::mem::take(&mut ts.must_respond);
+        if resources.is_empty() && removed.is_empty() && !must {
+            return None;
+        }
+        resources.sort_by(|a, b| a.name.cmp(&b.name));
+        removed.sort();
+        self.responses += 1;
+        let nonce = format!("{:x}-{:x}", self.id, self.responses);
+        ts.in_flight = Some(nonce.clone());
+        let initial = !std::mem::replace(&mut ts.answered, true);
+        Some(Built {
+            response: DeltaDiscoveryResponse {
+                system_version_info: String::new(),
+                resources,
+                type_url: ts.type_url.clone(),
+                nonce,
+                removed_resources: removed,
+            },
+            oldest_change,
+            initial,
+        })
+    }
+}
+
+#[cfg(test)]
+#[path = "stream_tests.rs"]
+mod tests;

@@ -1,0 +1,230 @@
+//! Unit tests of the per-stream state machine (no I/O).
+
+use super::*;
+use crate::xds::cache::{Change, Prepared};
+use common::xds::discovery::{Node, Status};
+
+const A: &str = "type.googleapis.com/istio.workload.Address";
+const P: &str = "type.googleapis.com/istio.security.Authorization";
+
+fn cache(items: &[(&str, &str, &str)]) -> Cache {
+    let mut c = Cache::default();
+    c.apply(
+        items
+            .iter()
+            .map(|(t, n, v)| Prepared::new(Change::upsert(*t, *n, v.as_bytes().to_vec(), vec![])))
+            .collect(),
+    );
+    c
+}
+
+fn set(c: &mut Cache, t: &str, n: &str, v: &str) {
+    c.apply(vec![Prepared::new(Change::upsert(
+        t,
+        n,
+        v.as_bytes().to_vec(),
+        vec![],
+    ))]);
+}
+
+fn initial(t: &str) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: t.into(),
+        node: Some(Node {
+            id: "ztunnel~10.0.0.1~z.istio-system~istio-system.svc.cluster.local".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn ack(t: &str, nonce: &str) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: t.into(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    }
+}
+
+fn names(b: &Built) -> Vec<&str> {
+    b.response
+        .resources
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect()
+}
+
+#[test]
+fn initial_wildcard_gets_everything_and_empty_types_are_answered() {
+    let c = cache(&[(A, "w1", "1"), (A, "w2", "2")]);
+    let mut s = StreamState::new(7);
+    assert_eq!(
+        s.on_request(initial(A)).unwrap(),
+        Event::Initial { type_url: A.into() }
+    );
+    assert_eq!(
+        s.on_request(initial(P)).unwrap(),
+        Event::Initial { type_url: P.into() }
+    );
+    assert_eq!(s.node().unwrap().proxy_type(), "ztunnel");
+    assert_eq!(s.subscription(A), Some(&Subscription::Wildcard));
+    let b1 = s.build(&c).expect("address response");
+    assert_eq!(
+        (b1.response.type_url.as_str(), names(&b1)),
+        (A, vec!["w1", "w2"])
+    );
+    assert!(b1.initial);
+    let b2 = s.build(&c).expect("empty authorization response");
+    assert_eq!(b2.response.type_url, P);
+    assert!(b2.response.resources.is_empty() && b2.response.removed_resources.is_empty());
+    assert_ne!(b1.response.nonce, b2.response.nonce);
+    assert!(s.build(&c).is_none());
+}
+
+#[test]
+fn one_response_in_flight_per_type_and_changes_coalesce() {
+    let mut c = cache(&[(A, "w1", "1")]);
+    let mut s = StreamState::new(1);
+    s.on_request(initial(A)).unwrap();
+    let b = s.build(&c).unwrap();
+    for v in 2..10 {
+        set(&mut c, A, "w1", &v.to_string());
+        s.mark_dirty(A, ["w1".to_string()], Some(Instant::now()));
+    }
+    assert!(!s.has_work(), "nothing is built before the ACK");
+    assert!(s.build(&c).is_none());
+    assert_eq!(
+        s.on_request(ack(A, "bogus")).unwrap(),
+        Event::StaleNonce {
+            type_url: A.into(),
+            nonce: "bogus".into()
+        }
+    );
+    assert!(!s.has_work());
+    assert_eq!(
+        s.on_request(ack(A, &b.response.nonce)).unwrap(),
+        Event::Ack { type_url: A.into() }
+    );
+    let b2 = s.build(&c).expect("latest after ACK");
+    assert_eq!(b2.response.resources.len(), 1);
+    assert_eq!(
+        b2.response.resources[0].resource.as_ref().unwrap().value,
+        b"9"
+    );
+    assert!(b2.oldest_change.is_some());
+    assert!(!b2.initial);
+}
+
+#[test]
+fn nack_is_reported_and_the_rejected_resource_is_not_resent() {
+    let mut c = cache(&[(A, "bad", "x")]);
+    let mut s = StreamState::new(1);
+    s.on_request(initial(A)).unwrap();
+    let b = s.build(&c).unwrap();
+    let mut nack = ack(A, &b.response.nonce);
+    nack.error_detail = Some(Status {
+        code: 0,
+        message: "bad: decode error".into(),
+        details: vec![],
+    });
+    assert_eq!(
+        s.on_request(nack).unwrap(),
+        Event::Nack {
+            type_url: A.into(),
+            message: "bad: decode error".into()
+        }
+    );
+    set(&mut c, A, "good", "g");
+    s.mark_dirty(A, ["good".to_string()], None);
+    let b2 = s.build(&c).unwrap();
+    assert_eq!(names(&b2), vec!["good"]);
+}
+
+#[test]
+fn reconnect_sends_only_changed_and_removes_vanished() {
+    let c = cache(&[(A, "same", "1"), (A, "changed", "new"), (A, "added", "a")]);
+    let same_v = c.get(A, "same").unwrap().version.clone();
+    let mut req = initial(A);
+    req.initial_resource_versions = [
+        ("same".to_string(), same_v),
+        ("changed".to_string(), "oldversion".to_string()),
+        ("gone".to_string(), "v".to_string()),
+    ]
+    .into_iter()
+    .collect();
+    let mut s = StreamState::new(1);
+    s.on_request(req).unwrap();
+    let b = s.build(&c).unwrap();
+    assert_eq!(names(&b), vec!["added", "changed"]);
+    assert_eq!(b.response.removed_resources, vec!["gone"]);
+}
+
+#[test]
+fn explicit_subscription_gets_only_its_names_and_missing_ones_as_removed() {
+    let mut c = cache(&[(A, "a", "1"), (A, "b", "1")]);
+    let mut s = StreamState::new(1);
+    let mut req = initial(A);
+    req.resource_names_subscribe = vec!["a".into(), "missing".into()];
+    s.on_request(req).unwrap();
+    let b = s.build(&c).unwrap();
+    assert_eq!(names(&b), vec!["a"]);
+    assert_eq!(b.response.removed_resources, vec!["missing"]);
+    s.on_request(ack(A, &b.response.nonce)).unwrap();
+    // A change to an unsubscribed name produces nothing.
+    set(&mut c, A, "b", "2");
+    s.mark_dirty(A, ["b".to_string()], None);
+    assert!(s.build(&c).is_none());
+    // A new subscription is answered, the unsubscribed name no longer is.
+    let mut sub = ack(A, "");
+    sub.resource_names_subscribe = vec!["b".into()];
+    sub.resource_names_unsubscribe = vec!["a".into()];
+    assert_eq!(
+        s.on_request(sub).unwrap(),
+        Event::Subscription { type_url: A.into() }
+    );
+    let b2 = s.build(&c).unwrap();
+    assert_eq!(names(&b2), vec!["b"]);
+    s.on_request(ack(A, &b2.response.nonce)).unwrap();
+    set(&mut c, A, "a", "3");
+    s.mark_dirty(A, ["a".to_string()], None);
+    assert!(s.build(&c).is_none());
+}
+
+#[test]
+fn on_demand_initial_subscribes_to_nothing_and_is_answered_empty() {
+    let c = cache(&[(A, "a", "1")]);
+    let mut s = StreamState::new(1);
+    let mut req = initial(A);
+    req.resource_names_subscribe = vec!["*".into()];
+    req.resource_names_unsubscribe = vec!["*".into()];
+    s.on_request(req).unwrap();
+    assert_eq!(
+        s.subscription(A),
+        Some(&Subscription::Explicit(HashSet::new()))
+    );
+    let b = s.build(&c).unwrap();
+    assert!(b.response.resources.is_empty() && b.response.removed_resources.is_empty());
+}
+
+#[test]
+fn a_request_without_type_is_a_protocol_error() {
+    let mut s = StreamState::new(1);
+    assert_eq!(
+        s.on_request(DeltaDiscoveryRequest::default()),
+        Err(ProtocolError::NoTypeUrl)
+    );
+}
+
+#[test]
+fn removal_reaches_wildcard_clients() {
+    let mut c = cache(&[(A, "a", "1")]);
+    let mut s = StreamState::new(1);
+    s.on_request(initial(A)).unwrap();
+    let b = s.build(&c).unwrap();
+    s.on_request(ack(A, &b.response.nonce)).unwrap();
+    c.apply(vec![Prepared::new(Change::remove(A, "a"))]);
+    s.mark_dirty(A, ["a".to_string()], None);
+    let b2 = s.build(&c).unwrap();
+    assert!(b2.response.resources.is_empty());
+    assert_eq!(b2.response.removed_resources, vec!["a"]);
+}
