@@ -63,8 +63,8 @@ pub struct Snapshot {
     pub other_resources: Vec<serde_json::Value>,
     /// The compiled VirtualServices, DestinationRules, ServiceEntries and L7 policies.
     pub l7: Arc<crate::l7::L7Config>,
-    /// L7 resources (VirtualService, DestinationRule, ServiceEntry) left out of this snapshot,
-    /// with the reason; the rest of their file applied.
+    /// Resources rejected alone, with the reason; the rest of their file applied. A rejected
+    /// security resource is replaced by a fail-closed stand-in (`config::reject`).
     pub rejected: Vec<crate::config::ConfigError>,
     #[serde(skip)]
     index: Index,

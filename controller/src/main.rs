@@ -5,8 +5,7 @@
 use anyhow::Context;
 use clap::Parser;
 use controller::index::{Index, IndexConfig};
-use controller::xds::transport::{serve, ServeConfig};
-use controller::xds::{XdsConfig, XdsServer};
+use controller::xds::{serve, ServeConfig, XdsConfig, XdsServer};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;

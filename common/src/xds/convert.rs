@@ -168,9 +168,10 @@ pub fn workload_to_proto(w: &model::Workload) -> Result<wds::Workload, ConvertEr
         })
         .collect();
     let mut extensions = Vec::new();
-    if !w.labels.is_empty() {
+    if !w.labels.is_empty() || w.terminating {
         let labels = WorkloadLabels {
             labels: w.labels.clone().into_iter().collect(),
+            terminating: w.terminating,
         };
         extensions.push(wds::Extension {
             name: LABELS_EXTENSION.to_string(),
@@ -256,6 +257,7 @@ pub fn workload_from_proto(p: wds::Workload) -> Result<model::Workload, ConvertE
         services.insert(key.clone(), ports);
     }
     let mut labels = BTreeMap::new();
+    let mut terminating = false;
     for (i, ext) in p.extensions.iter().enumerate() {
         if ext.name != LABELS_EXTENSION {
             continue;
@@ -268,6 +270,7 @@ pub fn workload_from_proto(p: wds::Workload) -> Result<model::Workload, ConvertE
         let decoded = WorkloadLabels::decode(value)
             .map_err(|e| bad(format!("extensions[{i}]"), format!("bad labels: {e}")))?;
         labels.extend(decoded.labels);
+        terminating |= decoded.terminating;
     }
     let waypoint = p
         .waypoint
@@ -307,6 +310,7 @@ pub fn workload_from_proto(p: wds::Workload) -> Result<model::Workload, ConvertE
             Ok(wds::WorkloadStatus::Unhealthy) => HealthStatus::Unhealthy,
             _ => HealthStatus::Healthy,
         },
+        terminating,
         locality: p.locality.map(|l| model::Locality {
             region: l.region,
             zone: l.zone,

@@ -17,6 +17,7 @@ workloads:
   canonicalRevision: v1
   workloadName: web
   status: Unhealthy
+  terminating: true
   locality: {region: r, zone: z, subzone: s}
   authorizationPolicies: [default/sel]
   services: {"default/web.default.svc.cluster.local": {80: 8080}}

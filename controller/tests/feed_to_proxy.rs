@@ -1,0 +1,219 @@
+//! The whole control-plane path with no local config file: the fake API server (real HTTP
+//! list/watch) seeded with the demoapp cluster fixture, the controller's watchers and index, the
+//! ADS server on loopback, and the proxies' real xDS client (`common::xds::client`) building a
+//! data-plane snapshot. Checks what a ztunnel ends up with, and that deletes, 410 re-lists and
+//! reconnects reach it.
+
+use common::config::watch::ConfigStore;
+use common::model::Protocol;
+use common::xds::client::{XdsClient, XdsConfig as ClientConfig};
+use controller::index::{Index, IndexConfig};
+use controller::xds::{serve, DebounceConfig, ServeConfig, XdsConfig, XdsServer};
+use fake_apiserver::FakeApiServer;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const FIXTURE: &str = include_str!("../../../shared/k8s-fixtures/demoapp-cluster.yaml");
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Plane {
+    api: FakeApiServer,
+    xds: XdsServer,
+    addr: std::net::SocketAddr,
+}
+
+async fn control_plane(serve_cfg: ServeConfig) -> Plane {
+    let api = FakeApiServer::start().await;
+    api.apply_yaml(FIXTURE).expect("fixture loads");
+    let xds = XdsServer::new(
+        XdsConfig {
+            debounce: DebounceConfig {
+                quiet: Duration::from_millis(20),
+                max: Duration::from_millis(200),
+            },
+            ..XdsConfig::default()
+        },
+        None,
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let (synced_tx, mut synced) = tokio::sync::watch::channel(false);
+    tokio::spawn(controller::watch::run_watchers(api.client(), tx));
+    tokio::spawn(controller::feed::feed(
+        rx,
+        Index::new(IndexConfig::default()),
+        xds.clone(),
+        synced_tx,
+    ));
+    tokio::time::timeout(WAIT, synced.wait_for(|s| *s))
+        .await
+        .expect("core kinds listed in time")
+        .expect("feed alive");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let routes = tonic::service::Routes::new(xds.service());
+    tokio::spawn(serve(listener, routes, serve_cfg, std::future::pending()));
+    Plane { api, xds, addr }
+}
+
+fn proxy(plane: &Plane) -> (Arc<ConfigStore>, Arc<AtomicBool>, tokio::task::JoinHandle<()>) {
+    let cfg = ClientConfig {
+        address: format!("http://{}", plane.addr),
+        root_cert: None,
+        server_name: None,
+        token: None,
+        cluster_id: "Kubernetes".into(),
+        node_id: "ztunnel~10.0.0.1~ztunnel-x.istio-system~istio-system.svc.cluster.local".into(),
+        metadata: [("NODE_NAME".to_string(), "node-1".to_string())].into(),
+        types: ClientConfig::default_types(true),
+    };
+    let store = Arc::new(ConfigStore::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let task = tokio::spawn(XdsClient::new(cfg, store.clone(), ready.clone()).run());
+    (store, ready, task)
+}
+
+async fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+fn pod(plane: &Plane, name: &str) -> serde_json::Value {
+    plane
+        .api
+        .get("v1", "Pod", Some("default"), name)
+        .unwrap_or_else(|| panic!("fixture pod {name}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_pods_reach_a_proxy_as_workloads_and_changes_follow() {
+    let plane = control_plane(ServeConfig::default()).await;
+    let (store, ready, _task) = proxy(&plane);
+    wait_until("every type ACKed", || ready.load(Ordering::Acquire)).await;
+    wait_until("demoapp workloads", || {
+        store.current().workload_by_ip(ip("10.244.1.10")).is_some()
+    })
+    .await;
+    let snap = store.current();
+
+    // An ambient pod: an HBONE workload with node, service account, labels and its service.
+    let v10 = pod(&plane, "demoappv10-7c9d8f6b5-4kq2x");
+    let v10_ip: IpAddr = ip(v10["status"]["podIP"].as_str().expect("podIP"));
+    let w = snap.workload_by_ip(v10_ip).expect("demoapp v1.0 pod is a workload");
+    assert_eq!(w.protocol, Protocol::Hbone);
+    assert_eq!(w.uid, "Kubernetes//Pod/default/demoappv10-7c9d8f6b5-4kq2x");
+    assert_eq!(w.node, v10["spec"]["nodeName"].as_str().expect("nodeName"));
+    assert_eq!(w.service_account, "default");
+    assert_eq!(w.labels.get("app").map(String::as_str), Some("demoapp"));
+    assert!(
+        w.services.contains_key("default/demoapp.default.svc.cluster.local"),
+        "endpoint of demoapp: {:?}",
+        w.services
+    );
+    // The service, with its VIP and port, reachable by VIP.
+    let svc = snap
+        .service_by_key("default/demoapp.default.svc.cluster.local")
+        .expect("demoapp service");
+    let vip = snap.service_by_vip(ip("10.96.0.20")).expect("VIP indexed");
+    assert_eq!(vip.hostname, svc.hostname);
+    assert!(!snap.endpoints(svc, 8080).is_empty(), "endpoints on 8080");
+
+    // Opted out (redirection disabled) and non-ambient pods are plain TCP workloads.
+    let proxy_pod = pod(&plane, "proxy-6d4c8b7f9-jx5tw");
+    let proxy_ip = ip(proxy_pod["status"]["podIP"].as_str().expect("podIP"));
+    assert_eq!(
+        snap.workload_by_ip(proxy_ip).map(|w| w.protocol),
+        Some(Protocol::Tcp)
+    );
+    let legacy = plane
+        .api
+        .get("v1", "Pod", Some("other"), "legacy-0")
+        .expect("legacy pod");
+    let legacy_ip = ip(legacy["status"]["podIP"].as_str().expect("podIP"));
+    assert_eq!(
+        snap.workload_by_ip(legacy_ip).map(|w| w.protocol),
+        Some(Protocol::Tcp)
+    );
+
+    // A deleted pod disappears from the proxy.
+    plane
+        .api
+        .delete("v1", "Pod", Some("default"), "demoappv10-7c9d8f6b5-4kq2x")
+        .expect("delete");
+    wait_until("the deleted pod to leave the proxy", || {
+        store.current().workload_by_ip(v10_ip).is_none()
+    })
+    .await;
+
+    // A delete during a watch gap followed by a 410: the re-list removes it from the proxy too.
+    let v11 = pod(&plane, "demoappv11-5b6f7d9c4-p2lrn");
+    let v11_ip = ip(v11["status"]["podIP"].as_str().expect("podIP"));
+    assert!(store.current().workload_by_ip(v11_ip).is_some());
+    plane.api.pause_watches();
+    plane
+        .api
+        .delete("v1", "Pod", Some("default"), "demoappv11-5b6f7d9c4-p2lrn")
+        .expect("delete");
+    plane.api.compact();
+    plane.api.resume_watches();
+    wait_until("the re-list to remove the pod deleted in the gap", || {
+        store.current().workload_by_ip(v11_ip).is_none()
+    })
+    .await;
+    assert!(plane.api.expired_watches() > 0, "the watch really expired (410)");
+
+    // A new pod in the ambient namespace appears.
+    let mut fresh = v10.clone();
+    fresh["metadata"] = serde_json::json!({
+        "name": "demoappv10-new", "namespace": "default",
+        "labels": v10["metadata"]["labels"].clone(),
+    });
+    fresh["status"]["podIP"] = "10.244.1.77".into();
+    fresh["status"]["podIPs"] = serde_json::json!([{"ip": "10.244.1.77"}]);
+    plane.api.create(fresh).expect("create pod");
+    wait_until("the new pod", || {
+        store
+            .current()
+            .workload_by_ip(ip("10.244.1.77"))
+            .is_some_and(|w| w.protocol == Protocol::Hbone)
+    })
+    .await;
+    assert!(plane.xds.resource_count(common::xds::ADDRESS_TYPE) > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_proxy_keeps_its_config_and_converges() {
+    // The server ends every connection after ~1 s (max connection age), so the same client
+    // reconnects with initial_resource_versions again and again.
+    let plane = control_plane(ServeConfig {
+        max_connection_age: Some(Duration::from_secs(1)),
+        max_connection_age_jitter: 0.0,
+        grace: Duration::from_millis(200),
+        ..ServeConfig::default()
+    })
+    .await;
+    let (store, ready, _task) = proxy(&plane);
+    wait_until("ready", || ready.load(Ordering::Acquire)).await;
+    let before = store.current().workloads.len();
+    assert!(before > 0);
+    let gone = pod(&plane, "demoappv10-7c9d8f6b5-9zt7m");
+    let gone_ip = ip(gone["status"]["podIP"].as_str().expect("podIP"));
+    // Let at least one reconnect happen, then remove a pod.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(store.current().workloads.len(), before, "nothing lost across the reconnect");
+    plane
+        .api
+        .delete("v1", "Pod", Some("default"), "demoappv10-7c9d8f6b5-9zt7m")
+        .expect("delete");
+    wait_until("converged", || store.current().workload_by_ip(gone_ip).is_none()).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(store.current().workloads.len(), before - 1);
+}
