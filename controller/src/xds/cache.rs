@@ -95,6 +95,9 @@ impl CachedResource {
 #[derive(Debug, Default)]
 pub struct Cache {
     types: HashMap<String, HashMap<String, Arc<CachedResource>>>,
+    /// Sequence number of the last applied change (every change gets the next one), so a
+    /// stream knows whether a change is already reflected in a response it built.
+    seq: u64,
 }
 
 /// A prepared change: the resource already wrapped (outside any lock).
@@ -118,9 +121,9 @@ impl Prepared {
 }
 
 impl Cache {
-    /// Applies prepared changes; returns the `(type_url, name)` pairs whose content changed
-    /// (an identical version or removing an absent name is a no-op).
-    pub(crate) fn apply(&mut self, changes: Vec<Prepared>) -> Vec<(String, String)> {
+    /// Applies prepared changes; returns the `(type_url, name, seq)` of those whose content
+    /// changed (an identical version or removing an absent name is a no-op).
+    pub(crate) fn apply(&mut self, changes: Vec<Prepared>) -> Vec<(String, String, u64)> {
         let mut changed = Vec::new();
         for p in changes {
             let changed_now = match p.resource {
@@ -140,10 +143,16 @@ impl Cache {
                     .is_some_and(|m| m.remove(&p.name).is_some()),
             };
             if changed_now {
-                changed.push((p.type_url, p.name));
+                self.seq += 1;
+                changed.push((p.type_url, p.name, self.seq));
             }
         }
         changed
+    }
+
+    /// Sequence number of the last applied change.
+    pub fn seq(&self) -> u64 {
+        self.seq
     }
 
     /// The resource `name` of `type_url`.
@@ -178,6 +187,9 @@ mod tests {
 
     fn apply(c: &mut Cache, changes: Vec<Change>) -> Vec<(String, String)> {
         c.apply(changes.into_iter().map(Prepared::new).collect())
+            .into_iter()
+            .map(|(t, n, _)| (t, n))
+            .collect()
     }
 
     #[test]
@@ -216,5 +228,6 @@ mod tests {
         assert_eq!(apply(&mut c, vec![Change::remove(T, "a")]).len(), 1);
         assert_eq!(c.len(T), 0);
         assert!(c.is_empty());
+        assert_eq!(c.seq(), 3, "three real changes");
     }
 }

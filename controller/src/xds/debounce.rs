@@ -3,7 +3,7 @@
 //! of the batch at the latest, whichever comes first. Time is passed in, so the rules are
 //! tested without sleeping; [`run`] is the task that drives it with tokio timers.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -30,8 +30,8 @@ impl Default for DebounceConfig {
 /// A flushed batch: changed names by type, and when the oldest of them was published.
 #[derive(Debug, Default)]
 pub struct Batch {
-    /// type URL → changed names.
-    pub names: HashMap<String, HashSet<String>>,
+    /// type URL → changed name → sequence number of its latest change.
+    pub names: HashMap<String, HashMap<String, u64>>,
     /// Publish time of the oldest change in the batch.
     pub first: Option<Instant>,
 }
@@ -45,10 +45,11 @@ pub struct Pending {
 
 impl Pending {
     /// Records changed names published at `now`.
-    pub fn add(&mut self, now: Instant, changed: impl IntoIterator<Item = (String, String)>) {
+    pub fn add(&mut self, now: Instant, changed: impl IntoIterator<Item = (String, String, u64)>) {
         let mut any = false;
-        for (t, n) in changed {
-            self.batch.names.entry(t).or_default().insert(n);
+        for (t, n, seq) in changed {
+            let s = self.batch.names.entry(t).or_default().entry(n).or_default();
+            *s = (*s).max(seq);
             any = true;
         }
         if any {
@@ -121,8 +122,8 @@ mod tests {
         }
     }
 
-    fn ch(n: &str) -> Vec<(String, String)> {
-        vec![("t".to_string(), n.to_string())]
+    fn ch(n: &str) -> Vec<(String, String, u64)> {
+        vec![("t".to_string(), n.to_string(), 1)]
     }
 
     #[test]
@@ -163,22 +164,26 @@ mod tests {
         assert_eq!(p.deadline(&cfg()), Some(t0 + Duration::from_millis(1000)));
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn run_flushes_once_after_quiet() {
         let pending = Arc::new(Mutex::new(Pending::default()));
         let wake = Arc::new(Notify::new());
         let flushed = Arc::new(Mutex::new(Vec::new()));
         let f = flushed.clone();
-        let task = tokio::spawn(run(pending.clone(), wake.clone(), cfg(), move |b| {
+        let cfg = DebounceConfig {
+            quiet: Duration::from_millis(400),
+            max: Duration::from_secs(5),
+        };
+        let task = tokio::spawn(run(pending.clone(), wake.clone(), cfg, move |b| {
             f.lock().unwrap().push(b.names["t"].len())
         }));
         for n in ["a", "b", "c"] {
             lock(&pending).add(Instant::now(), ch(n));
             wake.notify_one();
-            tokio::time::sleep(Duration::from_millis(30)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(flushed.lock().unwrap().is_empty());
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
         assert_eq!(*flushed.lock().unwrap(), vec![3]);
         task.abort();
     }

@@ -143,7 +143,7 @@ impl XdsServer {
             let mut cache = self.inner.cache.write().unwrap_or_else(|e| e.into_inner());
             let changed = cache.apply(prepared);
             let types: std::collections::BTreeSet<&str> =
-                changed.iter().map(|(t, _)| t.as_str()).collect();
+                changed.iter().map(|(t, _, _)| t.as_str()).collect();
             for t in types {
                 self.inner.metrics.set_resources(t, cache.len(t));
             }

@@ -46,7 +46,7 @@ pub struct ConnectionInfo {
 struct Mailbox {
     /// Types the stream requested (pushes of other types are not recorded).
     types: HashSet<String>,
-    dirty: HashMap<String, (HashSet<String>, Option<Instant>)>,
+    dirty: HashMap<String, (HashMap<String, u64>, Option<Instant>)>,
 }
 
 /// The part of a stream the debouncer and [`super::XdsServer::connections`] see.
@@ -66,7 +66,10 @@ impl StreamShared {
                     continue;
                 }
                 let e = mb.dirty.entry(t.clone()).or_default();
-                e.0.extend(names.iter().cloned());
+                for (n, seq) in names {
+                    let s = e.0.entry(n.clone()).or_default();
+                    *s = (*s).max(*seq);
+                }
                 e.1 = match (e.1, batch.first) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),

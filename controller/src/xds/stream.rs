@@ -41,8 +41,12 @@ impl Subscription {
 struct TypeState {
     type_url: String,
     sub: Subscription,
-    /// Names changed (or newly subscribed) since the last response of this type.
-    dirty: HashSet<String>,
+    /// Names changed (or newly subscribed) since the last response of this type, with the
+    /// cache sequence number of the change (`u64::MAX`: answer regardless).
+    dirty: HashMap<String, u64>,
+    /// Cache sequence number the stream's first (full) response reflected: changes up to it
+    /// were already sent.
+    seen_seq: u64,
     /// Publish time of the oldest change in `dirty` (for the push-latency metric).
     oldest_change: Option<Instant>,
     /// Consider every subscribed name, not only the dirty ones (the stream's first response).
@@ -180,7 +184,8 @@ impl StreamState {
             self.types.push(TypeState {
                 type_url: req.type_url.clone(),
                 sub,
-                dirty: HashSet::new(),
+                dirty: HashMap::new(),
+                seen_seq: 0,
                 oldest_change: None,
                 full: true,
                 client_versions: req.initial_resource_versions.into_iter().collect(),
@@ -233,7 +238,7 @@ impl StreamState {
                 s.insert(n.clone());
             }
             // Answer a (re)subscription even when nothing changed.
-            ts.dirty.insert(n);
+            ts.dirty.insert(n, u64::MAX);
             ts.must_respond = true;
         }
         Ok(event)
@@ -244,16 +249,19 @@ impl StreamState {
         self.types.iter().map(|t| t.type_url.as_str())
     }
 
-    /// Marks names of `type_url` changed (published at `published`). Ignored for a type the
-    /// stream has not requested.
+    /// Marks names of `type_url` changed (with the cache sequence number of each change,
+    /// published at `published`). Ignored for a type the stream has not requested.
     pub fn mark_dirty(
         &mut self,
         type_url: &str,
-        names: impl IntoIterator<Item = String>,
+        names: impl IntoIterator<Item = (String, u64)>,
         published: Option<Instant>,
     ) {
         if let Some(ts) = self.types.iter_mut().find(|t| t.type_url == type_url) {
-            ts.dirty.extend(names);
+            for (n, seq) in names {
+                let s = ts.dirty.entry(n).or_default();
+                *s = (*s).max(seq);
+            }
             ts.oldest_change = match (ts.oldest_change, published) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -314,10 +322,12 @@ impl StreamState {
             }
             ts.full = false;
             ts.client_versions = HashMap::new();
-            ts.dirty.clear();
+            // Changes applied so far are in this response, even those still being debounced.
+            ts.seen_seq = cache.seq();
+            ts.dirty.retain(|_, seq| *seq > cache.seq());
         } else {
-            for name in ts.dirty.drain() {
-                if !ts.sub.wants(&name) {
+            for (name, seq) in ts.dirty.drain() {
+                if !ts.sub.wants(&name) || seq <= ts.seen_seq {
                     continue;
                 }
                 match cache.get(t, &name) {

@@ -18,13 +18,19 @@ fn cache(items: &[(&str, &str, &str)]) -> Cache {
     c
 }
 
-fn set(c: &mut Cache, t: &str, n: &str, v: &str) {
-    c.apply(vec![Prepared::new(Change::upsert(
+/// Applies a change and marks it dirty on `s` as the debouncer would.
+fn set(c: &mut Cache, s: &mut StreamState, t: &str, n: &str, v: &str) {
+    let ch = c.apply(vec![Prepared::new(Change::upsert(
         t,
         n,
         v.as_bytes().to_vec(),
         vec![],
     ))]);
+    s.mark_dirty(
+        t,
+        ch.into_iter().map(|(_, n, seq)| (n, seq)),
+        Some(Instant::now()),
+    );
 }
 
 fn initial(t: &str) -> DeltaDiscoveryRequest {
@@ -88,8 +94,7 @@ fn one_response_in_flight_per_type_and_changes_coalesce() {
     s.on_request(initial(A)).unwrap();
     let b = s.build(&c).unwrap();
     for v in 2..10 {
-        set(&mut c, A, "w1", &v.to_string());
-        s.mark_dirty(A, ["w1".to_string()], Some(Instant::now()));
+        set(&mut c, &mut s, A, "w1", &v.to_string());
     }
     assert!(!s.has_work(), "nothing is built before the ACK");
     assert!(s.build(&c).is_none());
@@ -134,8 +139,7 @@ fn nack_is_reported_and_the_rejected_resource_is_not_resent() {
             message: "bad: decode error".into()
         }
     );
-    set(&mut c, A, "good", "g");
-    s.mark_dirty(A, ["good".to_string()], None);
+    set(&mut c, &mut s, A, "good", "g");
     let b2 = s.build(&c).unwrap();
     assert_eq!(names(&b2), vec!["good"]);
 }
@@ -171,8 +175,7 @@ fn explicit_subscription_gets_only_its_names_and_missing_ones_as_removed() {
     assert_eq!(b.response.removed_resources, vec!["missing"]);
     s.on_request(ack(A, &b.response.nonce)).unwrap();
     // A change to an unsubscribed name produces nothing.
-    set(&mut c, A, "b", "2");
-    s.mark_dirty(A, ["b".to_string()], None);
+    set(&mut c, &mut s, A, "b", "2");
     assert!(s.build(&c).is_none());
     // A new subscription is answered, the unsubscribed name no longer is.
     let mut sub = ack(A, "");
@@ -185,8 +188,7 @@ fn explicit_subscription_gets_only_its_names_and_missing_ones_as_removed() {
     let b2 = s.build(&c).unwrap();
     assert_eq!(names(&b2), vec!["b"]);
     s.on_request(ack(A, &b2.response.nonce)).unwrap();
-    set(&mut c, A, "a", "3");
-    s.mark_dirty(A, ["a".to_string()], None);
+    set(&mut c, &mut s, A, "a", "3");
     assert!(s.build(&c).is_none());
 }
 
@@ -222,9 +224,32 @@ fn removal_reaches_wildcard_clients() {
     s.on_request(initial(A)).unwrap();
     let b = s.build(&c).unwrap();
     s.on_request(ack(A, &b.response.nonce)).unwrap();
-    c.apply(vec![Prepared::new(Change::remove(A, "a"))]);
-    s.mark_dirty(A, ["a".to_string()], None);
+    let ch = c.apply(vec![Prepared::new(Change::remove(A, "a"))]);
+    s.mark_dirty(A, ch.into_iter().map(|(_, n, seq)| (n, seq)), None);
     let b2 = s.build(&c).unwrap();
     assert!(b2.response.resources.is_empty());
     assert_eq!(b2.response.removed_resources, vec!["a"]);
+}
+
+#[test]
+fn changes_already_in_the_first_response_are_not_sent_again() {
+    // Published before the stream connected, flushed by the debouncer after its first
+    // response was built: already sent, so nothing more to say.
+    let mut c = Cache::default();
+    let ch = c.apply(vec![Prepared::new(Change::upsert(
+        A,
+        "a",
+        b"1".to_vec(),
+        vec![],
+    ))]);
+    let mut s = StreamState::new(1);
+    s.on_request(initial(A)).unwrap();
+    let b = s.build(&c).unwrap();
+    assert_eq!(names(&b), vec!["a"]);
+    s.on_request(ack(A, &b.response.nonce)).unwrap();
+    s.mark_dirty(A, ch.into_iter().map(|(_, n, seq)| (n, seq)), None);
+    assert!(s.build(&c).is_none());
+    // A later change is sent.
+    set(&mut c, &mut s, A, "a", "2");
+    assert_eq!(names(&s.build(&c).unwrap()), vec!["a"]);
 }
