@@ -7,6 +7,7 @@
 //! → [`feed`] + [`publish`] (changes as xDS resources) → [`xds`] (delta ADS server).
 
 pub mod auth;
+pub mod ca;
 pub mod feed;
 pub mod index;
 pub mod publish;
