@@ -10,7 +10,12 @@ use tokio::sync::{mpsc, watch};
 /// The kinds whose first complete list must be in before the feed is served: answering a
 /// reconnecting proxy from a half-loaded index would tell it to remove everything not yet
 /// listed.
-pub const REQUIRED_KINDS: [Kind; 4] = [Kind::Namespace, Kind::Pod, Kind::Service, Kind::EndpointSlice];
+pub const REQUIRED_KINDS: [Kind; 4] = [
+    Kind::Namespace,
+    Kind::Pod,
+    Kind::Service,
+    Kind::EndpointSlice,
+];
 
 /// Runs until the event channel closes. `synced` turns true once every [`REQUIRED_KINDS`] kind
 /// has been listed once.

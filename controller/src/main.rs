@@ -43,10 +43,12 @@ fn tls_config(cert: &PathBuf, key: &PathBuf) -> anyhow::Result<Arc<rustls::Serve
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("{}", cert.display()))?;
     let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("{}", key.display()))?;
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)?;
     Ok(Arc::new(cfg))
 }
 
@@ -59,7 +61,9 @@ async fn main() -> anyhow::Result<()> {
             let cfg = kube::Config::new(url.parse().context("--api-server")?);
             kube::Client::try_from(cfg)?
         }
-        None => kube::Client::try_default().await.context("Kubernetes client")?,
+        None => kube::Client::try_default()
+            .await
+            .context("Kubernetes client")?,
     };
     let index = Index::new(IndexConfig {
         trust_domain: args.trust_domain.clone(),
@@ -72,7 +76,10 @@ async fn main() -> anyhow::Result<()> {
     let (synced_tx, mut synced) = tokio::sync::watch::channel(false);
     tokio::spawn(controller::watch::run_watchers(client, tx));
     tokio::spawn(controller::feed::feed(rx, index, xds.clone(), synced_tx));
-    synced.wait_for(|s| *s).await.context("index feed stopped")?;
+    synced
+        .wait_for(|s| *s)
+        .await
+        .context("index feed stopped")?;
 
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => Some(tls_config(c, k)?),

@@ -6,7 +6,9 @@
 use crate::index::Changes;
 use crate::xds::Change;
 use common::model::{Service, Workload};
-use common::xds::{convert, mesh_config, workload as wds, ADDRESS_TYPE, AUTHORIZATION_TYPE, CONFIG_TYPE};
+use common::xds::{
+    convert, mesh_config, workload as wds, ADDRESS_TYPE, AUTHORIZATION_TYPE, CONFIG_TYPE,
+};
 use prost::Message;
 
 fn workload_change(name: &str, w: &Workload) -> Option<Change> {
@@ -20,7 +22,12 @@ fn workload_change(name: &str, w: &Workload) -> Option<Change> {
             let msg = wds::Address {
                 r#type: Some(wds::address::Type::Workload(p)),
             };
-            Some(Change::upsert(ADDRESS_TYPE, name, msg.encode_to_vec(), aliases))
+            Some(Change::upsert(
+                ADDRESS_TYPE,
+                name,
+                msg.encode_to_vec(),
+                aliases,
+            ))
         }
         Err(e) => {
             tracing::error!(workload = %name, error = %e, "cannot encode workload; not published");
@@ -35,7 +42,12 @@ fn service_change(name: &str, s: &Service) -> Option<Change> {
             let msg = wds::Address {
                 r#type: Some(wds::address::Type::Service(p)),
             };
-            Some(Change::upsert(ADDRESS_TYPE, name, msg.encode_to_vec(), s.vips.clone()))
+            Some(Change::upsert(
+                ADDRESS_TYPE,
+                name,
+                msg.encode_to_vec(),
+                s.vips.clone(),
+            ))
         }
         Err(e) => {
             tracing::error!(service = %name, error = %e, "cannot encode service; not published");
@@ -71,12 +83,22 @@ pub fn to_xds(changes: &Changes) -> Vec<Change> {
     for (name, s) in &changes.services.upserted {
         out.extend(service_change(name, s));
     }
-    for name in changes.workloads.removed.iter().chain(&changes.services.removed) {
+    for name in changes
+        .workloads
+        .removed
+        .iter()
+        .chain(&changes.services.removed)
+    {
         out.push(Change::remove(ADDRESS_TYPE, name));
     }
     for (name, p) in &changes.authorizations.upserted {
         let msg = convert::authorization_to_proto(p);
-        out.push(Change::upsert(AUTHORIZATION_TYPE, name, msg.encode_to_vec(), Vec::new()));
+        out.push(Change::upsert(
+            AUTHORIZATION_TYPE,
+            name,
+            msg.encode_to_vec(),
+            Vec::new(),
+        ));
     }
     for name in &changes.authorizations.removed {
         out.push(Change::remove(AUTHORIZATION_TYPE, name));

@@ -50,14 +50,22 @@ async fn control_plane(serve_cfg: ServeConfig) -> Plane {
         .await
         .expect("core kinds listed in time")
         .expect("feed alive");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let routes = tonic::service::Routes::new(xds.service());
     tokio::spawn(serve(listener, routes, serve_cfg, std::future::pending()));
     Plane { api, xds, addr }
 }
 
-fn proxy(plane: &Plane) -> (Arc<ConfigStore>, Arc<AtomicBool>, tokio::task::JoinHandle<()>) {
+fn proxy(
+    plane: &Plane,
+) -> (
+    Arc<ConfigStore>,
+    Arc<AtomicBool>,
+    tokio::task::JoinHandle<()>,
+) {
     let cfg = ClientConfig {
         address: format!("http://{}", plane.addr),
         root_cert: None,
@@ -107,14 +115,17 @@ async fn cluster_pods_reach_a_proxy_as_workloads_and_changes_follow() {
     // An ambient pod: an HBONE workload with node, service account, labels and its service.
     let v10 = pod(&plane, "demoappv10-7c9d8f6b5-4kq2x");
     let v10_ip: IpAddr = ip(v10["status"]["podIP"].as_str().expect("podIP"));
-    let w = snap.workload_by_ip(v10_ip).expect("demoapp v1.0 pod is a workload");
+    let w = snap
+        .workload_by_ip(v10_ip)
+        .expect("demoapp v1.0 pod is a workload");
     assert_eq!(w.protocol, Protocol::Hbone);
     assert_eq!(w.uid, "Kubernetes//Pod/default/demoappv10-7c9d8f6b5-4kq2x");
     assert_eq!(w.node, v10["spec"]["nodeName"].as_str().expect("nodeName"));
     assert_eq!(w.service_account, "default");
     assert_eq!(w.labels.get("app").map(String::as_str), Some("demoapp"));
     assert!(
-        w.services.contains_key("default/demoapp.default.svc.cluster.local"),
+        w.services
+            .contains_key("default/demoapp.default.svc.cluster.local"),
         "endpoint of demoapp: {:?}",
         w.services
     );
@@ -168,7 +179,10 @@ async fn cluster_pods_reach_a_proxy_as_workloads_and_changes_follow() {
         store.current().workload_by_ip(v11_ip).is_none()
     })
     .await;
-    assert!(plane.api.expired_watches() > 0, "the watch really expired (410)");
+    assert!(
+        plane.api.expired_watches() > 0,
+        "the watch really expired (410)"
+    );
 
     // A new pod in the ambient namespace appears.
     let mut fresh = v10.clone();
@@ -208,12 +222,19 @@ async fn a_reconnecting_proxy_keeps_its_config_and_converges() {
     let gone_ip = ip(gone["status"]["podIP"].as_str().expect("podIP"));
     // Let at least one reconnect happen, then remove a pod.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(store.current().workloads.len(), before, "nothing lost across the reconnect");
+    assert_eq!(
+        store.current().workloads.len(),
+        before,
+        "nothing lost across the reconnect"
+    );
     plane
         .api
         .delete("v1", "Pod", Some("default"), "demoappv10-7c9d8f6b5-9zt7m")
         .expect("delete");
-    wait_until("converged", || store.current().workload_by_ip(gone_ip).is_none()).await;
+    wait_until("converged", || {
+        store.current().workload_by_ip(gone_ip).is_none()
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(store.current().workloads.len(), before - 1);
 }

@@ -7,13 +7,13 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use common::admin_http::{self, Handler};
 use common::config::watch::ConfigStore;
-use common::xds::client::{XdsClient, XdsConfig};
 use common::drain::{Drain, DrainWatch};
 use common::hbone::client::{plain_dialer, HboneClient, PoolTimings};
 use common::hbone::H2Settings;
 use common::identity::ca::MeshCa;
 use common::identity::store::CertStore;
 use common::identity::Identity;
+use common::xds::client::{XdsClient, XdsConfig};
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
 use std::net::SocketAddr;
@@ -177,7 +177,8 @@ async fn config_source(args: &RunArgs) -> anyhow::Result<Arc<ConfigStore>> {
         bail!("either --config or --xds-address is needed");
     };
     let store = Arc::new(
-        ConfigStore::from_file(path).with_context(|| format!("initial config {}", path.display()))?,
+        ConfigStore::from_file(path)
+            .with_context(|| format!("initial config {}", path.display()))?,
     );
     // Detached: the watcher lives as long as the process.
     drop(common::config::watch::spawn_file_watcher(

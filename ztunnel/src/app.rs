@@ -92,7 +92,8 @@ fn config_source(args: &RunArgs) -> anyhow::Result<(Arc<ConfigStore>, Option<Arc
     // `from_file` records the content hash, so the watcher's first tick does not parse the
     // unchanged file a second time.
     let store = Arc::new(
-        ConfigStore::from_file(path).with_context(|| format!("initial config {}", path.display()))?,
+        ConfigStore::from_file(path)
+            .with_context(|| format!("initial config {}", path.display()))?,
     );
     // Detached: the watcher lives as long as the process.
     drop(common::config::watch::spawn_file_watcher(
