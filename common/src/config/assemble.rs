@@ -252,7 +252,10 @@ mod tests {
             "metadata": {"name": "v", "namespace": "default"},
             "spec": {"hosts": ["a"], "http": [{"route": [{"destination": {"host": "a", "port": {"number": 99999}}}]}]},
         });
-        assert!(matches!(check_document(&bad), Ok(Some(_))), "rejected alone, reported");
+        assert!(
+            matches!(check_document(&bad), Ok(Some(_))),
+            "rejected alone, reported"
+        );
         let good = serde_json::json!({
             "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
             "metadata": {"name": "v", "namespace": "default"},
@@ -260,6 +263,9 @@ mod tests {
         });
         assert!(matches!(check_document(&good), Ok(None)));
         let unreadable = serde_json::json!({"kind": "VirtualService"});
-        assert!(check_document(&unreadable).is_err(), "no apiVersion: not a resource");
+        assert!(
+            check_document(&unreadable).is_err(),
+            "no apiVersion: not a resource"
+        );
     }
 }

@@ -4,7 +4,6 @@
 
 use super::tests::{destinations, load, load_scenario, scenario, subset_for, Req, DEMOAPP};
 use super::*;
-use crate::config::load_str;
 use crate::l7::route::StrMatch;
 use crate::snapshot::Snapshot;
 use std::collections::BTreeMap;

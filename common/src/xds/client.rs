@@ -149,15 +149,15 @@ struct Resources {
 
 /// One change of a response, kept so a response that fails as a whole can be undone.
 enum Undo {
-    Workload(String, Option<Entry<Workload>>),
-    Service(String, Option<Entry<Service>>),
+    Workload(String, Option<Box<Entry<Workload>>>),
+    Service(String, Option<Box<Entry<Service>>>),
     Authorization(String, Option<Entry<Option<Authorization>>>),
     Document(String, Option<Entry<serde_json::Value>>),
 }
 
 enum Decoded {
-    Workload(Workload),
-    Service(Service),
+    Workload(Box<Workload>),
+    Service(Box<Service>),
     Authorization(Option<Authorization>),
     /// A config object and, when the loader rejected it alone, why (it is still applied: the
     /// loader leaves a route out, or puts a fail-closed stand-in for a security resource).
@@ -170,10 +170,10 @@ fn decode(type_url: &str, bytes: &[u8]) -> Result<Decoded, String> {
             let a = workload::Address::decode(bytes).map_err(|e| format!("decode: {e}"))?;
             match a.r#type {
                 Some(workload::address::Type::Workload(w)) => convert::workload_from_proto(w)
-                    .map(Decoded::Workload)
+                    .map(|w| Decoded::Workload(Box::new(w)))
                     .map_err(|e| e.to_string()),
                 Some(workload::address::Type::Service(s)) => convert::service_from_proto(s)
-                    .map(Decoded::Service)
+                    .map(|s| Decoded::Service(Box::new(s)))
                     .map_err(|e| e.to_string()),
                 None => Err("an Address carries neither a workload nor a service".into()),
             }
@@ -212,14 +212,16 @@ impl Resources {
     fn insert(&mut self, name: String, version: String, d: Decoded) -> Undo {
         match d {
             Decoded::Workload(value) => {
+                let value = *value;
                 let old = self
                     .workloads
                     .insert(name.clone(), Entry { version, value });
-                Undo::Workload(name, old)
+                Undo::Workload(name, old.map(Box::new))
             }
             Decoded::Service(value) => {
+                let value = *value;
                 let old = self.services.insert(name.clone(), Entry { version, value });
-                Undo::Service(name, old)
+                Undo::Service(name, old.map(Box::new))
             }
             Decoded::Authorization(value) => {
                 let old = self
@@ -241,11 +243,11 @@ impl Resources {
         match type_url {
             // As Istio's ztunnel: a workload uid first, else a `<namespace>/<hostname>` service.
             ADDRESS_TYPE => match self.workloads.remove(name) {
-                Some(old) => Some(Undo::Workload(n, Some(old))),
+                Some(old) => Some(Undo::Workload(n, Some(Box::new(old)))),
                 None => self
                     .services
                     .remove(name)
-                    .map(|old| Undo::Service(n, Some(old))),
+                    .map(|old| Undo::Service(n, Some(Box::new(old)))),
             },
             AUTHORIZATION_TYPE => self
                 .authorizations
@@ -268,8 +270,8 @@ impl Resources {
         }
         for u in log.into_iter().rev() {
             match u {
-                Undo::Workload(k, v) => put(&mut self.workloads, k, v),
-                Undo::Service(k, v) => put(&mut self.services, k, v),
+                Undo::Workload(k, v) => put(&mut self.workloads, k, v.map(|b| *b)),
+                Undo::Service(k, v) => put(&mut self.services, k, v.map(|b| *b)),
                 Undo::Authorization(k, v) => put(&mut self.authorizations, k, v),
                 Undo::Document(k, v) => put(&mut self.documents, k, v),
             }
