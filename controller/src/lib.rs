@@ -10,6 +10,8 @@ pub mod auth;
 pub mod ca;
 pub mod feed;
 pub mod index;
+pub mod leader;
 pub mod publish;
+pub mod serving;
 pub mod watch;
 pub mod xds;

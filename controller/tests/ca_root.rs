@@ -6,7 +6,8 @@ mod ca_support;
 use ca_support::*;
 use common::identity::ca::{cert_ders, first_cert_der};
 use common::identity::{csr, Identity};
-use controller::ca::{leader, root};
+use controller::ca::root;
+use controller::leader;
 use serde_json::json;
 use std::time::Duration;
 

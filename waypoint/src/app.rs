@@ -168,6 +168,10 @@ async fn config_source(args: &RunArgs) -> anyhow::Result<Arc<ConfigStore>> {
         if let Some(root) = &args.xds_root_ca {
             cfg.root_cert = Some(root.clone());
         }
+        // The same projected token authenticates to xDS and to the certificate service.
+        if let Some(token) = &args.token_file {
+            cfg.token = Some(token.clone());
+        }
         let store = Arc::new(ConfigStore::default());
         let synced = Arc::new(AtomicBool::new(false));
         tracing::info!(address = %address, node_id = %cfg.node_id, "configuration from the control plane");

@@ -106,8 +106,8 @@ struct Remote {
 }
 
 enum Source {
-    Local(MeshCa),
-    Remote(Remote),
+    Local(Box<MeshCa>),
+    Remote(Box<Remote>),
 }
 
 struct Inner {
@@ -146,7 +146,7 @@ impl CertStore {
         let trust_domain = ca.trust_domain().to_string();
         Ok(CertStore {
             inner: Arc::new(Inner {
-                source: Source::Local(ca),
+                source: Source::Local(Box::new(ca)),
                 roots,
                 trust_domain,
                 ttl,
@@ -168,13 +168,13 @@ impl CertStore {
         let ttl = client.config().ttl;
         CertStore {
             inner: Arc::new(Inner {
-                source: Source::Remote(Remote {
+                source: Source::Remote(Box::new(Remote {
                     client,
                     runtime: tokio::runtime::Handle::current(),
                     opts,
                     inflight: Mutex::new(HashMap::new()),
                     forgotten: Mutex::new(HashSet::new()),
-                }),
+                })),
                 roots,
                 trust_domain: trust_domain.to_string(),
                 ttl,

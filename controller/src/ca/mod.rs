@@ -1,11 +1,10 @@
 //! The certificate authority of the control plane: Istio's certificate service
 //! ([`server`]) over the mesh CA whose material lives in a Kubernetes Secret ([`root`]),
 //! caller authentication by TokenReview ([`authn`]), node-agent impersonation rules
-//! ([`impersonation`]), root ConfigMap publishing by the lease holder ([`leader`]).
+//! ([`impersonation`]), root ConfigMap publishing by the lease holder ([`crate::leader`]).
 
 pub mod authn;
 pub mod impersonation;
-pub mod leader;
 pub mod root;
 pub mod server;
 
