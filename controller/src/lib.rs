@@ -7,8 +7,11 @@
 //! → [`feed`] + [`publish`] (changes as xDS resources) → [`xds`] (delta ADS server).
 
 pub mod auth;
+pub mod ca;
 pub mod feed;
 pub mod index;
+pub mod leader;
 pub mod publish;
+pub mod serving;
 pub mod watch;
 pub mod xds;

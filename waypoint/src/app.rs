@@ -11,7 +11,8 @@ use common::drain::{Drain, DrainWatch};
 use common::hbone::client::{plain_dialer, HboneClient, PoolTimings};
 use common::hbone::H2Settings;
 use common::identity::ca::MeshCa;
-use common::identity::store::CertStore;
+use common::identity::caclient::{remote_store, RemoteCa};
+use common::identity::store::{CertStore, RemoteOptions};
 use common::identity::Identity;
 use common::xds::client::{XdsClient, XdsConfig};
 use http::{Method, Request, StatusCode};
@@ -56,8 +57,17 @@ pub struct RunArgs {
     #[arg(long, env = "NODE_NAME", default_value = "")]
     pub node: String,
     /// Directory with the mesh root (root-cert.pem, root-key.pem).
-    #[arg(long)]
-    pub ca_dir: PathBuf,
+    #[arg(long, required_unless_present = "ca_address")]
+    pub ca_dir: Option<PathBuf>,
+    /// The control plane's certificate service (cluster mode), replacing `--ca-dir`.
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// Root bundle PEM verifying the certificate service and mesh peers (cluster mode).
+    #[arg(long, env = "CA_ROOT_CA")]
+    pub ca_root: Option<PathBuf>,
+    /// Bearer token file for the certificate service, re-read on every request.
+    #[arg(long, env = "AUTH_TOKEN")]
+    pub token_file: Option<String>,
     /// This waypoint's workload, `<namespace>/<name>` or `<name>` (namespace `default`): its
     /// identity is the one the waypoint presents and forwards with.
     #[arg(long)]
@@ -158,6 +168,10 @@ async fn config_source(args: &RunArgs) -> anyhow::Result<Arc<ConfigStore>> {
         if let Some(root) = &args.xds_root_ca {
             cfg.root_cert = Some(root.clone());
         }
+        // The same projected token authenticates to xDS and to the certificate service.
+        if let Some(token) = &args.token_file {
+            cfg.token = Some(token.clone());
+        }
         let store = Arc::new(ConfigStore::default());
         let synced = Arc::new(AtomicBool::new(false));
         tracing::info!(address = %address, node_id = %cfg.node_id, "configuration from the control plane");
@@ -192,9 +206,13 @@ async fn config_source(args: &RunArgs) -> anyhow::Result<Arc<ConfigStore>> {
 async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Result<()> {
     let config = config_source(&args).await?;
     let identity = own_identity(&config, &args.workload)?;
-    let ca = MeshCa::load(&args.ca_dir).context("loading the mesh CA")?;
-    let certs = Arc::new(CertStore::new(ca, args.cert_ttl)?);
-    certs.get(&identity)?;
+    let certs = Arc::new(cert_store(&args, &identity)?);
+    if certs.is_remote() {
+        // Serve as soon as the certificate arrives; connections wait for it meanwhile.
+        certs.prefetch(std::slice::from_ref(&identity));
+    } else {
+        certs.get(&identity)?;
+    }
     let settings = H2Settings::default();
     let hbone = HboneClient::new(
         certs.clone(),
@@ -262,15 +280,34 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
     Ok(())
 }
 
+/// Standalone (`--ca-dir`) or cluster mode (`--ca-address`: the waypoint's own identity from
+/// the control plane, never impersonating).
+fn cert_store(args: &RunArgs, identity: &Identity) -> anyhow::Result<CertStore> {
+    if let Some(dir) = &args.ca_dir {
+        let ca = MeshCa::load(dir).context("loading the mesh CA")?;
+        return Ok(CertStore::new(ca, args.cert_ttl)?);
+    }
+    let Some(address) = &args.ca_address else {
+        anyhow::bail!("either --ca-dir or --ca-address is required");
+    };
+    let remote = RemoteCa {
+        address: address.clone(),
+        root: args.ca_root.clone(),
+        token: args.token_file.clone(),
+        own_identity: Some(identity.clone()),
+        ttl: args.cert_ttl,
+        trust_domain: identity.trust_domain.clone(),
+    };
+    remote_store(remote, RemoteOptions::default()).context("connecting to the certificate service")
+}
+
 async fn rotate(certs: Arc<CertStore>, id: Identity, ttl: Duration) {
     let mut tick =
         tokio::time::interval((ttl / 8).clamp(Duration::from_millis(200), Duration::from_secs(60)));
     loop {
         tick.tick().await;
         certs.rotate_due(std::slice::from_ref(&id));
-        if let Err(e) = certs.get(&id) {
-            tracing::error!(identity = %id, error = %e, "cannot issue certificate");
-        }
+        certs.prefetch(std::slice::from_ref(&id));
     }
 }
 

@@ -47,7 +47,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shards: Arc<Shards>
 }
 
 async fn handle_connection(state: Arc<State>, stream: TcpStream, peer: SocketAddr) {
-    let cert = match state.certs.get(&state.identity) {
+    let cert = match state.certs.get_wait(&state.identity).await {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(listener = LISTENER, error = %e, "no certificate");

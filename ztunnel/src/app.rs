@@ -17,7 +17,8 @@ use common::drain::Drain;
 use common::hbone::client::{Dialer, HboneClient, PoolTimings};
 use common::hbone::H2Settings;
 use common::identity::ca::MeshCa;
-use common::identity::store::CertStore;
+use common::identity::caclient::{remote_store, RemoteCa};
+use common::identity::store::{CertStore, RemoteOptions};
 use common::identity::Identity;
 use common::xds::client::{XdsClient, XdsConfig};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -104,12 +105,36 @@ fn config_source(args: &RunArgs) -> anyhow::Result<(Arc<ConfigStore>, Option<Arc
     Ok((store, None))
 }
 
+/// Standalone (`--ca-dir`: minted from the local mesh root) or cluster mode (`--ca-address`:
+/// fetched from the control plane on behalf of the node's workloads).
+fn cert_store(args: &RunArgs, store: &ConfigStore) -> anyhow::Result<CertStore> {
+    if let Some(dir) = &args.ca_dir {
+        let ca = MeshCa::load(dir).context("loading the mesh CA")?;
+        return Ok(CertStore::new(ca, args.cert_ttl)?);
+    }
+    let Some(address) = &args.ca_address else {
+        anyhow::bail!("either --ca-dir or --ca-address is required");
+    };
+    let remote = RemoteCa {
+        address: address.clone(),
+        root: args.ca_root.clone(),
+        token: args.token_file.clone(),
+        own_identity: None,
+        ttl: args.cert_ttl,
+        trust_domain: store.current().trust_domain.clone(),
+    };
+    remote_store(remote, RemoteOptions::default()).context("connecting to the certificate service")
+}
+
 async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Result<()> {
     let (store, xds_synced) = config_source(&args)?;
-    let ca = MeshCa::load(&args.ca_dir).context("loading the mesh CA")?;
-    let certs = Arc::new(CertStore::new(ca, args.cert_ttl)?);
-    for id in local_identities(&store, &args.node) {
-        certs.get(&id)?;
+    let certs = Arc::new(cert_store(&args, &store)?);
+    if certs.is_remote() {
+        certs.prefetch(&local_identities(&store, &args.node));
+    } else {
+        for id in local_identities(&store, &args.node) {
+            certs.get(&id)?;
+        }
     }
     let metrics = Arc::new(Metrics::new());
     // With capture installed, tunnels leave from the source pod's own address (the receiver
@@ -254,11 +279,7 @@ async fn rotate_certificates(
         let ids = local_identities(&store, &node);
         let rotated = certs.rotate_due(&ids);
         // New local workloads get their certificate before their first connection.
-        for id in &ids {
-            if let Err(e) = certs.get(id) {
-                tracing::error!(identity = %id, error = %e, "cannot issue certificate");
-            }
-        }
+        certs.prefetch(&ids);
         if rotated > 0 {
             tracing::info!(rotated, "rotated workload certificates");
         }

@@ -119,9 +119,22 @@ pub struct RunArgs {
     /// This node's name: workloads whose `node` equals it are served here.
     #[arg(long, env = "NODE_NAME")]
     pub node: String,
-    /// Directory holding the mesh root (root-cert.pem, root-key.pem).
-    #[arg(long, env = "ZTUNNEL_CA_DIR")]
-    pub ca_dir: PathBuf,
+    /// Directory holding the mesh root (root-cert.pem, root-key.pem): standalone mode, this
+    /// agent mints certificates itself.
+    #[arg(long, env = "ZTUNNEL_CA_DIR", required_unless_present = "ca_address")]
+    pub ca_dir: Option<PathBuf>,
+    /// The control plane's certificate service (cluster mode), e.g. `https://ambient-controller.ambient-system.svc:15012`;
+    /// replaces `--ca-dir` (which wins if both are given).
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// Root bundle PEM verifying the certificate service and mesh peers (cluster mode;
+    /// default `./var/run/secrets/istio/root-cert.pem`).
+    #[arg(long, env = "CA_ROOT_CA")]
+    pub ca_root: Option<PathBuf>,
+    /// Bearer token file for the certificate service, re-read on every request (cluster mode;
+    /// default `./var/run/secrets/tokens/istio-token`).
+    #[arg(long, env = "AUTH_TOKEN")]
+    pub token_file: Option<String>,
     #[arg(long, value_enum, default_value = "none")]
     pub capture: CaptureMode,
     #[command(flatten)]

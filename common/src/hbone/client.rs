@@ -210,7 +210,8 @@ impl HboneClient {
             .clone();
         let cert = self
             .certs
-            .get(&key.src)
+            .get_wait(&key.src)
+            .await
             .map_err(|e| HboneError::Cert(e.to_string()))?;
         let mut conns = pool.lock().await;
         let now_ms = self.epoch.elapsed().as_millis() as u64;

@@ -2,6 +2,8 @@
 //! built on them: the mesh CA and the per-workload certificate store.
 
 pub mod ca;
+pub mod caclient;
+pub mod csr;
 pub mod store;
 
 use serde::{Deserialize, Serialize};

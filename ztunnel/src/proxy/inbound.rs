@@ -42,7 +42,7 @@ pub async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr)
         return;
     };
     drop(snap);
-    let cert = match state.certs.get(&dst.identity()) {
+    let cert = match state.certs.get_wait(&dst.identity()).await {
         Ok(c) => c,
         Err(e) => {
             refuse(

@@ -1,0 +1,249 @@
+//! The root of trust in Kubernetes: the CA's signing material lives in a Secret (Istio's
+//! plug-in CA key names, so an intermediate signed by an external root works), generated on
+//! first start and created once (a replica losing the create race reads the winner's), and
+//! the root bundle is published as the ConfigMap `istio-ca-root-cert` (key `root-cert.pem`) in
+//! every ambient namespace and the controller's own, reconciled by the lease holder only.
+
+use common::identity::ca::{
+    CaError, MeshCa, CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, ROOT_CERT_FILE,
+};
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use k8s_openapi::ByteString;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+
+/// Name of the ConfigMap carrying the root bundle (what Istio's proxies mount).
+pub const ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
+/// Label selecting the namespaces that get the root ConfigMap.
+pub const AMBIENT_LABEL: &str = "istio.io/dataplane-mode";
+pub const AMBIENT_VALUE: &str = "ambient";
+/// Field manager of our writes.
+pub const FIELD_MANAGER: &str = "ambient-controller";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RootError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("CA Secret {0}: {1}")]
+    Material(String, CaError),
+    #[error("CA Secret {0}: missing key {1}")]
+    Missing(String, &'static str),
+    #[error("generating the CA: {0}")]
+    Generate(CaError),
+}
+
+fn is_status(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
+}
+
+/// Loads the CA from Secret `namespace/name`, or generates one and creates the Secret. When
+/// another replica created it first (409), its CA is loaded instead, so all replicas sign with
+/// the same key.
+pub async fn load_or_create(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+    trust_domain: &str,
+) -> Result<MeshCa, RootError> {
+    let api: Api<Secret> = Api::namespaced(client, namespace);
+    if let Some(s) = api.get_opt(name).await? {
+        return from_secret(&s, name, trust_domain);
+    }
+    let ca = MeshCa::generate(trust_domain).map_err(RootError::Generate)?;
+    let (cert, key) = ca.signing_pems();
+    let mut data = BTreeMap::new();
+    data.insert(CA_CERT_FILE.to_string(), ByteString(cert.into_bytes()));
+    data.insert(CA_KEY_FILE.to_string(), ByteString(key.into_bytes()));
+    data.insert(
+        ROOT_CERT_FILE.to_string(),
+        ByteString(ca.root_pem().as_bytes().to_vec()),
+    );
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: Some(namespace.to_string()),
+            ..Default::default()
+        },
+        data: Some(data),
+        type_: Some("istio.io/ca-root".into()),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            tracing::info!(secret = %format!("{namespace}/{name}"), "generated the mesh CA");
+            Ok(ca)
+        }
+        Err(e) if is_status(&e, 409) => {
+            tracing::info!(secret = %format!("{namespace}/{name}"), "another replica created the CA first; using it");
+            let s = api.get(name).await?;
+            from_secret(&s, name, trust_domain)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The CA from a Secret's plug-in keys (`ca-cert.pem`, `ca-key.pem`, optional `root-cert.pem`
+/// and `cert-chain.pem`).
+pub fn from_secret(s: &Secret, name: &str, trust_domain: &str) -> Result<MeshCa, RootError> {
+    let get = |k: &str| -> Option<String> {
+        let data = s.data.as_ref()?;
+        data.get(k)
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+    };
+    let cert = get(CA_CERT_FILE).ok_or_else(|| RootError::Missing(name.into(), CA_CERT_FILE))?;
+    let key = get(CA_KEY_FILE).ok_or_else(|| RootError::Missing(name.into(), CA_KEY_FILE))?;
+    let root = get(ROOT_CERT_FILE);
+    let chain = get(CERT_CHAIN_FILE);
+    MeshCa::from_plugin_pems(trust_domain, &cert, &key, root.as_deref(), chain.as_deref())
+        .map_err(|e| RootError::Material(name.into(), e))
+}
+
+/// Keeps `istio-ca-root-cert` equal to `root_pem` in every ambient namespace and in
+/// `own_namespace`, while `leader` says this replica holds the lease. Level-triggered: any
+/// namespace or ConfigMap change, or gaining the lease, re-checks every target and writes
+/// (server-side apply) only those that differ. Runs until the process ends.
+pub async fn publish_root(
+    client: kube::Client,
+    own_namespace: String,
+    root_pem: String,
+    mut leader: watch::Receiver<bool>,
+) {
+    let wake = Arc::new(Notify::new());
+    let (namespaces, ns_task) = spawn_reflector::<Namespace>(
+        Api::all(client.clone()),
+        watcher::Config::default().labels(&format!("{AMBIENT_LABEL}={AMBIENT_VALUE}")),
+        wake.clone(),
+    );
+    let (configmaps, cm_task) = spawn_reflector::<ConfigMap>(
+        Api::all(client.clone()),
+        watcher::Config::default().fields(&format!("metadata.name={ROOT_CONFIGMAP}")),
+        wake.clone(),
+    );
+    let _tasks = AbortOnDrop(vec![ns_task, cm_task]);
+    let mut failed = false;
+    loop {
+        if *leader.borrow_and_update() {
+            let _ = tokio::join!(namespaces.wait_until_ready(), configmaps.wait_until_ready());
+            failed = !reconcile(&client, &own_namespace, &root_pem, &namespaces, &configmaps).await;
+        }
+        let retry = async {
+            if failed {
+                tokio::time::sleep(Duration::from_secs(2)).await
+            } else {
+                std::future::pending().await
+            }
+        };
+        tokio::select! {
+            r = leader.changed() => if r.is_err() { return },
+            _ = wake.notified() => {}
+            _ = retry => {}
+        }
+    }
+}
+
+/// One pass: writes the root where it is missing or different. True when all writes succeeded.
+async fn reconcile(
+    client: &kube::Client,
+    own_namespace: &str,
+    root_pem: &str,
+    namespaces: &Store<Namespace>,
+    configmaps: &Store<ConfigMap>,
+) -> bool {
+    let mut targets: Vec<String> = namespaces
+        .state()
+        .iter()
+        .filter(|n| n.metadata.deletion_timestamp.is_none())
+        .filter_map(|n| n.metadata.name.clone())
+        .collect();
+    targets.push(own_namespace.to_string());
+    targets.sort();
+    targets.dedup();
+    let mut ok = true;
+    for ns in targets {
+        let current = configmaps.get(&ObjectRef::new(ROOT_CONFIGMAP).within(&ns));
+        let up_to_date = current
+            .as_ref()
+            .and_then(|c| c.data.as_ref())
+            .and_then(|d| d.get(ROOT_CERT_FILE))
+            .is_some_and(|v| v == root_pem);
+        if up_to_date {
+            continue;
+        }
+        if let Err(e) = write_root(client, &ns, root_pem).await {
+            tracing::warn!(namespace = %ns, error = %e, "cannot publish the root certificate");
+            ok = false;
+        } else {
+            tracing::info!(namespace = %ns, "published the root certificate");
+        }
+    }
+    ok
+}
+
+/// Server-side applies the root ConfigMap into `namespace`.
+pub async fn write_root(
+    client: &kube::Client,
+    namespace: &str,
+    root_pem: &str,
+) -> Result<(), kube::Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let cm = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": ROOT_CONFIGMAP, "namespace": namespace},
+        "data": {ROOT_CERT_FILE: root_pem},
+    });
+    api.patch(
+        ROOT_CONFIGMAP,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&cm),
+    )
+    .await
+    .map(|_| ())
+}
+
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// Starts a reflector for `api` on a task; every change notifies `wake`.
+fn spawn_reflector<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    wake: Arc<Notify>,
+) -> (Store<K>, tokio::task::JoinHandle<()>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, cfg).default_backoff());
+    let task = tokio::spawn(async move {
+        stream
+            .for_each(|ev| {
+                match ev {
+                    Ok(_) => wake.notify_one(),
+                    Err(e) => tracing::warn!(error = %e, "watch error"),
+                }
+                std::future::ready(())
+            })
+            .await;
+    });
+    (reader, task)
+}

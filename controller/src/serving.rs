@@ -1,0 +1,89 @@
+//! The controller's own TLS serving certificate for its gRPC port (xDS + CA): issued by the
+//! mesh CA for the controller Service's DNS names (and any extra names or IPs), so proxies
+//! verify it with the root they already trust, and re-issued at half its lifetime without a
+//! restart (a rustls certificate resolver whose key is swapped in place).
+
+use arc_swap::ArcSwap;
+use common::identity::ca::MeshCa;
+use rustls::crypto::ring::sign::any_supported_type;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Errors building the serving certificate.
+#[derive(Debug, thiserror::Error)]
+pub enum ServingError {
+    #[error("issuing the serving certificate: {0}")]
+    Issue(#[from] common::identity::ca::CaError),
+    #[error("serving certificate PEM: {0}")]
+    Pem(String),
+    #[error("serving key: {0}")]
+    Key(#[from] rustls::Error),
+}
+
+/// Resolves every handshake to the current serving certificate.
+#[derive(Debug)]
+pub struct ServingCert {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl ResolvesServerCert for ServingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+fn issue(ca: &MeshCa, names: &[String], ttl: Duration) -> Result<CertifiedKey, ServingError> {
+    let (chain_pem, key_pem) = ca.issue_server(names, ttl)?;
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ServingError::Pem(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| ServingError::Pem(e.to_string()))?;
+    Ok(CertifiedKey::new(chain, any_supported_type(&key)?))
+}
+
+impl ServingCert {
+    /// Issues the first certificate for `names` (DNS names or IP addresses) valid for `ttl`.
+    pub fn new(ca: &MeshCa, names: &[String], ttl: Duration) -> Result<Arc<Self>, ServingError> {
+        Ok(Arc::new(ServingCert {
+            current: ArcSwap::from_pointee(issue(ca, names, ttl)?),
+        }))
+    }
+
+    /// Re-issues at half of `ttl`, forever (retrying a failure after a minute).
+    pub fn spawn_rotation(self: &Arc<Self>, ca: Arc<MeshCa>, names: Vec<String>, ttl: Duration) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut wait = ttl / 2;
+            loop {
+                tokio::time::sleep(wait).await;
+                match issue(&ca, &names, ttl) {
+                    Ok(k) => {
+                        me.current.store(Arc::new(k));
+                        tracing::info!("serving certificate renewed");
+                        wait = ttl / 2;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "renewing the serving certificate");
+                        wait = Duration::from_secs(60).min(ttl / 4);
+                    }
+                }
+            }
+        });
+    }
+
+    /// A TLS 1.3 server configuration presenting this certificate (ALPN is set by the server).
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, ServingError> {
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_cert_resolver(self.clone());
+        Ok(Arc::new(cfg))
+    }
+}
