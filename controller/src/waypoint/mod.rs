@@ -71,10 +71,10 @@ pub async fn run(
         }
         tracing::info!("waypoint controller: this replica holds the lease");
         let task = tokio::spawn(runner::lead(client.clone(), config.clone()));
-        let lost = leader.wait_for(|l| !*l).await.is_err();
+        let election_ended = leader.wait_for(|l| !*l).await.is_err();
         task.abort();
         let _ = task.await;
-        if lost {
+        if election_ended {
             return;
         }
         tracing::info!("waypoint controller: lease lost, stopped");
