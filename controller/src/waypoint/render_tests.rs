@@ -265,3 +265,24 @@ fn a_gateway_without_uid_cannot_own_objects() {
     let params = WaypointParams::resolve(&gw, &config(), None).expect("params");
     assert!(render(&gw, &params).is_err());
 }
+
+#[test]
+fn the_deploy_example_gateway_renders() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/gateway.yaml");
+    let text = std::fs::read_to_string(&path).expect("deploy/examples/gateway.yaml");
+    let gw: Gateway = serde_yaml::from_str(&text).expect("a Gateway");
+    let objs = values(&gw);
+    assert_eq!(objs.len(), 5);
+    let h = by_kind(&objs, "HorizontalPodAutoscaler");
+    assert_eq!(
+        (
+            h["spec"]["minReplicas"].clone(),
+            h["spec"]["maxReplicas"].clone()
+        ),
+        (json!(2), json!(5))
+    );
+    assert!(objs
+        .iter()
+        .all(|o| o["metadata"]["namespace"] == "bookinfo"));
+}
