@@ -5,6 +5,7 @@
 //!
 //! Data flow: [`watch`] (kube-runtime watchers) → [`index`] (sans-IO translation, change feed)
 //! → [`feed`] + [`publish`] (changes as xDS resources) → [`xds`] (delta ADS server).
+//! [`waypoint`]: the Lease holder's waypoint controller (Gateway → Deployment, Service, HPA…).
 
 pub mod auth;
 pub mod ca;
@@ -14,4 +15,5 @@ pub mod leader;
 pub mod publish;
 pub mod serving;
 pub mod watch;
+pub mod waypoint;
 pub mod xds;

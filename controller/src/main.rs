@@ -189,6 +189,14 @@ async fn main() -> anyhow::Result<()> {
         ca.root_pem().to_string(),
         election.is_leader.clone(),
     ));
+    tokio::spawn(controller::waypoint::run(
+        client.clone(),
+        controller::waypoint::WaypointConfig {
+            domain_suffix: args.domain_suffix.clone(),
+            ..controller::waypoint::WaypointConfig::from_env()
+        },
+        election.is_leader.clone(),
+    ));
 
     let authn = Arc::new(TokenReviewAuthenticator::new(
         client.clone(),

@@ -320,6 +320,12 @@ impl FakeApiServer {
         }
     }
 
+    /// Turns ownerReference garbage collection on (the default) or off: off, deleting an
+    /// owner leaves its dependents, as in a cluster whose garbage collector lags behind.
+    pub fn set_garbage_collection(&self, enabled: bool) {
+        self.shared.lock().gc_enabled = enabled;
+    }
+
     /// The latest resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.shared.lock().rv()

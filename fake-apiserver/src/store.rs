@@ -167,6 +167,10 @@ pub struct State {
     log: Vec<LogEntry>,
     uid_seed: u32,
     uid_seq: u64,
+    /// ownerReference garbage collection on (default) or off (a cluster whose GC lags).
+    pub gc_enabled: bool,
+    /// Last ClusterIP handed out (offset in 10.96.0.0/12).
+    cluster_ip_seq: u32,
 }
 
 impl State {
@@ -184,6 +188,8 @@ impl State {
             log: Vec::new(),
             uid_seed: seed,
             uid_seq: 0,
+            gc_enabled: true,
+            cluster_ip_seq: 9,
         }
     }
 
@@ -201,6 +207,41 @@ impl State {
     pub fn compact(&mut self) {
         self.compacted = self.rv;
         self.log.clear();
+    }
+
+    /// The next free ClusterIP in 10.96.0.0/12 (from 10.96.0.10, as a cluster's service CIDR
+    /// would hand them out).
+    fn allocate_cluster_ip(&mut self) -> Option<String> {
+        self.cluster_ip_seq += 1;
+        if self.cluster_ip_seq >= (1 << 20) - 1 {
+            return None;
+        }
+        let ip = std::net::Ipv4Addr::from(
+            u32::from(std::net::Ipv4Addr::new(10, 96, 0, 0)) + self.cluster_ip_seq,
+        );
+        Some(ip.to_string())
+    }
+
+    /// A new Service gets a ClusterIP unless it asks for none (`None`, `ExternalName`) or names
+    /// its own.
+    fn assign_cluster_ip(&mut self, obj: &mut Value) {
+        let spec = &obj["spec"];
+        if spec.get("type").and_then(Value::as_str) == Some("ExternalName") {
+            return;
+        }
+        match spec.get("clusterIP").and_then(Value::as_str) {
+            Some(ip) if !ip.is_empty() => {
+                if spec.get("clusterIPs").is_none() {
+                    obj["spec"]["clusterIPs"] = json!([ip]);
+                }
+            }
+            _ => {
+                if let Some(ip) = self.allocate_cluster_ip() {
+                    obj["spec"]["clusterIP"] = json!(ip);
+                    obj["spec"]["clusterIPs"] = json!([ip]);
+                }
+            }
+        }
     }
 
     fn new_uid(&mut self) -> String {
@@ -349,6 +390,9 @@ impl State {
         meta.insert("generation".into(), json!(1));
         meta.remove("deletionTimestamp");
         meta.remove("deletionGracePeriodSeconds");
+        if rt.group.is_empty() && rt.kind == "Service" {
+            self.assign_cluster_ip(&mut obj);
+        }
         if ctx.scope == Scope::Main {
             if let Some(m) = obj.as_object_mut() {
                 m.remove("status");
@@ -449,6 +493,14 @@ impl State {
         old: Arc<Value>,
         mut new: Value,
     ) -> ApiResult<Value> {
+        // A Service keeps its allocated ClusterIP when an update leaves it out.
+        if rt.group.is_empty() && rt.kind == "Service" && new["spec"].get("clusterIP").is_none() {
+            for k in ["clusterIP", "clusterIPs"] {
+                if let Some(v) = old["spec"].get(k) {
+                    new["spec"][k] = v.clone();
+                }
+            }
+        }
         let gen = old
             .pointer("/metadata/generation")
             .and_then(Value::as_i64)

@@ -83,7 +83,7 @@ impl State {
                     .and_then(Value::as_array)
                     .map(|refs| refs.iter().filter_map(|r| r.get("uid")?.as_str()).collect())
                     .unwrap_or_default();
-                if uid.is_empty() || !owners.contains(&uid.as_str()) {
+                if !self.gc_enabled || uid.is_empty() || !owners.contains(&uid.as_str()) {
                     continue;
                 }
                 if orphan {
