@@ -215,8 +215,8 @@ pub async fn large_config_memory(mesh: &Mesh, base: &MeshConfig) -> Result<Large
     std::fs::write(&path, &text)?;
     let opts = ZtunnelOpts {
         node: "n1".into(),
-        config: path,
-        ca_dir: mesh.ca.dir.clone(),
+        config: Some(path),
+        ca_dir: Some(mesh.ca.dir.clone()),
         capture: false,
         pod_ifaces: Vec::new(),
         pod_cidrs: Vec::new(),

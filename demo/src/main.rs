@@ -151,8 +151,8 @@ async fn run() -> Result<()> {
         let pods: Vec<_> = topo.pods.iter().filter(|p| p.node == node.name).collect();
         let opts = ZtunnelOpts {
             node: node.name.clone(),
-            config: config.clone(),
-            ca_dir: ca.dir.clone(),
+            config: Some(config.clone()),
+            ca_dir: Some(ca.dir.clone()),
             capture: true,
             pod_ifaces: pods.iter().map(|p| p.host_if.clone()).collect(),
             pod_cidrs: pods.iter().map(|p| format!("{}/32", p.ip)).collect(),

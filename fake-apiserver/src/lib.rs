@@ -131,7 +131,12 @@ impl FakeApiServer {
 
     /// Like [`FakeApiServer::start`], returning the bind error.
     pub async fn try_start() -> std::io::Result<FakeApiServer> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Self::serve(tokio::net::TcpListener::bind("127.0.0.1:0").await?)
+    }
+
+    /// Serves on `listener` (bound anywhere, e.g. inside a test's network namespace) in the
+    /// current tokio runtime.
+    pub fn serve(listener: tokio::net::TcpListener) -> std::io::Result<FakeApiServer> {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State::new(resources::Registry::default())),

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod apps;
 pub mod capture;
+pub mod cluster;
 pub mod config;
 pub mod envoy;
 pub mod hbone;

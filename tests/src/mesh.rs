@@ -108,8 +108,8 @@ impl Mesh {
             .collect();
         ZtunnelOpts {
             node: node.name.clone(),
-            config: self.config_path.clone(),
-            ca_dir: self.ca.dir.clone(),
+            config: Some(self.config_path.clone()),
+            ca_dir: Some(self.ca.dir.clone()),
             capture: true,
             // `iface=ip`: ztunnel drops TCP from a pod interface with any other source.
             pod_ifaces: mesh_pods

@@ -122,8 +122,10 @@ fn path_str(p: &Path) -> Result<&str> {
 pub struct ZtunnelOpts {
     /// `--node`.
     pub node: String,
-    pub config: PathBuf,
-    pub ca_dir: PathBuf,
+    /// `--config` (none in cluster mode: `extra_args` then carry `--xds-address` etc.).
+    pub config: Option<PathBuf>,
+    /// `--ca-dir` (none in cluster mode).
+    pub ca_dir: Option<PathBuf>,
     /// `--capture nft` when true, `--capture none` otherwise.
     pub capture: bool,
     /// Node-side interfaces of mesh pods (`--pod-iface`), `name` or `name=ip`.
@@ -139,15 +141,19 @@ impl ZtunnelOpts {
     pub fn args(&self) -> Vec<String> {
         let mut a: Vec<String> = vec![
             "run".into(),
-            "--config".into(),
-            self.config.display().to_string(),
             "--node".into(),
             self.node.clone(),
-            "--ca-dir".into(),
-            self.ca_dir.display().to_string(),
             "--capture".into(),
             if self.capture { "nft" } else { "none" }.into(),
         ];
+        if let Some(config) = &self.config {
+            a.push("--config".into());
+            a.push(config.display().to_string());
+        }
+        if let Some(dir) = &self.ca_dir {
+            a.push("--ca-dir".into());
+            a.push(dir.display().to_string());
+        }
         // Harness defaults, unless `extra_args` sets them (clap refuses an option given twice).
         for (flag, default) in [("--drain-timeout", "1s"), ("--log-format", "text")] {
             let overridden = self

@@ -6,6 +6,7 @@
 
 use crate::admin::{self, AdminState};
 use crate::capture::{self, CaptureSpec};
+use crate::capture_follow;
 use crate::cli::{CaptureMode, LogFormat, RunArgs};
 use crate::metrics::Metrics;
 use crate::proxy;
@@ -27,6 +28,15 @@ use std::time::{Duration, Instant};
 
 /// Removes the capture rules when the agent exits, however it exits.
 struct CaptureGuard;
+
+/// Stops a background task when dropped (before the capture rules are removed).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 impl Drop for CaptureGuard {
     fn drop(&mut self) {
@@ -80,6 +90,10 @@ fn config_source(args: &RunArgs) -> anyhow::Result<(Arc<ConfigStore>, Option<Arc
         let mut cfg = XdsConfig::from_env(address.clone(), "ztunnel", &args.node, true);
         if let Some(root) = &args.xds_root_ca {
             cfg.root_cert = Some(root.clone());
+        }
+        // The same projected token authenticates to xDS and to the certificate service.
+        if let Some(token) = &args.token_file {
+            cfg.token = Some(token.clone());
         }
         let store = Arc::new(ConfigStore::default());
         let synced = Arc::new(AtomicBool::new(false));
@@ -189,13 +203,26 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         ],
     )?;
 
-    let _capture = match args.capture {
+    let (_capture, _capture_follow) = match args.capture {
+        CaptureMode::Nft if CaptureSpec::follows_mesh(&args.capture_args) => {
+            // Pods come from the configuration: capture what the first complete snapshot
+            // names, then follow it.
+            if let Some(synced) = &xds_synced {
+                while !synced.load(Ordering::Acquire) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            let task =
+                capture_follow::start(store.clone(), args.node.clone(), CaptureSpec::empty())
+                    .await?;
+            (Some(CaptureGuard), Some(AbortOnDrop(task)))
+        }
         CaptureMode::Nft => {
             let spec = CaptureSpec::from_args(&args.capture_args)?;
             capture::install(&spec)?;
-            Some(CaptureGuard)
+            (Some(CaptureGuard), None)
         }
-        CaptureMode::None => None,
+        CaptureMode::None => (None, None),
     };
 
     let shards = Arc::new(common::shards::Shards::start(

@@ -19,7 +19,7 @@ pub const SOCKET_MARK: u32 = 0x539;
 const TABLE: &str = "ztunnel";
 
 /// What to capture.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaptureSpec {
     pub pod_ifaces: Vec<String>,
     /// (interface, address) pairs: the only sources a pod interface may send TCP from.
@@ -30,7 +30,34 @@ pub struct CaptureSpec {
     pub inbound_port: u16,
 }
 
+/// Whether `i` can be a Linux interface name (and is safe to paste into an nft ruleset).
+pub fn valid_iface_name(i: &str) -> bool {
+    !i.is_empty()
+        && i.len() <= 15
+        && i.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+}
+
 impl CaptureSpec {
+    /// Nothing captured yet (the mesh-following form starts from this).
+    pub fn empty() -> Self {
+        CaptureSpec {
+            pod_ifaces: Vec::new(),
+            pod_sources: Vec::new(),
+            pod_cidrs: Vec::new(),
+            outbound_port: 15001,
+            inbound_plaintext_port: 15006,
+            inbound_port: 15008,
+        }
+    }
+
+    /// True when the command line names no pods: the spec then follows the mesh
+    /// ([`crate::capture_follow`]).
+    pub fn follows_mesh(args: &CaptureArgs) -> bool {
+        args.pod_ifaces.is_empty() && args.pod_cidrs.is_empty()
+    }
+
+    /// The spec the command line names (empty when it names no pods).
     pub fn from_args(args: &CaptureArgs) -> anyhow::Result<Self> {
         let mut pod_ifaces = Vec::new();
         let mut pod_sources = Vec::new();
@@ -39,12 +66,7 @@ impl CaptureSpec {
                 Some((i, ips)) => (i, Some(ips)),
                 None => (spec.as_str(), None),
             };
-            if i.is_empty()
-                || i.len() > 15
-                || !i
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
-            {
+            if !valid_iface_name(i) {
                 bail!("--pod-iface {i:?} is not a valid interface name");
             }
             for ip in ips.into_iter().flat_map(|s| s.split(',')) {
@@ -55,16 +77,11 @@ impl CaptureSpec {
             }
             pod_ifaces.push(i.to_string());
         }
-        if args.pod_ifaces.is_empty() && args.pod_cidrs.is_empty() {
-            bail!("capture needs at least one --pod-iface or --pod-cidr");
-        }
         Ok(CaptureSpec {
             pod_ifaces,
             pod_sources,
             pod_cidrs: args.pod_cidrs.clone(),
-            outbound_port: 15001,
-            inbound_plaintext_port: 15006,
-            inbound_port: 15008,
+            ..CaptureSpec::empty()
         })
     }
 

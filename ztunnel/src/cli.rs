@@ -206,6 +206,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Capture { command } => match command {
             CaptureCommand::Install(args) => {
+                if CaptureSpec::follows_mesh(&args) {
+                    anyhow::bail!(
+                        "capture install needs --pod-iface or --pod-cidr (`ztunnel run` without them follows the mesh)"
+                    );
+                }
                 let spec = CaptureSpec::from_args(&args)?;
                 crate::capture::install(&spec)?;
                 println!("capture rules installed");

@@ -4,6 +4,7 @@
 mod admin;
 mod app;
 mod capture;
+mod capture_follow;
 mod cli;
 mod metrics;
 mod proxy;

@@ -1,0 +1,188 @@
+//! Capture that follows the mesh: with no `--pod-iface`/`--pod-cidr` (a cluster node, where
+//! ztunnel learns its pods from the control plane), the capture spec is derived from the
+//! current snapshot — this node's mesh (HBONE) workloads, each paired with the node-side
+//! interface its address routes through (so the anti-spoofing rules of the static form apply
+//! unchanged) — and the nft table is replaced whenever that derivation changes: on every
+//! snapshot swap and every few seconds (a pod's route can appear after its IP is published).
+//!
+//! A workload whose address does not route through a directly attached interface (no route
+//! yet, or a route via a gateway, or loopback) is left out until it does: capturing on the
+//! node's uplink would capture other nodes' traffic. IPv6 workload addresses are not captured
+//! yet (see the hardening notes in ARCHITECTURE.md).
+
+use crate::capture::{self, CaptureSpec};
+use common::config::ConfigStore;
+use common::model::Protocol;
+use common::snapshot::Snapshot;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often routes are re-resolved without a snapshot change.
+pub const RESOLVE_PERIOD: Duration = Duration::from_secs(3);
+
+/// This node's mesh workload IPv4 addresses, sorted and unique.
+pub fn local_mesh_ips(snap: &Snapshot, node: &str) -> Vec<Ipv4Addr> {
+    let mut ips: Vec<Ipv4Addr> = snap
+        .local_workloads(node)
+        .filter(|w| w.protocol == Protocol::Hbone)
+        .flat_map(|w| w.workload_ips.iter())
+        .filter_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
+/// The spec for `ips`: each address whose interface `route_dev` finds is captured (outbound
+/// from that interface, inbound to the address) and pinned to that interface.
+pub fn derive(
+    base: &CaptureSpec,
+    ips: &[Ipv4Addr],
+    route_dev: impl Fn(Ipv4Addr) -> Option<String>,
+) -> CaptureSpec {
+    let mut spec = CaptureSpec {
+        pod_ifaces: Vec::new(),
+        pod_sources: Vec::new(),
+        pod_cidrs: Vec::new(),
+        ..base.clone()
+    };
+    for ip in ips {
+        let Some(dev) = route_dev(*ip) else {
+            continue;
+        };
+        if !capture::valid_iface_name(&dev) {
+            continue;
+        }
+        if !spec.pod_ifaces.contains(&dev) {
+            spec.pod_ifaces.push(dev.clone());
+        }
+        spec.pod_sources.push((dev, *ip));
+        spec.pod_cidrs
+            .push(ipnet::IpNet::V4(ipnet::Ipv4Net::from(*ip)));
+    }
+    spec.pod_ifaces.sort();
+    spec.pod_sources.sort();
+    spec
+}
+
+/// The interface `ip` routes through when that route is direct (no gateway, not loopback):
+/// `ip -j route get <ip>`.
+pub fn route_dev(ip: Ipv4Addr) -> Option<String> {
+    let out = std::process::Command::new("ip")
+        .args(["-4", "-j", "route", "get", &ip.to_string()])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    parse_route_get(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The device of a direct route in `ip -j route get` output.
+pub fn parse_route_get(json: &str) -> Option<String> {
+    let routes: Vec<serde_json::Value> = serde_json::from_str(json).ok()?;
+    let r = routes.first()?;
+    if r.get("gateway").is_some() || r.get("type").and_then(|t| t.as_str()) == Some("local") {
+        return None;
+    }
+    let dev = r.get("dev")?.as_str()?;
+    (dev != "lo").then(|| dev.to_string())
+}
+
+/// Installs the spec for the current snapshot and keeps it current until the task is dropped.
+/// Returns once the first spec is installed.
+pub async fn start(
+    store: Arc<ConfigStore>,
+    node: String,
+    base: CaptureSpec,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let first = derive_now(&store, &node, &base).await;
+    capture::install(&first)?;
+    let mut installed = first;
+    let mut changes = store.subscribe();
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(RESOLVE_PERIOD) => {}
+            }
+            let next = derive_now(&store, &node, &base).await;
+            if next == installed {
+                continue;
+            }
+            match capture::install(&next) {
+                Ok(()) => installed = next,
+                Err(e) => tracing::error!(error = %e, "updating the capture rules failed"),
+            }
+        }
+    }))
+}
+
+async fn derive_now(store: &ConfigStore, node: &str, base: &CaptureSpec) -> CaptureSpec {
+    let ips = local_mesh_ips(&store.current(), node);
+    let base = base.clone();
+    // Route lookups run `ip`: keep them off the runtime's workers.
+    tokio::task::spawn_blocking(move || derive(&base, &ips, route_dev))
+        .await
+        .unwrap_or_else(|_| CaptureSpec::empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn direct_routes_give_their_device_and_others_none() {
+        assert_eq!(
+            parse_route_get(
+                r#"[{"dst":"10.244.1.2","dev":"va","prefsrc":"10.0.0.1","flags":[],"uid":0,"cache":[]}]"#
+            ),
+            Some("va".into())
+        );
+        // Through a gateway: the uplink, never a pod interface.
+        assert_eq!(
+            parse_route_get(
+                r#"[{"dst":"10.244.9.9","gateway":"10.0.0.254","dev":"eth0","flags":[]}]"#
+            ),
+            None
+        );
+        assert_eq!(
+            parse_route_get(r#"[{"type":"local","dst":"10.0.0.1","dev":"lo","flags":[]}]"#),
+            None
+        );
+        assert_eq!(parse_route_get("not json"), None);
+        assert_eq!(parse_route_get("[]"), None);
+    }
+
+    #[test]
+    fn derived_spec_pins_each_address_to_its_interface() {
+        let base = CaptureSpec::empty();
+        let ips: Vec<Ipv4Addr> = vec![
+            "10.244.1.2".parse().unwrap(),
+            "10.244.1.3".parse().unwrap(),
+            "10.244.1.9".parse().unwrap(),
+        ];
+        let spec = derive(&base, &ips, |ip| match ip.octets()[3] {
+            2 => Some("va".into()),
+            3 => Some("vc".into()),
+            _ => None, // no route yet: not captured
+        });
+        assert_eq!(spec.pod_ifaces, vec!["va", "vc"]);
+        assert_eq!(
+            spec.pod_sources,
+            vec![("va".to_string(), ips[0]), ("vc".to_string(), ips[1])]
+        );
+        assert_eq!(spec.pod_cidrs.len(), 2);
+        let rules = spec.ruleset();
+        assert!(rules.contains("\"va\" . 10.244.1.2"), "{rules}");
+        assert!(!rules.contains("10.244.1.9"), "{rules}");
+        // A hostile interface name from the routing table is never pasted into nft.
+        let bad = derive(&base, &ips[..1], |_| Some("x\"; flush ruleset".into()));
+        assert!(bad.pod_ifaces.is_empty());
+    }
+}
