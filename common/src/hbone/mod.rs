@@ -85,6 +85,9 @@ pub enum HboneError {
     Request(#[from] http::Error),
     #[error("timed out after {0:?}")]
     Timeout(std::time::Duration),
+    /// The outcome of a connection attempt another caller made for the same destination.
+    #[error("{0}")]
+    Shared(std::sync::Arc<HboneError>),
 }
 
 /// Builds the `forwarded` header value: `for="<ip:port>"`, plus `;host=<service>` when the
