@@ -97,6 +97,14 @@ pub struct RunArgs {
     /// on one of them (default: number of CPUs).
     #[arg(long)]
     pub worker_threads: Option<usize>,
+    /// How long a peer may take for each step of opening an HBONE connection (TLS handshake,
+    /// HTTP/2 preface, first CONNECT) before it is closed.
+    #[arg(long, default_value = "10s", value_parser = common::duration::parse)]
+    pub handshake_timeout: Duration,
+    /// How long an HTTP client may take to send a complete request head (on a port declared
+    /// HTTP, counted from the stream's start; on keep-alive connections, per request).
+    #[arg(long, default_value = "30s", value_parser = common::duration::parse)]
+    pub request_header_timeout: Duration,
 }
 
 /// Everything the request path reads.
@@ -111,6 +119,8 @@ pub struct State {
     pub settings: H2Settings,
     pub drain: DrainWatch,
     pub sniff_timeout: Duration,
+    /// See [`RunArgs::request_header_timeout`].
+    pub request_header_timeout: Duration,
     pub hbone: Arc<HboneClient>,
     pub balancers: crate::route::Balancers,
     pub outliers: crate::outlier::Outliers,
@@ -213,7 +223,10 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
     } else {
         certs.get(&identity)?;
     }
-    let settings = H2Settings::default();
+    let settings = H2Settings {
+        handshake_timeout: args.handshake_timeout,
+        ..H2Settings::default()
+    };
     let hbone = HboneClient::new(
         certs.clone(),
         settings,
@@ -242,6 +255,7 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         settings,
         drain: drain_watch,
         sniff_timeout: args.sniff_timeout,
+        request_header_timeout: args.request_header_timeout,
         hbone,
         balancers: Default::default(),
         outliers: Default::default(),

@@ -13,7 +13,7 @@ use common::identity::Identity;
 use common::model::PortProtocol;
 use common::shards::Shards;
 use http::StatusCode;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,14 +54,19 @@ async fn handle_connection(state: Arc<State>, stream: TcpStream, peer: SocketAdd
             return;
         }
     };
-    let (tls_stream, peer_id) =
-        match accept_tls(stream, cert.server_config.clone(), Duration::from_secs(10)).await {
-            Ok(v) => v,
-            Err(why) => {
-                tracing::info!(listener = LISTENER, %peer, "{why}");
-                return;
-            }
-        };
+    let (tls_stream, peer_id) = match accept_tls(
+        stream,
+        cert.server_config.clone(),
+        state.settings.handshake_timeout,
+    )
+    .await
+    {
+        Ok(v) => v,
+        Err(why) => {
+            tracing::info!(listener = LISTENER, %peer, "{why}");
+            return;
+        }
+    };
     let st = state.clone();
     let pid = peer_id.clone();
     let r = serve_connection(
@@ -123,14 +128,19 @@ async fn handle_stream(
         crate::tcp::forward(&state, &service, conn, io).await;
         return;
     }
-    // A declared HTTP port waits for its client however long it takes to speak; a TLS client
-    // speaks first too, but a port with nothing declared may carry a server-first protocol.
+    // A client on a declared HTTP port must start its request within the request-header
+    // deadline (then hyper times the rest of the head); a TLS client speaks first too, but a
+    // port with nothing declared may carry a server-first protocol.
     let sniff_timeout = match declared {
         PortProtocol::Sniff => state.sniff_timeout,
-        PortProtocol::Tls => Duration::from_secs(10),
-        _ => Duration::from_secs(3600),
+        PortProtocol::Tls => state.settings.handshake_timeout,
+        _ => state.request_header_timeout,
     };
     let (detected, prefix) = match sniff::detect(&mut io, sniff_timeout).await {
+        Ok((_, prefix)) if prefix.is_empty() && declared != PortProtocol::Sniff => {
+            tracing::info!(listener = LISTENER, %client, %target, "client sent nothing within {sniff_timeout:?}; closing");
+            return;
+        }
         Ok(v) => v,
         Err(e) => {
             tracing::debug!(listener = LISTENER, error = %e, "stream failed while sniffing");
@@ -170,8 +180,19 @@ async fn handle_stream(
         protocol,
         series: Default::default(),
     });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // hyper's header-read timeout is silently off without a timer.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.request_header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(state.settings.max_header_list_size)
+        .keep_alive_interval(Some(state.settings.keepalive_interval))
+        .keep_alive_timeout(state.settings.keepalive_timeout);
     let svc = hyper::service::service_fn(move |req| proxy::handle(state.clone(), ctx.clone(), req));
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     if let Err(e) = builder
         .serve_connection_with_upgrades(TokioIo::new(io), svc)
         .await

@@ -144,7 +144,10 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
     let dialer: Dialer = Arc::new(move |src, addr| {
         Box::pin(socket::connect_from(src.filter(|_| original_source), addr))
     });
-    let settings = H2Settings::default();
+    let settings = H2Settings {
+        handshake_timeout: args.handshake_timeout,
+        ..H2Settings::default()
+    };
     let hbone = HboneClient::new(certs.clone(), settings, PoolTimings::default(), dialer);
     let (drain, drain_watch) = Drain::new();
     let own_ports = vec![

@@ -169,6 +169,10 @@ pub struct RunArgs {
     /// on one of them (default: number of CPUs).
     #[arg(long)]
     pub worker_threads: Option<usize>,
+    /// How long a peer may take for each step of opening an HBONE connection (TLS handshake,
+    /// HTTP/2 preface, first CONNECT) before it is closed.
+    #[arg(long, default_value = "10s", value_parser = common::duration::parse)]
+    pub handshake_timeout: Duration,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {

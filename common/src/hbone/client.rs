@@ -343,65 +343,75 @@ impl HboneClient {
             .max_frame_size(self.settings.max_frame_size)
             .max_send_buffer_size(self.settings.max_frame_size as usize * 4)
             .enable_push(false)
+            .max_header_list_size(self.settings.max_header_list_size)
             .handshake::<_, Bytes>(tls)
             .await?;
         self.connections_opened.fetch_add(1, Ordering::Relaxed);
         let alive = Arc::new(AtomicBool::new(true));
+        let pooled = Arc::new(PooledConn {
+            send,
+            active: AtomicUsize::new(0),
+            alive: alive.clone(),
+            idle_since: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
+            cert_generation,
+        });
         let ping = connection.ping_pong();
         let (dead_tx, dead_rx) = tokio::sync::oneshot::channel::<()>();
         if let Some(ping) = ping {
-            tokio::spawn(keepalive(ping, self.timings, dead_tx));
+            tokio::spawn(super::keepalive(
+                ping,
+                self.timings.ping_interval,
+                self.timings.ping_timeout,
+                dead_tx,
+            ));
         }
-        let alive_driver = alive.clone();
+        // The driver holds the pooled entry weakly (its send handle would keep the
+        // connection open) and closes the connection once it has been idle too long, whether
+        // or not anyone checks the pool out again.
+        let weak = Arc::downgrade(&pooled);
+        let (epoch, idle_timeout) = (self.epoch.clone(), self.timings.idle_timeout);
         tokio::spawn(async move {
-            tokio::select! {
-                r = connection => {
-                    if let Err(e) = r {
-                        tracing::debug!(%dst, error = %e, "pooled HBONE connection ended");
+            let mut check = tokio::time::interval(
+                (idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(30)),
+            );
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tokio::pin!(connection);
+            tokio::pin!(dead_rx);
+            loop {
+                tokio::select! {
+                    r = &mut connection => {
+                        if let Err(e) = r {
+                            tracing::debug!(%dst, error = %e, "pooled HBONE connection ended");
+                        }
+                        break;
+                    }
+                    _ = &mut dead_rx => {
+                        tracing::warn!(%dst, "pooled HBONE connection failed its keepalive; closing");
+                        break;
+                    }
+                    _ = check.tick() => {
+                        let Some(c) = weak.upgrade() else { break };
+                        let idle_ms = (epoch.elapsed().as_millis() as u64)
+                            .saturating_sub(c.idle_since.load(Ordering::Relaxed));
+                        if c.active.load(Ordering::Acquire) == 0
+                            && idle_ms > idle_timeout.as_millis() as u64
+                        {
+                            c.alive.store(false, Ordering::Release);
+                            tracing::debug!(%dst, "closing idle pooled HBONE connection");
+                            break;
+                        }
                     }
                 }
-                _ = dead_rx => {
-                    tracing::warn!(%dst, "pooled HBONE connection failed its keepalive; closing");
-                }
             }
-            alive_driver.store(false, Ordering::Release);
+            alive.store(false, Ordering::Release);
         });
         tracing::debug!(%dst, "opened pooled HBONE connection");
-        Ok(Arc::new(PooledConn {
-            send,
-            active: AtomicUsize::new(0),
-            alive,
-            idle_since: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
-            cert_generation,
-        }))
+        Ok(pooled)
     }
 }
 
 fn is_goaway(e: &h2::Error) -> bool {
     e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)
-}
-
-async fn keepalive(
-    mut ping: h2::PingPong,
-    timings: PoolTimings,
-    mut dead: tokio::sync::oneshot::Sender<()>,
-) {
-    let mut tick = tokio::time::interval(timings.ping_interval);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = dead.closed() => return,
-        }
-        match tokio::time::timeout(timings.ping_timeout, ping.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return, // connection already gone: the driver notices by itself
-            Err(_) => {
-                let _ = dead.send(());
-                return;
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -466,5 +476,57 @@ mod tests {
         // Not cached: a later caller dials again.
         assert!(client.connect(&key(), &req).await.is_err());
         assert_eq!(dials.load(Ordering::SeqCst), 2);
+    }
+
+    /// A pooled connection nobody uses is closed once it has been idle for the idle timeout,
+    /// even if no other caller ever comes to prune the pool.
+    #[tokio::test]
+    async fn idle_pooled_connection_is_closed_without_new_callers() {
+        let ca = MeshCa::generate("cluster.local").unwrap();
+        let certs = Arc::new(CertStore::new(ca, Duration::from_secs(3600)).unwrap());
+        let server_id = Identity::new("cluster.local", "default", "b");
+        let server_config = certs.get(&server_id).unwrap().server_config.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (tls, _) =
+                super::super::server::accept_tls(tcp, server_config, Duration::from_secs(5))
+                    .await
+                    .unwrap();
+            let (_drain, watch) = crate::drain::Drain::new();
+            let r = super::super::server::serve_connection(
+                tls,
+                H2Settings::default(),
+                watch,
+                |req| async move {
+                    let _ = req.accept();
+                },
+            )
+            .await;
+            let _ = closed_tx.send(r.is_ok());
+        });
+        let client = HboneClient::new(
+            certs,
+            H2Settings::default(),
+            PoolTimings {
+                idle_timeout: Duration::from_millis(300),
+                ..PoolTimings::default()
+            },
+            plain_dialer(),
+        );
+        let key = PoolKey { dst: addr, ..key() };
+        let req = ConnectRequest {
+            authority: "10.0.0.1:80".into(),
+            headers: HeaderMap::new(),
+        };
+        let (stream, lease) = client.connect(&key, &req).await.unwrap();
+        drop((stream, lease));
+        assert_eq!(client.pooled_connections(), 1);
+        tokio::time::timeout(Duration::from_secs(5), closed_rx)
+            .await
+            .expect("idle pooled connection still open")
+            .unwrap();
     }
 }
