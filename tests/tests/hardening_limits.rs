@@ -1,12 +1,15 @@
 //! Resource limits and deadlines: a peer that stalls at any step of opening a connection (no
 //! ClientHello, no HTTP/2 preface after TLS, HTTP/1 headers that never finish, nothing at all
 //! on a port declared HTTP) is closed after a bounded time instead of holding a connection
-//! open forever.
+//! open forever; and connections over a listener's caps (per source IP, TLS handshakes in
+//! progress) are shed at once and counted.
 
 use std::time::{Duration, Instant};
+use tests::admin::sum_metric;
+use tests::apps::{echo_roundtrip, echo_server, probe_echo, Outcome};
 use tests::hbone;
 use tests::l7mesh::L7Mesh;
-use tests::mesh::{standard_config, Mesh};
+use tests::mesh::{echo_vip, standard_config, Mesh};
 use tests::support::addr;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
@@ -32,13 +35,88 @@ async fn closed_after<S: AsyncRead + Unpin>(stream: &mut S, timeout: Duration) -
         .map(|_| start.elapsed())
 }
 
-async fn two_nodes_with_deadline(label: &str) -> Mesh {
+async fn two_nodes_with_args(label: &str, args: &[&str]) -> Mesh {
     Mesh::two_nodes_with(label, &standard_config(), |_, opts| {
-        opts.extra_args
-            .extend(["--handshake-timeout".to_string(), DEADLINE.to_string()]);
+        opts.extra_args.extend(args.iter().map(|a| a.to_string()));
     })
     .await
     .unwrap()
+}
+
+async fn two_nodes_with_deadline(label: &str) -> Mesh {
+    two_nodes_with_args(label, &["--handshake-timeout", DEADLINE]).await
+}
+
+/// With one handshake allowed at a time, a second peer arriving while a silent one holds the
+/// slot is shed at once (not after the handshake deadline) and counted; once the slot is
+/// free, peers are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_over_the_cap_are_shed_and_counted() {
+    let mesh = two_nodes_with_args(
+        "limits-handshakes",
+        &[
+            "--max-concurrent-handshakes",
+            "1",
+            "--handshake-timeout",
+            "8s",
+        ],
+    )
+    .await;
+    let n1 = &mesh.node("n1").ns;
+    let hbone_b = addr("10.244.2.2:15008");
+    let mut silent = n1.connect(hbone_b).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut second = n1.connect(hbone_b).await.unwrap();
+    let took = closed_after(&mut second, Duration::from_secs(3)).await;
+    assert!(took.is_some(), "a handshake over the cap waited: {took:?}");
+    let m = mesh.ztunnel("n2").metrics().await.unwrap();
+    let shed = sum_metric(
+        &m,
+        "ztunnel_connections_shed_total",
+        &[("listener", "inbound"), ("reason", "handshakes")],
+    );
+    assert_eq!(shed, 1.0);
+    drop(silent.shutdown().await);
+    drop(silent);
+    // Traffic through the tunnel works again once the slot is free.
+    let _b = echo_server(&mesh.pod("b").ns, tests::support::any(9000)).unwrap();
+    let outcome = probe_echo(&mesh.pod("a").ns, echo_vip(), Duration::from_secs(10)).await;
+    assert!(matches!(outcome, Outcome::Echoed), "{outcome:?}");
+}
+
+/// A pod may hold only so many connections through one listener; the next is shed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_per_source_cap_are_shed_and_counted() {
+    let mesh =
+        two_nodes_with_args("limits-per-source", &["--max-connections-per-source", "2"]).await;
+    let _b = echo_server(&mesh.pod("b").ns, tests::support::any(9000)).unwrap();
+    let a = &mesh.pod("a").ns;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = a.connect(echo_vip()).await.unwrap();
+        echo_roundtrip(&mut s, b"within the cap").await.unwrap();
+        held.push(s);
+    }
+    let third = probe_echo(a, echo_vip(), Duration::from_secs(5)).await;
+    assert!(
+        matches!(third, Outcome::Reset | Outcome::ClosedWithoutData),
+        "third connection from one pod: {third:?}"
+    );
+    let m = mesh.ztunnel("n1").metrics().await.unwrap();
+    let shed = sum_metric(
+        &m,
+        "ztunnel_connections_shed_total",
+        &[("listener", "outbound"), ("reason", "per_source")],
+    );
+    assert_eq!(shed, 1.0);
+    assert!(mesh
+        .ztunnel("n1")
+        .log()
+        .contains("overloaded: shedding connections"));
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let again = probe_echo(a, echo_vip(), Duration::from_secs(10)).await;
+    assert!(matches!(again, Outcome::Echoed), "after release: {again:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

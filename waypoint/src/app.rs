@@ -105,6 +105,16 @@ pub struct RunArgs {
     /// HTTP, counted from the stream's start; on keep-alive connections, per request).
     #[arg(long, default_value = "30s", value_parser = common::duration::parse)]
     pub request_header_timeout: Duration,
+    /// Live connections the listener accepts; more are reset and counted in
+    /// `waypoint_connections_shed_total{reason="connections"}`.
+    #[arg(long, default_value_t = common::admission::Caps::default().connections)]
+    pub max_connections: usize,
+    /// Live connections from one source IP (`reason="per_source"`).
+    #[arg(long, default_value_t = common::admission::Caps::default().per_source)]
+    pub max_connections_per_source: usize,
+    /// TLS handshakes in progress (`reason="handshakes"`).
+    #[arg(long, default_value_t = common::admission::Caps::default().handshakes)]
+    pub max_concurrent_handshakes: usize,
 }
 
 /// Everything the request path reads.
@@ -277,7 +287,20 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         "waypoint-worker",
     )?);
-    let accept = tokio::spawn(crate::inbound::serve(listener, state.clone(), shards));
+    let accept = tokio::spawn(crate::inbound::serve(
+        listener,
+        common::admission::Admission::new(
+            crate::inbound::LISTENER,
+            common::admission::Caps {
+                connections: args.max_connections,
+                per_source: args.max_connections_per_source,
+                handshakes: args.max_concurrent_handshakes,
+            },
+            state.metrics.shed.clone(),
+        ),
+        state.clone(),
+        shards,
+    ));
     tokio::spawn(rotate(certs, identity.clone(), args.cert_ttl));
     ready.store(true, Ordering::Release);
     tracing::info!(listener = "inbound_CONNECT_terminate", addr = %args.listen, identity = %identity, "waypoint ready");

@@ -7,6 +7,7 @@ use crate::app::State;
 use crate::proxy::{self, ConnContext};
 use crate::sniff::{self, Detected, Prefixed};
 use crate::upstream::UpstreamProtocol;
+use common::admission::{Admission, ConnPermit};
 use common::hbone::io::TunnelIo;
 use common::hbone::server::{accept_tls, serve_connection, IncomingConnect};
 use common::identity::Identity;
@@ -21,8 +22,14 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub const LISTENER: &str = "inbound_CONNECT_terminate";
 
-/// Accepts until drain; each connection lives on the least-loaded shard.
-pub async fn serve(listener: TcpListener, state: Arc<State>, shards: Arc<Shards>) {
+/// Accepts until drain; each connection admitted under the listener's caps lives on the
+/// least-loaded shard with its permit; one over a cap is reset at once.
+pub async fn serve(
+    listener: TcpListener,
+    admission: Arc<Admission>,
+    state: Arc<State>,
+    shards: Arc<Shards>,
+) {
     let mut drain = state.drain.clone();
     loop {
         let (stream, peer) = tokio::select! {
@@ -36,23 +43,35 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shards: Arc<Shards>
             },
             _ = drain.signaled() => return,
         };
+        let Ok(permit) = admission.admit(peer.ip()) else {
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         let guard = state.track();
         shards.dispatch(stream, peer, move |stream, peer| async move {
-            handle_connection(state, stream, peer).await;
+            handle_connection(state, stream, peer, permit).await;
             drop(guard);
         });
     }
 }
 
-async fn handle_connection(state: Arc<State>, stream: TcpStream, peer: SocketAddr) {
+async fn handle_connection(
+    state: Arc<State>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: ConnPermit,
+) {
     let cert = match state.certs.get_wait(&state.identity).await {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(listener = LISTENER, error = %e, "no certificate");
             return;
         }
+    };
+    let Ok(handshake) = permit.handshake() else {
+        return;
     };
     let (tls_stream, peer_id) = match accept_tls(
         stream,
@@ -67,6 +86,7 @@ async fn handle_connection(state: Arc<State>, stream: TcpStream, peer: SocketAdd
             return;
         }
     };
+    drop(handshake);
     let st = state.clone();
     let pid = peer_id.clone();
     let r = serve_connection(

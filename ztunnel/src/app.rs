@@ -12,6 +12,7 @@ use crate::proxy;
 use crate::socket;
 use crate::state::ProxyState;
 use anyhow::Context;
+use common::admission::{Admission, Caps};
 use common::config::watch::ConfigStore;
 use common::drain::Drain;
 use common::hbone::client::{Dialer, HboneClient, PoolTimings};
@@ -205,24 +206,29 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         args.worker_threads.unwrap_or_else(default_shards),
         "ztunnel-worker",
     )?);
+    let caps = Caps {
+        connections: args.max_connections,
+        per_source: args.max_connections_per_source,
+        handshakes: args.max_concurrent_handshakes,
+    };
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(proxy::serve(
-        "outbound",
         outbound,
+        Admission::new("outbound", caps, state.metrics.shed.clone()),
         state.clone(),
         shards.clone(),
         proxy::outbound::handle,
     ));
     tasks.spawn(proxy::serve(
-        "inbound",
         inbound,
+        Admission::new("inbound", caps, state.metrics.shed.clone()),
         state.clone(),
         shards.clone(),
         proxy::inbound::handle,
     ));
     tasks.spawn(proxy::serve(
-        "inbound_plaintext",
         inbound_plain,
+        Admission::new("inbound_plaintext", caps, state.metrics.shed.clone()),
         state.clone(),
         shards.clone(),
         proxy::inbound_passthrough::handle,

@@ -173,6 +173,16 @@ pub struct RunArgs {
     /// HTTP/2 preface, first CONNECT) before it is closed.
     #[arg(long, default_value = "10s", value_parser = common::duration::parse)]
     pub handshake_timeout: Duration,
+    /// Live connections each data-plane listener (15001, 15006, 15008) accepts; more are
+    /// reset and counted in `ztunnel_connections_shed_total{reason="connections"}`.
+    #[arg(long, default_value_t = common::admission::Caps::default().connections)]
+    pub max_connections: usize,
+    /// Live connections per listener from one source IP (`reason="per_source"`).
+    #[arg(long, default_value_t = common::admission::Caps::default().per_source)]
+    pub max_connections_per_source: usize,
+    /// TLS handshakes in progress on 15008 (`reason="handshakes"`).
+    #[arg(long, default_value_t = common::admission::Caps::default().handshakes)]
+    pub max_concurrent_handshakes: usize,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {

@@ -16,7 +16,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpStream;
 
-pub async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr) {
+pub async fn handle(
+    state: Arc<ProxyState>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: common::admission::ConnPermit,
+) {
     let local = match stream.local_addr() {
         Ok(a) => a,
         Err(_) => return,
@@ -49,6 +54,10 @@ pub async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr)
             return;
         }
     };
+    let Ok(handshake) = permit.handshake() else {
+        super::reset(stream);
+        return;
+    };
     let (tls_stream, peer_id) = match accept_tls(
         stream,
         cert.server_config.clone(),
@@ -65,6 +74,7 @@ pub async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr)
             return;
         }
     };
+    drop(handshake);
     let st = state.clone();
     let pid = peer_id.clone();
     let result = serve_connection(
