@@ -82,7 +82,7 @@ pub struct RunArgs {
     pub readiness_addr: SocketAddr,
     #[arg(long, default_value = "5s", value_parser = common::duration::parse)]
     pub drain_timeout: Duration,
-    #[arg(long, default_value = "24h", value_parser = common::duration::parse)]
+    #[arg(long, default_value = "24h", value_parser = common::duration::parse_ttl)]
     pub cert_ttl: Duration,
     #[arg(long, default_value = "1s", value_parser = common::duration::parse)]
     pub config_poll: Duration,
@@ -308,7 +308,7 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
     common::drain::shutdown_signal().await?;
     ready.store(false, Ordering::Release);
     drain.start();
-    let deadline = Instant::now() + args.drain_timeout;
+    let deadline = common::duration::std_deadline(args.drain_timeout);
     while state.active.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -258,7 +258,7 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
     tracing::info!(timeout = ?args.drain_timeout, active = state.active_connections(), "draining");
     ready.store(false, Ordering::Release);
     drain.start();
-    let deadline = Instant::now() + args.drain_timeout;
+    let deadline = common::duration::std_deadline(args.drain_timeout);
     while state.active_connections() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -64,7 +64,7 @@ pub enum CertCommand {
         identity: String,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value = "24h", value_parser = common::duration::parse)]
+        #[arg(long, default_value = "24h", value_parser = common::duration::parse_ttl)]
         ttl: Duration,
     },
 }
@@ -155,7 +155,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "5s", value_parser = common::duration::parse)]
     pub drain_timeout: Duration,
     /// Lifetime of minted workload certificates (rotated at half-life).
-    #[arg(long, default_value = "24h", value_parser = common::duration::parse)]
+    #[arg(long, default_value = "24h", value_parser = common::duration::parse_ttl)]
     pub cert_ttl: Duration,
     /// How often the config file is checked for changes.
     #[arg(long, default_value = "1s", value_parser = common::duration::parse)]
