@@ -331,12 +331,15 @@ impl HboneClient {
             .map_err(|source| HboneError::Connect { addr: dst, source })?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
         let mut tls = connector
-            .connect(tls::no_sni_name(dst.ip()), tls::buffered(tcp))
+            .connect(
+                tls::no_sni_name(dst.ip()),
+                super::transport::Transport::new(tcp),
+            )
             .await
             .map_err(|source| HboneError::Tls { addr: dst, source })?;
-        tls.get_mut()
-            .1
-            .set_buffer_limit(Some(tls::TLS_SEND_BUFFER_LIMIT));
+        let (transport, session) = tls.get_mut();
+        transport.enable_buffer();
+        session.set_buffer_limit(Some(tls::TLS_SEND_BUFFER_LIMIT));
         let (send, mut connection) = h2::client::Builder::new()
             .initial_window_size(self.settings.stream_window)
             .initial_connection_window_size(self.settings.connection_window)
@@ -495,6 +498,8 @@ mod tests {
                 super::super::server::accept_tls(tcp, server_config, Duration::from_secs(5))
                     .await
                     .unwrap();
+            // The large read buffer exists once the handshake is done.
+            assert!(tls.get_ref().0.is_buffered());
             let (_drain, watch) = crate::drain::Drain::new();
             let r = super::super::server::serve_connection(
                 tls,

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod io;
 pub mod server;
+pub mod transport;
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};

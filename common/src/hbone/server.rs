@@ -24,24 +24,27 @@ pub struct IncomingConnect {
 }
 
 /// A terminated HBONE transport: TLS over a buffered TCP socket.
-pub type HboneTls = tokio_rustls::server::TlsStream<tokio::io::BufReader<tokio::net::TcpStream>>;
+pub type HboneTls =
+    tokio_rustls::server::TlsStream<super::transport::Transport<tokio::net::TcpStream>>;
 
-/// Terminates mTLS on an accepted HBONE socket (buffered transport, large send buffer) and
-/// returns the peer's SPIFFE identity. The error says why, for the access log.
+/// Terminates mTLS on an accepted HBONE socket and returns the peer's SPIFFE identity. The error says why, for the access log.
 pub async fn accept_tls(
     stream: tokio::net::TcpStream,
     config: std::sync::Arc<rustls::ServerConfig>,
     timeout: std::time::Duration,
 ) -> Result<(HboneTls, crate::identity::Identity), String> {
-    let accept = tokio_rustls::TlsAcceptor::from(config).accept(crate::tls::buffered(stream));
+    // The large read buffer and send queue come only after the handshake: a peer that stalls
+    // in it holds a socket and rustls' own state, nothing more.
+    let accept =
+        tokio_rustls::TlsAcceptor::from(config).accept(super::transport::Transport::new(stream));
     let mut tls = match tokio::time::timeout(timeout, accept).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
         Err(_) => return Err(format!("TLS handshake timed out after {timeout:?}")),
     };
-    tls.get_mut()
-        .1
-        .set_buffer_limit(Some(crate::tls::TLS_SEND_BUFFER_LIMIT));
+    let (transport, session) = tls.get_mut();
+    transport.enable_buffer();
+    session.set_buffer_limit(Some(crate::tls::TLS_SEND_BUFFER_LIMIT));
     let id = crate::tls::peer_identity(tls.get_ref().1.peer_certificates())
         .map_err(|e| format!("peer has no identity: {e}"))?;
     Ok((tls, id))
