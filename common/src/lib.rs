@@ -2,6 +2,7 @@
 //! identities and the built-in CA, TLS configuration, and the HBONE tunnel protocol.
 
 pub mod admin_http;
+pub mod admission;
 pub mod config;
 pub mod copy;
 pub mod drain;

@@ -98,19 +98,8 @@ impl HboneConnection {
         addr: SocketAddr,
         client_cert: Option<&CertFiles>,
     ) -> Result<HboneConnection> {
-        let config = client_config(client_cert)?;
-        let socket = ns.tcp_socket()?;
         let attempt = async move {
-            let tcp = socket.connect(addr).await.context("TCP connect")?;
-            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-                .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-                .await
-                .context("TLS handshake")?;
-            let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
-            anyhow::ensure!(
-                alpn.as_deref() == Some(b"h2"),
-                "server negotiated ALPN {alpn:?}, expected h2"
-            );
+            let tls = open_tls(ns, addr, client_cert).await?;
             let (client, conn) = h2::client::handshake(tls)
                 .await
                 .context("HTTP/2 handshake")?;
@@ -159,6 +148,28 @@ impl HboneConnection {
     pub fn is_closed(&self) -> bool {
         self.driver.is_finished()
     }
+}
+
+/// TCP + TLS 1.3 (ALPN h2, no SNI, `client_cert` if any) from `ns` to `addr`, and nothing
+/// more: the HTTP/2 preface is the caller's (or, for tests of stalled peers, never sent).
+pub async fn open_tls(
+    ns: &Netns,
+    addr: SocketAddr,
+    client_cert: Option<&CertFiles>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let config = client_config(client_cert)?;
+    let socket = ns.tcp_socket()?;
+    let tcp = socket.connect(addr).await.context("TCP connect")?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await
+        .context("TLS handshake")?;
+    let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
+    anyhow::ensure!(
+        alpn.as_deref() == Some(b"h2"),
+        "server negotiated ALPN {alpn:?}, expected h2"
+    );
+    Ok(tls)
 }
 
 fn client_config(client_cert: Option<&CertFiles>) -> Result<rustls::ClientConfig> {

@@ -82,7 +82,7 @@ pub struct RunArgs {
     pub readiness_addr: SocketAddr,
     #[arg(long, default_value = "5s", value_parser = common::duration::parse)]
     pub drain_timeout: Duration,
-    #[arg(long, default_value = "24h", value_parser = common::duration::parse)]
+    #[arg(long, default_value = "24h", value_parser = common::duration::parse_ttl)]
     pub cert_ttl: Duration,
     #[arg(long, default_value = "1s", value_parser = common::duration::parse)]
     pub config_poll: Duration,
@@ -97,6 +97,24 @@ pub struct RunArgs {
     /// on one of them (default: number of CPUs).
     #[arg(long)]
     pub worker_threads: Option<usize>,
+    /// How long a peer may take for each step of opening an HBONE connection (TLS handshake,
+    /// HTTP/2 preface, first CONNECT) before it is closed.
+    #[arg(long, default_value = "10s", value_parser = common::duration::parse)]
+    pub handshake_timeout: Duration,
+    /// How long an HTTP client may take to send a complete request head (on a port declared
+    /// HTTP, counted from the stream's start; on keep-alive connections, per request).
+    #[arg(long, default_value = "30s", value_parser = common::duration::parse)]
+    pub request_header_timeout: Duration,
+    /// Live connections the listener accepts; more are reset and counted in
+    /// `waypoint_connections_shed_total{reason="connections"}`.
+    #[arg(long, default_value_t = common::admission::Caps::default().connections)]
+    pub max_connections: usize,
+    /// Live connections from one source IP (`reason="per_source"`).
+    #[arg(long, default_value_t = common::admission::Caps::default().per_source)]
+    pub max_connections_per_source: usize,
+    /// TLS handshakes in progress (`reason="handshakes"`).
+    #[arg(long, default_value_t = common::admission::Caps::default().handshakes)]
+    pub max_concurrent_handshakes: usize,
 }
 
 /// Everything the request path reads.
@@ -111,6 +129,8 @@ pub struct State {
     pub settings: H2Settings,
     pub drain: DrainWatch,
     pub sniff_timeout: Duration,
+    /// See [`RunArgs::request_header_timeout`].
+    pub request_header_timeout: Duration,
     pub hbone: Arc<HboneClient>,
     pub balancers: crate::route::Balancers,
     pub outliers: crate::outlier::Outliers,
@@ -213,7 +233,10 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
     } else {
         certs.get(&identity)?;
     }
-    let settings = H2Settings::default();
+    let settings = H2Settings {
+        handshake_timeout: args.handshake_timeout,
+        ..H2Settings::default()
+    };
     let hbone = HboneClient::new(
         certs.clone(),
         settings,
@@ -242,6 +265,7 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         settings,
         drain: drain_watch,
         sniff_timeout: args.sniff_timeout,
+        request_header_timeout: args.request_header_timeout,
         hbone,
         balancers: Default::default(),
         outliers: Default::default(),
@@ -263,7 +287,20 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         "waypoint-worker",
     )?);
-    let accept = tokio::spawn(crate::inbound::serve(listener, state.clone(), shards));
+    let accept = tokio::spawn(crate::inbound::serve(
+        listener,
+        common::admission::Admission::new(
+            crate::inbound::LISTENER,
+            common::admission::Caps {
+                connections: args.max_connections,
+                per_source: args.max_connections_per_source,
+                handshakes: args.max_concurrent_handshakes,
+            },
+            state.metrics.shed.clone(),
+        ),
+        state.clone(),
+        shards,
+    ));
     tokio::spawn(rotate(certs, identity.clone(), args.cert_ttl));
     ready.store(true, Ordering::Release);
     tracing::info!(listener = "inbound_CONNECT_terminate", addr = %args.listen, identity = %identity, "waypoint ready");
@@ -271,7 +308,7 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
     common::drain::shutdown_signal().await?;
     ready.store(false, Ordering::Release);
     drain.start();
-    let deadline = Instant::now() + args.drain_timeout;
+    let deadline = common::duration::std_deadline(args.drain_timeout);
     while state.active.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

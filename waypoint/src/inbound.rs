@@ -7,13 +7,14 @@ use crate::app::State;
 use crate::proxy::{self, ConnContext};
 use crate::sniff::{self, Detected, Prefixed};
 use crate::upstream::UpstreamProtocol;
+use common::admission::{Admission, ConnPermit};
 use common::hbone::io::TunnelIo;
 use common::hbone::server::{accept_tls, serve_connection, IncomingConnect};
 use common::identity::Identity;
 use common::model::PortProtocol;
 use common::shards::Shards;
 use http::StatusCode;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,8 +22,14 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub const LISTENER: &str = "inbound_CONNECT_terminate";
 
-/// Accepts until drain; each connection lives on the least-loaded shard.
-pub async fn serve(listener: TcpListener, state: Arc<State>, shards: Arc<Shards>) {
+/// Accepts until drain; each connection admitted under the listener's caps lives on the
+/// least-loaded shard with its permit; one over a cap is reset at once.
+pub async fn serve(
+    listener: TcpListener,
+    admission: Arc<Admission>,
+    state: Arc<State>,
+    shards: Arc<Shards>,
+) {
     let mut drain = state.drain.clone();
     loop {
         let (stream, peer) = tokio::select! {
@@ -36,17 +43,26 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shards: Arc<Shards>
             },
             _ = drain.signaled() => return,
         };
+        let Ok(permit) = admission.admit(peer.ip()) else {
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         let guard = state.track();
         shards.dispatch(stream, peer, move |stream, peer| async move {
-            handle_connection(state, stream, peer).await;
+            handle_connection(state, stream, peer, permit).await;
             drop(guard);
         });
     }
 }
 
-async fn handle_connection(state: Arc<State>, stream: TcpStream, peer: SocketAddr) {
+async fn handle_connection(
+    state: Arc<State>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: ConnPermit,
+) {
     let cert = match state.certs.get_wait(&state.identity).await {
         Ok(c) => c,
         Err(e) => {
@@ -54,14 +70,23 @@ async fn handle_connection(state: Arc<State>, stream: TcpStream, peer: SocketAdd
             return;
         }
     };
-    let (tls_stream, peer_id) =
-        match accept_tls(stream, cert.server_config.clone(), Duration::from_secs(10)).await {
-            Ok(v) => v,
-            Err(why) => {
-                tracing::info!(listener = LISTENER, %peer, "{why}");
-                return;
-            }
-        };
+    let Ok(handshake) = permit.handshake() else {
+        return;
+    };
+    let (tls_stream, peer_id) = match accept_tls(
+        stream,
+        cert.server_config.clone(),
+        state.settings.handshake_timeout,
+    )
+    .await
+    {
+        Ok(v) => v,
+        Err(why) => {
+            tracing::info!(listener = LISTENER, %peer, "{why}");
+            return;
+        }
+    };
+    drop(handshake);
     let st = state.clone();
     let pid = peer_id.clone();
     let r = serve_connection(
@@ -123,14 +148,19 @@ async fn handle_stream(
         crate::tcp::forward(&state, &service, conn, io).await;
         return;
     }
-    // A declared HTTP port waits for its client however long it takes to speak; a TLS client
-    // speaks first too, but a port with nothing declared may carry a server-first protocol.
+    // A client on a declared HTTP port must start its request within the request-header
+    // deadline (then hyper times the rest of the head); a TLS client speaks first too, but a
+    // port with nothing declared may carry a server-first protocol.
     let sniff_timeout = match declared {
         PortProtocol::Sniff => state.sniff_timeout,
-        PortProtocol::Tls => Duration::from_secs(10),
-        _ => Duration::from_secs(3600),
+        PortProtocol::Tls => state.settings.handshake_timeout,
+        _ => state.request_header_timeout,
     };
     let (detected, prefix) = match sniff::detect(&mut io, sniff_timeout).await {
+        Ok((_, prefix)) if prefix.is_empty() && declared != PortProtocol::Sniff => {
+            tracing::info!(listener = LISTENER, %client, %target, "client sent nothing within {sniff_timeout:?}; closing");
+            return;
+        }
         Ok(v) => v,
         Err(e) => {
             tracing::debug!(listener = LISTENER, error = %e, "stream failed while sniffing");
@@ -170,8 +200,19 @@ async fn handle_stream(
         protocol,
         series: Default::default(),
     });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // hyper's header-read timeout is silently off without a timer.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.request_header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(state.settings.max_header_list_size)
+        .keep_alive_interval(Some(state.settings.keepalive_interval))
+        .keep_alive_timeout(state.settings.keepalive_timeout);
     let svc = hyper::service::service_fn(move |req| proxy::handle(state.clone(), ctx.clone(), req));
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     if let Err(e) = builder
         .serve_connection_with_upgrades(TokioIo::new(io), svc)
         .await

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// L4 connections closed by a configuration change.
     pub revoked: Counter,
+    /// Connections shed by the listener's caps (`common::admission`).
+    pub shed: common::admission::ShedCounter,
     pub duration_ms: Histograms,
     pub request_bytes: Histograms,
     pub response_bytes: Histograms,
@@ -88,9 +90,16 @@ impl Metrics {
             "L4 connections closed because a configuration change no longer allows them",
             revoked.clone(),
         );
+        let shed = common::admission::ShedCounter::default();
+        registry.register(
+            "waypoint_connections_shed",
+            "Accepted connections closed at once because the listener was over a cap",
+            shed.clone(),
+        );
         Metrics {
             registry,
             revoked,
+            shed,
             requests,
             duration_ms,
             request_bytes,

@@ -137,7 +137,10 @@ impl Outliers {
         s.times_ejected += 1;
         let base: Duration = policy.base_ejection_time.0;
         let cap = MAX_EJECTION_TIME.max(base);
-        s.ejected_until = Some(now + base.saturating_mul(s.times_ejected).min(cap));
+        s.ejected_until = Some(common::duration::std_after(
+            now,
+            base.saturating_mul(s.times_ejected).min(cap),
+        ));
         s.decay_from = None;
         s.consecutive_5xx = 0;
         s.consecutive_gateway = 0;
@@ -164,6 +167,26 @@ mod tests {
 
     fn addr(i: u8) -> SocketAddr {
         SocketAddr::from(([10, 0, 0, i], 80))
+    }
+
+    /// A hostile `baseEjectionTime` (`99999999999s`, or the largest duration) ejects for a very
+    /// long time instead of overflowing the clock.
+    #[test]
+    fn huge_base_ejection_time_saturates() {
+        for base in [Duration::from_secs(99_999_999_999), Duration::MAX] {
+            let o = Outliers::default();
+            let p = Outlier {
+                base_ejection_time: D(base),
+                interval: D(base),
+                ..policy()
+            };
+            let now = Instant::now();
+            let all = [addr(1), addr(2)];
+            o.record("c", addr(1), Observation::Status(500), &p, 2, now);
+            assert!(o.record("c", addr(1), Observation::Status(500), &p, 2, now));
+            let later = now + Duration::from_secs(86400 * 365);
+            assert_eq!(o.ejected("c", &all, &p, later), vec![addr(1)]);
+        }
     }
 
     #[test]

@@ -352,7 +352,7 @@ pub async fn run(
     // Phase: circuit breaking, by the protocol spoken upstream (an upgraded HTTP/1.1 request
     // counts against http2MaxRequests). Waiting for a slot counts against the route timeout.
     let timeout = route.and_then(|r| r.timeout.as_ref()).map(|d| d.0);
-    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let deadline = timeout.map(common::duration::deadline);
     let upstream_proto = upstream::protocol_for(ctx.protocol, &cluster.policy.connection_pool);
     let admit = state.limits.admit(
         &cluster.name,

@@ -79,7 +79,7 @@ pub async fn detect<R: AsyncRead + Unpin>(
     timeout: Duration,
 ) -> io::Result<(Detected, Bytes)> {
     let mut buf = BytesMut::with_capacity(4096);
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = common::duration::deadline(timeout);
     loop {
         if let Some(d) = classify(&buf) {
             return Ok((d, buf.freeze()));

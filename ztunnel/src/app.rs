@@ -13,6 +13,7 @@ use crate::proxy;
 use crate::socket;
 use crate::state::ProxyState;
 use anyhow::Context;
+use common::admission::{Admission, Caps};
 use common::config::watch::ConfigStore;
 use common::drain::Drain;
 use common::hbone::client::{Dialer, HboneClient, PoolTimings};
@@ -158,7 +159,10 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
     let dialer: Dialer = Arc::new(move |src, addr| {
         Box::pin(socket::connect_from(src.filter(|_| original_source), addr))
     });
-    let settings = H2Settings::default();
+    let settings = H2Settings {
+        handshake_timeout: args.handshake_timeout,
+        ..H2Settings::default()
+    };
     let hbone = HboneClient::new(certs.clone(), settings, PoolTimings::default(), dialer);
     let (drain, drain_watch) = Drain::new();
     let own_ports = vec![
@@ -229,24 +233,29 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         args.worker_threads.unwrap_or_else(default_shards),
         "ztunnel-worker",
     )?);
+    let caps = Caps {
+        connections: args.max_connections,
+        per_source: args.max_connections_per_source,
+        handshakes: args.max_concurrent_handshakes,
+    };
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(proxy::serve(
-        "outbound",
         outbound,
+        Admission::new("outbound", caps, state.metrics.shed.clone()),
         state.clone(),
         shards.clone(),
         proxy::outbound::handle,
     ));
     tasks.spawn(proxy::serve(
-        "inbound",
         inbound,
+        Admission::new("inbound", caps, state.metrics.shed.clone()),
         state.clone(),
         shards.clone(),
         proxy::inbound::handle,
     ));
     tasks.spawn(proxy::serve(
-        "inbound_plaintext",
         inbound_plain,
+        Admission::new("inbound_plaintext", caps, state.metrics.shed.clone()),
         state.clone(),
         shards.clone(),
         proxy::inbound_passthrough::handle,
@@ -276,7 +285,7 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
     tracing::info!(timeout = ?args.drain_timeout, active = state.active_connections(), "draining");
     ready.store(false, Ordering::Release);
     drain.start();
-    let deadline = Instant::now() + args.drain_timeout;
+    let deadline = common::duration::std_deadline(args.drain_timeout);
     while state.active_connections() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

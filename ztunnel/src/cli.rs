@@ -64,7 +64,7 @@ pub enum CertCommand {
         identity: String,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value = "24h", value_parser = common::duration::parse)]
+        #[arg(long, default_value = "24h", value_parser = common::duration::parse_ttl)]
         ttl: Duration,
     },
 }
@@ -155,7 +155,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "5s", value_parser = common::duration::parse)]
     pub drain_timeout: Duration,
     /// Lifetime of minted workload certificates (rotated at half-life).
-    #[arg(long, default_value = "24h", value_parser = common::duration::parse)]
+    #[arg(long, default_value = "24h", value_parser = common::duration::parse_ttl)]
     pub cert_ttl: Duration,
     /// How often the config file is checked for changes.
     #[arg(long, default_value = "1s", value_parser = common::duration::parse)]
@@ -169,6 +169,20 @@ pub struct RunArgs {
     /// on one of them (default: number of CPUs).
     #[arg(long)]
     pub worker_threads: Option<usize>,
+    /// How long a peer may take for each step of opening an HBONE connection (TLS handshake,
+    /// HTTP/2 preface, first CONNECT) before it is closed.
+    #[arg(long, default_value = "10s", value_parser = common::duration::parse)]
+    pub handshake_timeout: Duration,
+    /// Live connections each data-plane listener (15001, 15006, 15008) accepts; more are
+    /// reset and counted in `ztunnel_connections_shed_total{reason="connections"}`.
+    #[arg(long, default_value_t = common::admission::Caps::default().connections)]
+    pub max_connections: usize,
+    /// Live connections per listener from one source IP (`reason="per_source"`).
+    #[arg(long, default_value_t = common::admission::Caps::default().per_source)]
+    pub max_connections_per_source: usize,
+    /// TLS handshakes in progress on 15008 (`reason="handshakes"`).
+    #[arg(long, default_value_t = common::admission::Caps::default().handshakes)]
+    pub max_concurrent_handshakes: usize,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {

@@ -94,6 +94,7 @@ pub struct Metrics {
     pub active: Gauge,
     pub refused: Counter,
     pub revoked: Counter,
+    pub shed: common::admission::ShedCounter,
 }
 
 impl Metrics {
@@ -141,7 +142,14 @@ impl Metrics {
             "Live connections closed because a configuration change no longer allows them",
             revoked.clone(),
         );
+        let shed = common::admission::ShedCounter::default();
+        registry.register(
+            "ztunnel_connections_shed",
+            "Accepted connections closed at once because a listener was over a cap",
+            shed.clone(),
+        );
         Metrics {
+            shed,
             registry,
             opened,
             closed,

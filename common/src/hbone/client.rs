@@ -94,7 +94,23 @@ impl Drop for StreamLease {
     }
 }
 
-type KeyPool = Arc<tokio::sync::Mutex<Vec<Arc<PooledConn>>>>;
+/// One attempt to open a connection for a key; everyone who needs it waits for the same
+/// outcome.
+type Pending = Arc<tokio::sync::OnceCell<Result<(), Arc<HboneError>>>>;
+
+/// The connections of one (shard, key), and the one being opened, if any. The lock is never
+/// held across an await.
+#[derive(Default)]
+struct KeyState {
+    conns: Vec<Arc<PooledConn>>,
+    pending: Option<Pending>,
+}
+
+type KeyPool = Arc<Mutex<KeyState>>;
+
+fn lock_state(pool: &KeyPool) -> std::sync::MutexGuard<'_, KeyState> {
+    pool.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// The pool of outbound HBONE connections of one proxy.
 pub struct HboneClient {
@@ -141,10 +157,7 @@ impl HboneClient {
     /// Live pooled connections (for `/config_dump` and tests).
     pub fn pooled_connections(&self) -> usize {
         let pools: Vec<KeyPool> = self.lock_pools().values().cloned().collect();
-        pools
-            .iter()
-            .map(|p| p.try_lock().map(|v| v.len()).unwrap_or(0))
-            .sum()
+        pools.iter().map(|p| lock_state(p).conns.len()).sum()
     }
 
     fn lock_pools(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, PoolKey), KeyPool>> {
@@ -201,8 +214,16 @@ impl HboneClient {
         })
     }
 
-    /// A pooled connection with room for one more stream, opening one if needed.
-    async fn checkout(&self, key: &PoolKey, fresh: bool) -> Result<Arc<PooledConn>, HboneError> {
+    /// A pooled connection with room for one more stream, opening one if needed. At most one
+    /// connection per key is being opened at a time: callers that need one while it is under
+    /// way wait for that attempt and share its outcome (a failure is reported to everyone who
+    /// waited for it and then forgotten), so the k-th caller to a dead destination waits one
+    /// connect timeout, not k of them.
+    async fn checkout(
+        &self,
+        key: &PoolKey,
+        mut fresh: bool,
+    ) -> Result<Arc<PooledConn>, HboneError> {
         let pool = self
             .lock_pools()
             .entry((crate::shards::current(), key.clone()))
@@ -213,47 +234,89 @@ impl HboneClient {
             .get_wait(&key.src)
             .await
             .map_err(|e| HboneError::Cert(e.to_string()))?;
-        let mut conns = pool.lock().await;
-        let now_ms = self.epoch.elapsed().as_millis() as u64;
-        let idle_ms = self.timings.idle_timeout.as_millis() as u64;
-        // Drop dead connections, idle ones past the idle timeout, and idle ones still
-        // carrying a rotated-out certificate (they will never be picked again).
-        conns.retain(|c| {
-            let idle = c.active.load(Ordering::Acquire) == 0;
-            c.alive.load(Ordering::Acquire)
-                && !(idle
-                    && (c.cert_generation != cert.generation
-                        || now_ms.saturating_sub(c.idle_since.load(Ordering::Relaxed)) > idle_ms))
-        });
-        if !fresh {
-            // The least-loaded current connection, unless a busy one should get a sibling.
-            let current = conns
-                .iter()
-                .filter(|c| c.cert_generation == cert.generation)
-                .min_by_key(|c| c.active.load(Ordering::Acquire));
-            if let Some(c) = current {
-                let active = c.active.load(Ordering::Acquire);
-                let spread = active > 0
-                    && conns.len() < crate::shards::per_shard(self.settings.parallel_connections);
-                if !spread && active < self.settings.max_streams_per_conn {
-                    // We hold the key's lock: nobody else can check out from this set.
-                    c.active.fetch_add(1, Ordering::AcqRel);
-                    return Ok(c.clone());
+        loop {
+            let pending = {
+                let mut state = lock_state(&pool);
+                let now_ms = self.epoch.elapsed().as_millis() as u64;
+                let idle_ms = self.timings.idle_timeout.as_millis() as u64;
+                // Drop dead connections, idle ones past the idle timeout, and idle ones still
+                // carrying a rotated-out certificate (they will never be picked again).
+                state.conns.retain(|c| {
+                    let idle = c.active.load(Ordering::Acquire) == 0;
+                    c.alive.load(Ordering::Acquire)
+                        && !(idle
+                            && (c.cert_generation != cert.generation
+                                || now_ms.saturating_sub(c.idle_since.load(Ordering::Relaxed))
+                                    > idle_ms))
+                });
+                if !fresh {
+                    // The least-loaded current connection, unless a busy one should get a
+                    // sibling (and none is being opened already).
+                    let current = state
+                        .conns
+                        .iter()
+                        .filter(|c| c.cert_generation == cert.generation)
+                        .min_by_key(|c| c.active.load(Ordering::Acquire));
+                    if let Some(c) = current {
+                        let active = c.active.load(Ordering::Acquire);
+                        let spread = active > 0
+                            && state.conns.len()
+                                < crate::shards::per_shard(self.settings.parallel_connections);
+                        if active < self.settings.max_streams_per_conn
+                            && (!spread || state.pending.is_some())
+                        {
+                            // We hold the key's lock: nobody else can check out from this set.
+                            c.active.fetch_add(1, Ordering::AcqRel);
+                            return Ok(c.clone());
+                        }
+                    }
                 }
+                state.pending.get_or_insert_with(Default::default).clone()
+            };
+            let outcome = pending
+                .get_or_init(|| self.open_pooled(&pool, &pending, key, &cert))
+                .await;
+            match outcome {
+                // The new connection is in the set now: pick again (it may already be full).
+                Ok(()) => fresh = false,
+                Err(e) => return Err(HboneError::Shared(e.clone())),
             }
         }
-        let client_config = cert
-            .client_config(self.certs.roots(), key.expected.clone())
-            .map_err(|e| HboneError::Cert(e.to_string()))?;
-        let conn = tokio::time::timeout(
-            self.timings.connect_timeout,
-            self.establish(key.src_ip, key.dst, client_config, cert.generation),
-        )
-        .await
-        .map_err(|_| HboneError::Timeout(self.timings.connect_timeout))??;
-        conn.active.fetch_add(1, Ordering::AcqRel);
-        conns.push(conn.clone());
-        Ok(conn)
+    }
+
+    /// Opens one connection for `key` (the single attempt `pending` stands for), adds it to
+    /// the key's set and retires `pending`, whatever the outcome.
+    async fn open_pooled(
+        &self,
+        pool: &KeyPool,
+        pending: &Pending,
+        key: &PoolKey,
+        cert: &crate::identity::store::WorkloadCert,
+    ) -> Result<(), Arc<HboneError>> {
+        let opened = match cert.client_config(self.certs.roots(), key.expected.clone()) {
+            Err(e) => Err(HboneError::Cert(e.to_string())),
+            Ok(client_config) => tokio::time::timeout(
+                self.timings.connect_timeout,
+                self.establish(key.src_ip, key.dst, client_config, cert.generation),
+            )
+            .await
+            .unwrap_or(Err(HboneError::Timeout(self.timings.connect_timeout))),
+        };
+        let mut state = lock_state(pool);
+        if state
+            .pending
+            .as_ref()
+            .is_some_and(|p| Arc::ptr_eq(p, pending))
+        {
+            state.pending = None;
+        }
+        match opened {
+            Ok(conn) => {
+                state.conns.push(conn);
+                Ok(())
+            }
+            Err(e) => Err(Arc::new(e)),
+        }
     }
 
     async fn establish(
@@ -268,49 +331,85 @@ impl HboneClient {
             .map_err(|source| HboneError::Connect { addr: dst, source })?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
         let mut tls = connector
-            .connect(tls::no_sni_name(dst.ip()), tls::buffered(tcp))
+            .connect(
+                tls::no_sni_name(dst.ip()),
+                super::transport::Transport::new(tcp),
+            )
             .await
             .map_err(|source| HboneError::Tls { addr: dst, source })?;
-        tls.get_mut()
-            .1
-            .set_buffer_limit(Some(tls::TLS_SEND_BUFFER_LIMIT));
+        let (transport, session) = tls.get_mut();
+        transport.enable_buffer();
+        session.set_buffer_limit(Some(tls::TLS_SEND_BUFFER_LIMIT));
         let (send, mut connection) = h2::client::Builder::new()
             .initial_window_size(self.settings.stream_window)
             .initial_connection_window_size(self.settings.connection_window)
             .max_frame_size(self.settings.max_frame_size)
             .max_send_buffer_size(self.settings.max_frame_size as usize * 4)
             .enable_push(false)
+            .max_header_list_size(self.settings.max_header_list_size)
             .handshake::<_, Bytes>(tls)
             .await?;
         self.connections_opened.fetch_add(1, Ordering::Relaxed);
         let alive = Arc::new(AtomicBool::new(true));
+        let pooled = Arc::new(PooledConn {
+            send,
+            active: AtomicUsize::new(0),
+            alive: alive.clone(),
+            idle_since: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
+            cert_generation,
+        });
         let ping = connection.ping_pong();
         let (dead_tx, dead_rx) = tokio::sync::oneshot::channel::<()>();
         if let Some(ping) = ping {
-            tokio::spawn(keepalive(ping, self.timings, dead_tx));
+            tokio::spawn(super::keepalive(
+                ping,
+                self.timings.ping_interval,
+                self.timings.ping_timeout,
+                dead_tx,
+            ));
         }
-        let alive_driver = alive.clone();
+        // The driver holds the pooled entry weakly (its send handle would keep the
+        // connection open) and closes the connection once it has been idle too long, whether
+        // or not anyone checks the pool out again.
+        let weak = Arc::downgrade(&pooled);
+        let (epoch, idle_timeout) = (self.epoch.clone(), self.timings.idle_timeout);
         tokio::spawn(async move {
-            tokio::select! {
-                r = connection => {
-                    if let Err(e) = r {
-                        tracing::debug!(%dst, error = %e, "pooled HBONE connection ended");
+            let mut check = tokio::time::interval(
+                (idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(30)),
+            );
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tokio::pin!(connection);
+            tokio::pin!(dead_rx);
+            loop {
+                tokio::select! {
+                    r = &mut connection => {
+                        if let Err(e) = r {
+                            tracing::debug!(%dst, error = %e, "pooled HBONE connection ended");
+                        }
+                        break;
+                    }
+                    _ = &mut dead_rx => {
+                        tracing::warn!(%dst, "pooled HBONE connection failed its keepalive; closing");
+                        break;
+                    }
+                    _ = check.tick() => {
+                        let Some(c) = weak.upgrade() else { break };
+                        let idle_ms = (epoch.elapsed().as_millis() as u64)
+                            .saturating_sub(c.idle_since.load(Ordering::Relaxed));
+                        if c.active.load(Ordering::Acquire) == 0
+                            && idle_ms > idle_timeout.as_millis() as u64
+                        {
+                            c.alive.store(false, Ordering::Release);
+                            tracing::debug!(%dst, "closing idle pooled HBONE connection");
+                            break;
+                        }
                     }
                 }
-                _ = dead_rx => {
-                    tracing::warn!(%dst, "pooled HBONE connection failed its keepalive; closing");
-                }
             }
-            alive_driver.store(false, Ordering::Release);
+            alive.store(false, Ordering::Release);
         });
         tracing::debug!(%dst, "opened pooled HBONE connection");
-        Ok(Arc::new(PooledConn {
-            send,
-            active: AtomicUsize::new(0),
-            alive,
-            idle_since: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
-            cert_generation,
-        }))
+        Ok(pooled)
     }
 }
 
@@ -318,25 +417,121 @@ fn is_goaway(e: &h2::Error) -> bool {
     e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
-async fn keepalive(
-    mut ping: h2::PingPong,
-    timings: PoolTimings,
-    mut dead: tokio::sync::oneshot::Sender<()>,
-) {
-    let mut tick = tokio::time::interval(timings.ping_interval);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = dead.closed() => return,
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::ca::MeshCa;
+
+    fn client_with(dialer: Dialer, connect_timeout: Duration) -> Arc<HboneClient> {
+        let ca = MeshCa::generate("cluster.local").unwrap();
+        let certs = Arc::new(CertStore::new(ca, Duration::from_secs(3600)).unwrap());
+        HboneClient::new(
+            certs,
+            H2Settings::default(),
+            PoolTimings {
+                connect_timeout,
+                ..PoolTimings::default()
+            },
+            dialer,
+        )
+    }
+
+    fn key() -> PoolKey {
+        PoolKey {
+            src: Identity::new("cluster.local", "default", "a"),
+            src_ip: None,
+            dst: "10.255.0.1:15008".parse().unwrap(),
+            expected: vec![Identity::new("cluster.local", "default", "b")],
         }
-        match tokio::time::timeout(timings.ping_timeout, ping.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return, // connection already gone: the driver notices by itself
-            Err(_) => {
-                let _ = dead.send(());
-                return;
-            }
-        }
+    }
+
+    /// A black-holed destination (the SYN is never answered): N concurrent callers share one
+    /// connect attempt and all fail after about one connect timeout, not N of them; the failure
+    /// is not remembered, so the next caller tries again.
+    #[tokio::test]
+    async fn concurrent_connects_to_a_dead_destination_share_one_attempt() {
+        let dials = Arc::new(AtomicUsize::new(0));
+        let counted = dials.clone();
+        let dialer: Dialer = Arc::new(move |_src, _addr| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Box::pin(std::future::pending())
+        });
+        let timeout = Duration::from_millis(300);
+        let client = client_with(dialer, timeout);
+        let req = ConnectRequest {
+            authority: "10.255.0.1:80".into(),
+            headers: HeaderMap::new(),
+        };
+        let start = Instant::now();
+        let calls = (0..8).map(|_| {
+            let client = client.clone();
+            let req = req.clone();
+            async move { client.connect(&key(), &req).await.map(|_| ()) }
+        });
+        let results = futures_util::future::join_all(calls).await;
+        let elapsed = start.elapsed();
+        assert!(results.iter().all(|r| r.is_err()), "{results:?}");
+        assert_eq!(dials.load(Ordering::SeqCst), 1, "one attempt shared by all");
+        assert!(
+            elapsed < timeout * 2,
+            "8 callers took {elapsed:?} (connect timeout {timeout:?})"
+        );
+        // Not cached: a later caller dials again.
+        assert!(client.connect(&key(), &req).await.is_err());
+        assert_eq!(dials.load(Ordering::SeqCst), 2);
+    }
+
+    /// A pooled connection nobody uses is closed once it has been idle for the idle timeout,
+    /// even if no other caller ever comes to prune the pool.
+    #[tokio::test]
+    async fn idle_pooled_connection_is_closed_without_new_callers() {
+        let ca = MeshCa::generate("cluster.local").unwrap();
+        let certs = Arc::new(CertStore::new(ca, Duration::from_secs(3600)).unwrap());
+        let server_id = Identity::new("cluster.local", "default", "b");
+        let server_config = certs.get(&server_id).unwrap().server_config.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (tls, _) =
+                super::super::server::accept_tls(tcp, server_config, Duration::from_secs(5))
+                    .await
+                    .unwrap();
+            // The large read buffer exists once the handshake is done.
+            assert!(tls.get_ref().0.is_buffered());
+            let (_drain, watch) = crate::drain::Drain::new();
+            let r = super::super::server::serve_connection(
+                tls,
+                H2Settings::default(),
+                watch,
+                |req| async move {
+                    let _ = req.accept();
+                },
+            )
+            .await;
+            let _ = closed_tx.send(r.is_ok());
+        });
+        let client = HboneClient::new(
+            certs,
+            H2Settings::default(),
+            PoolTimings {
+                idle_timeout: Duration::from_millis(300),
+                ..PoolTimings::default()
+            },
+            plain_dialer(),
+        );
+        let key = PoolKey { dst: addr, ..key() };
+        let req = ConnectRequest {
+            authority: "10.0.0.1:80".into(),
+            headers: HeaderMap::new(),
+        };
+        let (stream, lease) = client.connect(&key, &req).await.unwrap();
+        drop((stream, lease));
+        assert_eq!(client.pooled_connections(), 1);
+        tokio::time::timeout(Duration::from_secs(5), closed_rx)
+            .await
+            .expect("idle pooled connection still open")
+            .unwrap();
     }
 }

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod io;
 pub mod server;
+pub mod transport;
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
@@ -27,6 +28,16 @@ pub struct H2Settings {
     /// connection carries a second stream, so bulk flows encrypt on different cores (the
     /// production ztunnel funnels them all through one connection and does not scale).
     pub parallel_connections: usize,
+    /// Largest request/response header block accepted (`SETTINGS_MAX_HEADER_LIST_SIZE`), on
+    /// both sides; the production ztunnel uses 64 KiB too.
+    pub max_header_list_size: u32,
+    /// How long a peer may take for each step of opening a connection: the TLS handshake,
+    /// the HTTP/2 preface, and (server side) its first CONNECT.
+    pub handshake_timeout: std::time::Duration,
+    /// HTTP/2 PING interval on established connections, both sides.
+    pub keepalive_interval: std::time::Duration,
+    /// A peer that has not answered a PING for this long is dead: the connection is closed.
+    pub keepalive_timeout: std::time::Duration,
 }
 
 impl Default for H2Settings {
@@ -41,6 +52,10 @@ impl Default for H2Settings {
                 .map(|n| n.get())
                 .unwrap_or(2)
                 .clamp(1, 8),
+            max_header_list_size: 64 * 1024,
+            handshake_timeout: std::time::Duration::from_secs(10),
+            keepalive_interval: std::time::Duration::from_secs(10),
+            keepalive_timeout: std::time::Duration::from_secs(20),
         }
     }
 }
@@ -85,6 +100,35 @@ pub enum HboneError {
     Request(#[from] http::Error),
     #[error("timed out after {0:?}")]
     Timeout(std::time::Duration),
+    /// The outcome of a connection attempt another caller made for the same destination.
+    #[error("{0}")]
+    Shared(std::sync::Arc<HboneError>),
+}
+
+/// Sends a PING every `interval`; if one is not answered within `timeout` the peer is dead and
+/// `dead` fires (whoever drives the connection closes it). Ends quietly when the connection does.
+pub(crate) async fn keepalive(
+    mut ping: h2::PingPong,
+    interval: std::time::Duration,
+    timeout: std::time::Duration,
+    mut dead: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = dead.closed() => return,
+        }
+        match tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return, // connection already gone: its driver notices by itself
+            Err(_) => {
+                let _ = dead.send(());
+                return;
+            }
+        }
+    }
 }
 
 /// Builds the `forwarded` header value: `for="<ip:port>"`, plus `;host=<service>` when the

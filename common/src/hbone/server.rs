@@ -24,24 +24,27 @@ pub struct IncomingConnect {
 }
 
 /// A terminated HBONE transport: TLS over a buffered TCP socket.
-pub type HboneTls = tokio_rustls::server::TlsStream<tokio::io::BufReader<tokio::net::TcpStream>>;
+pub type HboneTls =
+    tokio_rustls::server::TlsStream<super::transport::Transport<tokio::net::TcpStream>>;
 
-/// Terminates mTLS on an accepted HBONE socket (buffered transport, large send buffer) and
-/// returns the peer's SPIFFE identity. The error says why, for the access log.
+/// Terminates mTLS on an accepted HBONE socket and returns the peer's SPIFFE identity. The error says why, for the access log.
 pub async fn accept_tls(
     stream: tokio::net::TcpStream,
     config: std::sync::Arc<rustls::ServerConfig>,
     timeout: std::time::Duration,
 ) -> Result<(HboneTls, crate::identity::Identity), String> {
-    let accept = tokio_rustls::TlsAcceptor::from(config).accept(crate::tls::buffered(stream));
+    // The large read buffer and send queue come only after the handshake: a peer that stalls
+    // in it holds a socket and rustls' own state, nothing more.
+    let accept =
+        tokio_rustls::TlsAcceptor::from(config).accept(super::transport::Transport::new(stream));
     let mut tls = match tokio::time::timeout(timeout, accept).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
         Err(_) => return Err(format!("TLS handshake timed out after {timeout:?}")),
     };
-    tls.get_mut()
-        .1
-        .set_buffer_limit(Some(crate::tls::TLS_SEND_BUFFER_LIMIT));
+    let (transport, session) = tls.get_mut();
+    transport.enable_buffer();
+    session.set_buffer_limit(Some(crate::tls::TLS_SEND_BUFFER_LIMIT));
     let id = crate::tls::peer_identity(tls.get_ref().1.peer_certificates())
         .map_err(|e| format!("peer has no identity: {e}"))?;
     Ok((tls, id))
@@ -139,6 +142,29 @@ pub fn parse_connect(req: &Request<RecvStream>) -> Result<SocketAddr, (StatusCod
     })
 }
 
+/// Aborts a helper task when the connection it serves ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Why a served HBONE connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+    #[error("peer sent no {what} within {after:?}")]
+    Timeout {
+        what: &'static str,
+        after: std::time::Duration,
+    },
+    #[error("peer did not answer a PING within {0:?}")]
+    Dead(std::time::Duration),
+}
+
 /// Serves one HBONE connection until the peer closes it or a drain completes. `handler` runs on
 /// its own task for every well-formed CONNECT; malformed ones are answered here.
 pub async fn serve_connection<IO, F, Fut>(
@@ -146,20 +172,40 @@ pub async fn serve_connection<IO, F, Fut>(
     settings: H2Settings,
     mut drain: DrainWatch,
     handler: F,
-) -> Result<(), h2::Error>
+) -> Result<(), ServeError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     F: Fn(IncomingConnect) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let mut conn = h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(settings.stream_window)
         .initial_connection_window_size(settings.connection_window)
         .max_frame_size(settings.max_frame_size)
         .max_concurrent_streams(settings.server_max_concurrent_streams)
         .max_send_buffer_size(settings.max_frame_size as usize * 4)
-        .handshake::<_, Bytes>(io)
-        .await?;
+        .max_header_list_size(settings.max_header_list_size)
+        .handshake::<_, Bytes>(io);
+    let mut conn = tokio::time::timeout(settings.handshake_timeout, handshake)
+        .await
+        .map_err(|_| ServeError::Timeout {
+            what: "HTTP/2 preface",
+            after: settings.handshake_timeout,
+        })??;
+    // A peer that never asks for a stream is closed at the handshake deadline; one that goes
+    // silent later is found by PINGs.
+    let first_deadline = tokio::time::sleep(settings.handshake_timeout);
+    tokio::pin!(first_deadline);
+    let mut got_stream = false;
+    let (dead_tx, mut dead_rx) = tokio::sync::oneshot::channel::<()>();
+    let _keepalive = conn.ping_pong().map(|ping| {
+        AbortOnDrop(tokio::spawn(super::keepalive(
+            ping,
+            settings.keepalive_interval,
+            settings.keepalive_timeout,
+            dead_tx,
+        )))
+    });
     let mut draining = drain.is_draining();
     if draining {
         conn.graceful_shutdown();
@@ -172,12 +218,24 @@ where
                 conn.graceful_shutdown();
                 continue;
             }
+            _ = &mut first_deadline, if !got_stream => {
+                conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                return Err(ServeError::Timeout {
+                    what: "CONNECT request",
+                    after: settings.handshake_timeout,
+                });
+            }
+            Ok(()) = &mut dead_rx => {
+                conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                return Err(ServeError::Dead(settings.keepalive_timeout));
+            }
         };
+        got_stream = true;
         let Some(next) = next else { return Ok(()) };
         let (req, mut respond) = match next {
             Ok(r) => r,
             Err(e) if e.is_reset() => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         match parse_connect(&req) {
             Ok(authority) => {
@@ -194,5 +252,103 @@ where
                 let _ = respond.send_response(status_response(status), true);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn settings(deadline: Duration) -> H2Settings {
+        H2Settings {
+            handshake_timeout: deadline,
+            ..H2Settings::default()
+        }
+    }
+
+    /// Serves one in-memory connection with a handler that accepts every CONNECT.
+    fn serve(
+        io: tokio::io::DuplexStream,
+        settings: H2Settings,
+    ) -> tokio::task::JoinHandle<Result<(), ServeError>> {
+        let (drain, watch) = crate::drain::Drain::new();
+        tokio::spawn(async move {
+            let _drain = drain;
+            serve_connection(io, settings, watch, |req: IncomingConnect| async move {
+                if let Ok(mut s) = req.accept() {
+                    let _ = s.send.send_data(Bytes::from_static(b"ok"), true);
+                }
+            })
+            .await
+        })
+    }
+
+    /// A peer that completes TLS and then never sends the HTTP/2 preface is closed at the
+    /// deadline.
+    #[tokio::test]
+    async fn silent_peer_without_preface_is_closed() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let start = Instant::now();
+        let served = serve(server, settings(Duration::from_millis(300)));
+        let r = tokio::time::timeout(Duration::from_secs(5), served)
+            .await
+            .expect("server still waiting for the preface");
+        assert!(r.unwrap().is_err());
+        assert!(start.elapsed() < Duration::from_secs(2));
+        drop(client);
+    }
+
+    /// A peer that sends the preface but never a CONNECT is closed at the deadline too.
+    #[tokio::test]
+    async fn peer_without_a_connect_is_closed() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let start = Instant::now();
+        let served = serve(server, settings(Duration::from_millis(300)));
+        let (_send, conn) = h2::client::handshake(client).await.unwrap();
+        let driver = tokio::spawn(conn);
+        let r = tokio::time::timeout(Duration::from_secs(5), served)
+            .await
+            .expect("server still waiting for a CONNECT");
+        assert!(r.unwrap().is_err());
+        assert!(start.elapsed() < Duration::from_secs(2));
+        // The client sees its connection end.
+        let _ = tokio::time::timeout(Duration::from_secs(5), driver)
+            .await
+            .expect("client connection not closed");
+    }
+
+    /// Request headers beyond 64 KiB are refused; a normal CONNECT on the same connection
+    /// still works.
+    #[tokio::test]
+    async fn oversized_headers_are_refused() {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let _served = serve(server, settings(Duration::from_secs(5)));
+        let (send, conn) = h2::client::handshake(client).await.unwrap();
+        tokio::spawn(conn);
+        let connect = |extra: usize| {
+            let mut send = send.clone();
+            async move {
+                send = send.ready().await?;
+                let mut req = Request::builder()
+                    .method(Method::CONNECT)
+                    .uri("10.0.0.1:80")
+                    .body(())
+                    .unwrap();
+                if extra > 0 {
+                    let big = "a".repeat(extra);
+                    req.headers_mut()
+                        .insert("x-big", http::HeaderValue::from_str(&big).unwrap());
+                }
+                let (resp, _send) = send.send_request(req, false)?;
+                resp.await.map(|r| r.status())
+            }
+        };
+        let big = connect(100 * 1024).await;
+        assert!(
+            big.as_ref().map_or(true, |s| *s != StatusCode::OK),
+            "100 KiB of headers answered {big:?}"
+        );
+        assert_eq!(connect(1024).await.unwrap(), StatusCode::OK);
     }
 }

@@ -14,12 +14,14 @@ use common::model::Protocol;
 use http::StatusCode;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpStream;
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-pub async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr) {
+pub async fn handle(
+    state: Arc<ProxyState>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: common::admission::ConnPermit,
+) {
     let local = match stream.local_addr() {
         Ok(a) => a,
         Err(_) => return,
@@ -52,17 +54,27 @@ pub async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr)
             return;
         }
     };
-    let (tls_stream, peer_id) =
-        match accept_tls(stream, cert.server_config.clone(), HANDSHAKE_TIMEOUT).await {
-            Ok(v) => v,
-            Err(why) => {
-                state.metrics.refused.inc();
-                let mut log = AccessLog::new("inbound_hbone_refused", peer, local);
-                log.error = Some(why);
-                log.emit();
-                return;
-            }
-        };
+    let Ok(handshake) = permit.handshake() else {
+        super::reset(stream);
+        return;
+    };
+    let (tls_stream, peer_id) = match accept_tls(
+        stream,
+        cert.server_config.clone(),
+        state.settings.handshake_timeout,
+    )
+    .await
+    {
+        Ok(v) => v,
+        Err(why) => {
+            state.metrics.refused.inc();
+            let mut log = AccessLog::new("inbound_hbone_refused", peer, local);
+            log.error = Some(why);
+            log.emit();
+            return;
+        }
+    };
+    drop(handshake);
     let st = state.clone();
     let pid = peer_id.clone();
     let result = serve_connection(

@@ -14,6 +14,7 @@ pub mod revalidate;
 
 use crate::socket;
 use crate::state::ProxyState;
+use common::admission::{Admission, ConnPermit};
 use common::identity::Identity;
 use common::model::Workload;
 use common::policy::{self, ConnectionInfo, Denied};
@@ -24,18 +25,20 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 
-/// Accepts until drain; each connection runs `handler` on the least-loaded shard, tracked for
-/// drain.
+/// Accepts until drain; each connection admitted under the listener's caps runs `handler` on
+/// the least-loaded shard, tracked for drain, holding its admission permit; one over a cap is
+/// reset at once.
 pub async fn serve<F, Fut>(
-    name: &'static str,
     listener: TcpListener,
+    admission: Arc<Admission>,
     state: Arc<ProxyState>,
     shards: Arc<Shards>,
     handler: F,
 ) where
-    F: Fn(Arc<ProxyState>, TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
+    F: Fn(Arc<ProxyState>, TcpStream, SocketAddr, ConnPermit) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let name = admission.listener();
     let mut drain = state.drain.clone();
     loop {
         let accepted = tokio::select! {
@@ -47,11 +50,16 @@ pub async fn serve<F, Fut>(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Ok(permit) = admission.admit(peer.ip()) else {
+                    reset(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
+                keepalive(&stream);
                 let guard = state.track();
                 let (state, handler) = (state.clone(), handler.clone());
                 shards.dispatch(stream, peer, move |stream, peer| async move {
-                    handler(state, stream, peer).await;
+                    handler(state, stream, peer, permit).await;
                     drop(guard);
                 });
             }
@@ -62,6 +70,16 @@ pub async fn serve<F, Fut>(
             }
         }
     }
+}
+
+/// TCP keepalive on a proxied socket, so a peer that vanished without a FIN or RST (power
+/// loss, a dropped route) is noticed even on a connection idle in both directions.
+pub fn keepalive(stream: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(180))
+        .with_interval(std::time::Duration::from_secs(20))
+        .with_retries(3);
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&ka);
 }
 
 pub fn reset(stream: TcpStream) {
@@ -109,7 +127,10 @@ fn is_waypoint_of(snap: &Snapshot, dst: &Workload, peer: &Identity) -> bool {
 /// Opens the connection to a local pod, with the client's IP as source where possible.
 pub async fn connect_to_pod(client: IpAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
     match socket::connect_spoofed(client, target).await {
-        Ok(s) => Ok(s),
+        Ok(s) => {
+            keepalive(&s);
+            Ok(s)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err(e),
         Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err(e),
         Err(e) => {

@@ -18,7 +18,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpStream;
 
-pub async fn handle(state: Arc<ProxyState>, stream: TcpStream, peer: SocketAddr) {
+pub async fn handle(
+    state: Arc<ProxyState>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    _permit: common::admission::ConnPermit,
+) {
     let orig = match stream.local_addr() {
         Ok(a) => a,
         Err(e) => {
