@@ -59,7 +59,7 @@ pub struct WaypointConfig {
 impl Default for WaypointConfig {
     fn default() -> Self {
         WaypointConfig {
-            image: "ghcr.io/ambient-mesh/waypoint:latest".into(),
+            image: "ambient/waypoint:latest".into(),
             image_pull_policy: None,
             xds_address: "https://ambient-controller.ambient-system.svc:15012".into(),
             ca_address: "https://ambient-controller.ambient-system.svc:15012".into(),
