@@ -74,6 +74,8 @@ pub struct L7MeshBuilder {
     workload_waypoint: bool,
     /// More services, each with its endpoint pods (from `others`).
     extra_services: Vec<(Service, Vec<String>)>,
+    /// The HBONE port the config names for the waypoint (`hboneMtlsPort`).
+    waypoint_port: u16,
 }
 
 impl L7MeshBuilder {
@@ -173,6 +175,12 @@ impl L7MeshBuilder {
         self
     }
 
+    /// Names `port` as the waypoint's HBONE port in the config (Istio's ztunnel uses 15008).
+    pub fn waypoint_port(mut self, port: u16) -> Self {
+        self.waypoint_port = port;
+        self
+    }
+
     /// `--sniff-timeout` of the waypoint.
     pub fn sniff_timeout(mut self, t: &str) -> Self {
         self.sniff_timeout = Some(t.to_string());
@@ -205,7 +213,7 @@ impl L7MeshBuilder {
                 w = w.label(k, v);
             }
             if self.workload_waypoint && i < self.endpoints.len() {
-                w = w.waypoint(self.waypoint_ip(), WAYPOINT_PORT);
+                w = w.waypoint(self.waypoint_ip(), self.waypoint_port);
             }
             cfg = cfg.workload(w);
         }
@@ -215,7 +223,7 @@ impl L7MeshBuilder {
                 .label("gateway.networking.k8s.io/gateway-name", WAYPOINT_NAME),
         );
         let mut svc = Service::new(&self.service_name, &self.vip.to_string())
-            .waypoint(self.waypoint_ip(), WAYPOINT_PORT);
+            .waypoint(self.waypoint_ip(), self.waypoint_port);
         for (p, t) in &self.ports {
             svc = svc.port(*p, *t);
         }
@@ -330,6 +338,7 @@ impl L7Mesh {
             app_protocols: Vec::new(),
             workload_waypoint: false,
             extra_services: Vec::new(),
+            waypoint_port: WAYPOINT_PORT,
         }
     }
 

@@ -163,6 +163,40 @@ async fn http_through_waypoint_reaches_endpoint_with_client_ip() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waypoint_terminates_hbone_on_15008_as_istio_dials_it() {
+    // Istio's ztunnel reaches a waypoint pod on 15008 (the port its Service calls `mesh`).
+    let mut mesh = L7Mesh::builder("wp-15008")
+        .waypoint_port(15008)
+        .start()
+        .await
+        .unwrap();
+    let _servers = mesh.start_http_servers(HttpMode::Auto).unwrap();
+    let mut client = within(
+        10,
+        "connect to the VIP",
+        Http1Client::connect(&mesh.pod("a").ns, mesh.vip()),
+    )
+    .await
+    .unwrap();
+    let r = within(30, "GET through 15008", client.get("/via-15008", &[]))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "body: {}", r.text());
+    assert_eq!(r.json().unwrap()["path"], "/via-15008");
+    drop(client); // the access-log line is written when the connection closes
+    mesh.ztunnel("n1")
+        .wait_log_line(
+            &[
+                "outbound_waypoint",
+                &format!("upstream={}:15008", mesh.waypoint_pod().ip),
+            ],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoint_sees_each_clients_own_ip_through_waypoint() {
     let mesh = L7Mesh::builder("wp-client-ips").start().await.unwrap();
     let servers = mesh.start_http_servers(HttpMode::Auto).unwrap();

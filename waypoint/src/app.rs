@@ -72,8 +72,13 @@ pub struct RunArgs {
     /// identity is the one the waypoint presents and forwards with.
     #[arg(long)]
     pub workload: String,
+    /// HBONE listener (`inbound_CONNECT_terminate`).
     #[arg(long, default_value = "0.0.0.0:15006")]
     pub listen: SocketAddr,
+    /// Also terminate HBONE here: Istio's ztunnel dials a waypoint pod on 15008, the port its
+    /// Service names `mesh`. `none` turns it off.
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    pub listen_mesh: OptionalAddr,
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:15020")]
@@ -277,6 +282,14 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("bind {}", args.listen))?;
+    let mesh_listener = match args.listen_mesh.0.filter(|a| *a != args.listen) {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("bind {addr} (--listen-mesh)"))?,
+        ),
+        None => None,
+    };
     let ready = Arc::new(AtomicBool::new(false));
     admin_http::spawn(
         "waypoint-admin",
@@ -287,23 +300,27 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         "waypoint-worker",
     )?);
+    // One admission budget for both ports: they are the same listener to a peer.
+    let admission = common::admission::Admission::new(
+        crate::inbound::LISTENER,
+        common::admission::Caps {
+            connections: args.max_connections,
+            per_source: args.max_connections_per_source,
+            handshakes: args.max_concurrent_handshakes,
+        },
+        state.metrics.shed.clone(),
+    );
     let accept = tokio::spawn(crate::inbound::serve(
         listener,
-        common::admission::Admission::new(
-            crate::inbound::LISTENER,
-            common::admission::Caps {
-                connections: args.max_connections,
-                per_source: args.max_connections_per_source,
-                handshakes: args.max_concurrent_handshakes,
-            },
-            state.metrics.shed.clone(),
-        ),
+        admission.clone(),
         state.clone(),
-        shards,
+        shards.clone(),
     ));
+    let accept_mesh = mesh_listener
+        .map(|l| tokio::spawn(crate::inbound::serve(l, admission, state.clone(), shards)));
     tokio::spawn(rotate(certs, identity.clone(), args.cert_ttl));
     ready.store(true, Ordering::Release);
-    tracing::info!(listener = "inbound_CONNECT_terminate", addr = %args.listen, identity = %identity, "waypoint ready");
+    tracing::info!(listener = "inbound_CONNECT_terminate", addr = %args.listen, mesh_addr = ?args.listen_mesh.0, identity = %identity, "waypoint ready");
 
     common::drain::shutdown_signal().await?;
     ready.store(false, Ordering::Release);
@@ -313,6 +330,9 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     accept.abort();
+    if let Some(a) = accept_mesh {
+        a.abort();
+    }
     tracing::info!("waypoint stopped");
     Ok(())
 }
@@ -383,4 +403,20 @@ fn admin_handlers(
         (args.metrics_addr, metrics),
         (args.readiness_addr, readiness),
     ]
+}
+
+/// A socket address, or `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+impl std::str::FromStr for OptionalAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("none") {
+            return Ok(OptionalAddr(None));
+        }
+        s.parse()
+            .map(|a| OptionalAddr(Some(a)))
+            .map_err(|e| format!("{s:?}: {e} (an address, or `none`)"))
+    }
 }

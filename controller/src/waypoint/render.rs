@@ -25,7 +25,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::BTreeMap;
 
-/// HBONE port of a waypoint Service as Istio's ztunnel addresses it (`mesh` listener).
+/// HBONE port of a waypoint Service as Istio's ztunnel addresses it (`mesh` listener); the
+/// waypoint terminates HBONE there too (`--listen-mesh`), so a ztunnel dialing the pod works.
 pub const MESH_PORT: i32 = 15008;
 /// Port our waypoint terminates HBONE on (`inbound_CONNECT_terminate`).
 pub const HBONE_PORT: i32 = 15006;
@@ -153,6 +154,7 @@ fn container(params: &WaypointParams) -> Container {
             env_value("XDS_ROOT_CA", ROOT_FILE),
         ]),
         ports: Some(vec![
+            port("mesh", MESH_PORT),
             port("hbone", HBONE_PORT),
             port("http-monitoring", METRICS_PORT),
             port("status-port", STATUS_PORT),
@@ -350,7 +352,7 @@ fn service(gw: &Gateway, name: &str) -> Result<Service, InvalidGateway> {
             ip_family_policy: Some("PreferDualStack".into()),
             ports: Some(vec![
                 service_port("status-port", STATUS_PORT, STATUS_PORT, "tcp"),
-                service_port("mesh", MESH_PORT, HBONE_PORT, "hbone"),
+                service_port("mesh", MESH_PORT, MESH_PORT, "hbone"),
                 service_port("hbone", HBONE_PORT, HBONE_PORT, "hbone"),
             ]),
             ..ServiceSpec::default()

@@ -102,6 +102,17 @@ fn deployment_runs_the_waypoint_in_cluster_mode_hardened() {
     assert_eq!(ann["prometheus.io/scrape"], "true");
     assert_eq!(ann["prometheus.io/port"], "15020");
     let pod = &tmpl["spec"];
+    // HBONE on 15008 (where Istio's ztunnel dials a waypoint pod) and 15006.
+    let ports: Vec<i64> = pod["containers"][0]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["containerPort"].as_i64())
+        .collect();
+    assert!(
+        ports.contains(&15008) && ports.contains(&15006),
+        "{ports:?}"
+    );
     assert_eq!(pod["serviceAccountName"], "reviews-wp");
     assert_eq!(pod["automountServiceAccountToken"], false);
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
@@ -186,7 +197,7 @@ fn service_hpa_and_pdb() {
         s["ports"],
         json!([
             {"name": "status-port", "port": 15021, "targetPort": 15021, "protocol": "TCP", "appProtocol": "tcp"},
-            {"name": "mesh", "port": 15008, "targetPort": 15006, "protocol": "TCP", "appProtocol": "hbone"},
+            {"name": "mesh", "port": 15008, "targetPort": 15008, "protocol": "TCP", "appProtocol": "hbone"},
             {"name": "hbone", "port": 15006, "targetPort": 15006, "protocol": "TCP", "appProtocol": "hbone"},
         ])
     );
