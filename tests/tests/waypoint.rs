@@ -165,7 +165,7 @@ async fn http_through_waypoint_reaches_endpoint_with_client_ip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waypoint_terminates_hbone_on_15008_as_istio_dials_it() {
     // Istio's ztunnel reaches a waypoint pod on 15008 (the port its Service calls `mesh`).
-    let mut mesh = L7Mesh::builder("wp-15008")
+    let mesh = L7Mesh::builder("wp-15008")
         .waypoint_port(15008)
         .start()
         .await
