@@ -1,9 +1,7 @@
 //! Writes through kube::Client: server-side apply, status subresource, preconditions,
 //! garbage collection, finalizers, TokenReview, Leases, and loading the shared fixture.
 
-mod common;
-
-use common::api_code;
+use crate::support::api_code;
 use fake_apiserver::{FakeApiServer, TokenInfo};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};

@@ -1,9 +1,7 @@
 //! The root of trust in Kubernetes: the CA Secret (generated once, shared by replicas, or
 //! plugged in with an intermediate) and the root ConfigMaps published by the lease holder.
 
-mod ca_support;
-
-use ca_support::*;
+use crate::ca_support::*;
 use common::identity::ca::{cert_ders, first_cert_der};
 use common::identity::{csr, Identity};
 use controller::ca::root;

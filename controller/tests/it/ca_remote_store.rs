@@ -2,9 +2,7 @@
 //! a connection waits for the first certificate, concurrent requests share one fetch, and when
 //! the CA goes away a failed renewal keeps the still-valid certificate until the CA is back.
 
-mod ca_support;
-
-use ca_support::*;
+use crate::ca_support::*;
 use common::identity::caclient::CaClient;
 use common::identity::store::{CertError, CertStore, RemoteOptions};
 use common::identity::Identity;

@@ -1,9 +1,7 @@
 //! ClusterIP allocation for Services written through the API (kept across updates that leave
 //! it out) and switching ownerReference garbage collection off.
 
-mod common;
-
-use common::eventually;
+use crate::support::eventually;
 use fake_apiserver::FakeApiServer;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};

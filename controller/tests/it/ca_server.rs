@@ -1,9 +1,7 @@
 //! The certificate service end to end: TokenReview through the fake API server, impersonation
 //! by node, CSR checks, and the returned chain verified with webpki.
 
-mod ca_support;
-
-use ca_support::*;
+use crate::ca_support::*;
 use common::identity::ca::cert_ders;
 use common::identity::{csr, Identity};
 use common::tls::{identities_of, verify_chain, TrustRoots};

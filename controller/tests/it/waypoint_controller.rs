@@ -3,11 +3,9 @@
 //! our label, status Programmed False → True when a waypoint pod is Ready, explicit deletion,
 //! no overwriting of objects that are not ours, and nothing done without the lease.
 
-mod waypoint_support;
-
+use crate::waypoint_support::*;
 use serde_json::json;
 use std::time::Duration;
-use waypoint_support::*;
 
 const MANAGED: &str = "gateway.istio.io/managed";
 

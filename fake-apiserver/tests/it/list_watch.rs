@@ -1,9 +1,7 @@
 //! List paging, selectors, watch events, bookmarks and the 410 re-list, driven only through
 //! kube::Client and kube::runtime.
 
-mod common;
-
-use common::eventually;
+use crate::support::eventually;
 use fake_apiserver::FakeApiServer;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
@@ -113,7 +111,7 @@ async fn list_pages_with_continue_tokens_on_a_consistent_snapshot() {
     let r = api
         .list(&ListParams::default().limit(500).continue_token(&t))
         .await;
-    assert_eq!(common::api_code(r), (410, "Expired".to_string()));
+    assert_eq!(crate::support::api_code(r), (410, "Expired".to_string()));
 }
 
 #[tokio::test]
@@ -307,11 +305,11 @@ async fn label_and_field_selectors_on_list_and_watch() {
         "c"
     );
     let bad = api.list(&ListParams::default().labels("app in (x")).await;
-    assert_eq!(common::api_code(bad).0, 400);
+    assert_eq!(crate::support::api_code(bad).0, 400);
     let bad = api
         .list(&ListParams::default().fields("spec.containers=x"))
         .await;
-    assert_eq!(common::api_code(bad).0, 400);
+    assert_eq!(crate::support::api_code(bad).0, 400);
 
     // A watch with a selector sees objects enter and leave the selection.
     let (reader, writer) = reflector::store();

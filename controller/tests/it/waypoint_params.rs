@@ -3,11 +3,9 @@
 //! Gateway of another class is ignored, and bad values reject only their Gateway with a clear
 //! message and nothing applied.
 
-mod waypoint_support;
-
+use crate::waypoint_support::*;
 use serde_json::json;
 use std::time::Duration;
-use waypoint_support::*;
 
 fn hpa(h: &Harness, ns: &str, name: &str) -> Option<(i64, i64, i64)> {
     let o = h.get("autoscaling/v2", "HorizontalPodAutoscaler", ns, name)?;
