@@ -180,6 +180,47 @@ impl Snapshot {
         self.index.service_by_vip.get(&ip.to_canonical())
     }
 
+    /// Addresses named as some service's or workload's waypoint (a waypoint pod's IP, or the
+    /// VIP of a waypoint's Service), with the identity they resolved to, if any.
+    pub fn waypoint_addresses(&self) -> HashMap<IpAddr, Option<&crate::identity::Identity>> {
+        self.services
+            .iter()
+            .filter_map(|s| s.waypoint.as_ref())
+            .chain(self.workloads.iter().filter_map(|w| w.waypoint.as_ref()))
+            .filter_map(|g| {
+                parse_network_address(&g.destination)
+                    .ok()
+                    .map(|(_, ip)| (ip.to_canonical(), g.identity.as_ref()))
+            })
+            .collect()
+    }
+
+    /// Whether `w` is a waypoint in `addresses` ([`Snapshot::waypoint_addresses`]): one of its
+    /// IPs is named as a waypoint, or it is an endpoint of a Service whose VIP is (a scaled
+    /// waypoint). Such pods speak HBONE themselves: never captured, and their `forwarded`
+    /// header is trusted when their identity is the waypoint's.
+    pub fn is_waypoint(
+        &self,
+        w: &Workload,
+        addresses: &HashMap<IpAddr, Option<&crate::identity::Identity>>,
+    ) -> bool {
+        let id = w.identity();
+        let matches = |ip: &IpAddr| {
+            addresses
+                .get(&ip.to_canonical())
+                .is_some_and(|named| named.is_none_or(|n| *n == id))
+        };
+        w.workload_ips.iter().any(matches)
+            || w.services.keys().any(|key| {
+                self.service_by_key(key).is_some_and(|s| {
+                    s.vips
+                        .iter()
+                        .filter_map(|v| parse_network_address(v).ok())
+                        .any(|(_, ip)| matches(&ip))
+                })
+            })
+    }
+
     /// `key` is `<namespace>/<hostname>`.
     pub fn service_by_key(&self, key: &str) -> Option<&Arc<Service>> {
         self.index.service_by_key.get(key)
@@ -312,14 +353,14 @@ mod tests {
     use crate::model::EgressListener;
 
     fn wl(name: &str, ns: &str, ip: &str) -> Workload {
-        serde_yaml::from_str(&format!(
+        serde_yaml_ng::from_str(&format!(
             "{{name: {name}, namespace: {ns}, workloadIps: [{ip}], node: n1}}"
         ))
         .expect("valid workload")
     }
 
     fn svc(yaml: &str) -> Service {
-        serde_yaml::from_str(yaml).expect("valid service")
+        serde_yaml_ng::from_str(yaml).expect("valid service")
     }
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -20,7 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::io::stdin().read_to_string(&mut text)?;
         }
     }
-    let gw: Gateway = serde_yaml::from_str(&text)?;
+    let gw: Gateway = serde_yaml_ng::from_str(&text)?;
     if gw.form().is_none() {
         return Err(format!(
             "class {:?} is not a waypoint class (istio-waypoint, istio-mesh)",
@@ -32,7 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut out = String::new();
     for obj in render(&gw, &params)?.to_values()? {
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&obj)?);
+        out.push_str(&serde_yaml_ng::to_string(&obj)?);
     }
     print!("{out}");
     Ok(())

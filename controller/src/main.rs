@@ -129,11 +129,15 @@ fn replica_name(args: &Args) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    common::logging::init(false, &args.log_level).map_err(anyhow::Error::msg)?;
+    // Held to the end of main: dropping it stops the log writer thread.
+    let _log = common::logging::init(false, &args.log_level).map_err(anyhow::Error::msg)?;
     let client = kube_client(args.api_server.as_deref()).await?;
 
     let mut registry = prometheus_client::registry::Registry::default();
     let xds_metrics = Arc::new(controller::xds::Metrics::register(&mut registry));
+    registry.register_collector(Box::new(common::logging::DroppedLines::new(
+        "controller_log_lines_dropped",
+    )));
     let ready = Arc::new(AtomicBool::new(false));
     let registry = Arc::new(registry);
     {

@@ -172,7 +172,7 @@ impl Req<'_> {
         }
         serde_json::from_slice(self.body).or_else(|e| {
             if self.content_type.contains("yaml") {
-                serde_yaml::from_slice(self.body)
+                serde_yaml_ng::from_slice(self.body)
                     .map_err(|e| ApiError::bad_request(format!("invalid YAML body: {e}")))
             } else {
                 Err(ApiError::bad_request(format!("invalid JSON body: {e}")))

@@ -237,7 +237,7 @@ impl FakeApiServer {
     /// Creates or replaces every object of a multi-document YAML (a `kind: List` is unpacked).
     pub fn apply_yaml(&self, yaml: &str) -> Result<Vec<Value>, ApiError> {
         let mut out = Vec::new();
-        for doc in serde_yaml::Deserializer::from_str(yaml) {
+        for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
             let v: Value = serde::Deserialize::deserialize(doc)
                 .map_err(|e| ApiError::bad_request(format!("invalid YAML: {e}")))?;
             if v.is_null() {

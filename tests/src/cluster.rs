@@ -219,8 +219,12 @@ impl ClusterMesh {
     /// system namespace, nodes and one ztunnel pod per node with a bound token), starts the
     /// controller, reads the root it publishes, and starts a ztunnel on every node.
     pub async fn start(label: &str, objects: Vec<Value>) -> Result<ClusterMesh> {
+        ClusterMesh::start_in(label, Topology::two_nodes()?, objects).await
+    }
+
+    /// Like [`ClusterMesh::start`] on a topology of the test's own (nodes `n1`, `n2`).
+    pub async fn start_in(label: &str, topo: Topology, objects: Vec<Value>) -> Result<ClusterMesh> {
         let dir = TestDir::new(label)?;
-        let topo = Topology::two_nodes()?;
         let n1 = topo.node("n1");
         let listener = n1.ns.tcp_listener(([127, 0, 0, 1], API_PORT).into())?;
         let api = FakeApiServer::serve(listener)?;
@@ -269,14 +273,30 @@ impl ClusterMesh {
         Ok(mesh)
     }
 
+    /// The control-plane flags of a proxy running as pod `pod` (its token written to a file):
+    /// xDS and certificates from the controller, verified with the published root.
+    pub fn control_plane_args(&self, pod: &str) -> Result<Vec<String>> {
+        let token = self.dir.join(&format!("{pod}.token"));
+        std::fs::write(&token, token_of(pod))?;
+        let url = format!("https://{CONTROLLER_ADDR}");
+        let root = self.root.display().to_string();
+        Ok(vec![
+            "--xds-address".into(),
+            url.clone(),
+            "--xds-root-ca".into(),
+            root.clone(),
+            "--ca-address".into(),
+            url,
+            "--ca-root".into(),
+            root,
+            "--token-file".into(),
+            token.display().to_string(),
+        ])
+    }
+
     /// Cluster-mode options for the ztunnel on `node`: its token file, the published root,
     /// the controller's address for xDS and certificates, capture following the mesh.
     pub fn ztunnel_opts(&self, node: &str) -> Result<ZtunnelOpts> {
-        let zt = format!("ztunnel-{node}");
-        let token = self.dir.join(&format!("{zt}.token"));
-        std::fs::write(&token, token_of(&zt))?;
-        let url = format!("https://{CONTROLLER_ADDR}");
-        let root = self.root.display().to_string();
         Ok(ZtunnelOpts {
             node: node.to_string(),
             config: None,
@@ -284,18 +304,7 @@ impl ClusterMesh {
             capture: true,
             pod_ifaces: Vec::new(),
             pod_cidrs: Vec::new(),
-            extra_args: vec![
-                "--xds-address".into(),
-                url.clone(),
-                "--xds-root-ca".into(),
-                root.clone(),
-                "--ca-address".into(),
-                url,
-                "--ca-root".into(),
-                root,
-                "--token-file".into(),
-                token.display().to_string(),
-            ],
+            extra_args: self.control_plane_args(&format!("ztunnel-{node}"))?,
         })
     }
 

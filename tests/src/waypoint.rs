@@ -23,8 +23,10 @@ pub fn waypoint_bin() -> Result<PathBuf> {
 /// How to run one waypoint.
 #[derive(Debug, Clone)]
 pub struct WaypointOpts {
-    pub config: PathBuf,
-    pub ca_dir: PathBuf,
+    /// `--config` (none in cluster mode: `extra_args` carry `--xds-address` etc.).
+    pub config: Option<PathBuf>,
+    /// `--ca-dir` (none in cluster mode).
+    pub ca_dir: Option<PathBuf>,
     /// `--workload` (`<ns>/<name>` or `<name>`).
     pub workload: String,
     /// `--log-json` (the access-log parser reads both forms).
@@ -39,8 +41,8 @@ impl WaypointOpts {
     /// JSON logs, default sniff timeout, harness defaults for drain and config polling.
     pub fn new(config: &Path, ca_dir: &Path, workload: &str) -> WaypointOpts {
         WaypointOpts {
-            config: config.to_path_buf(),
-            ca_dir: ca_dir.to_path_buf(),
+            config: Some(config.to_path_buf()),
+            ca_dir: Some(ca_dir.to_path_buf()),
             workload: workload.to_string(),
             log_json: true,
             sniff_timeout: None,
@@ -48,17 +50,32 @@ impl WaypointOpts {
         }
     }
 
+    /// Cluster mode: everything from the control plane, named by `extra_args`
+    /// (`--xds-address`, `--ca-address`, roots, token file).
+    pub fn cluster(workload: &str, extra_args: Vec<String>) -> WaypointOpts {
+        WaypointOpts {
+            config: None,
+            ca_dir: None,
+            workload: workload.to_string(),
+            log_json: true,
+            sniff_timeout: None,
+            extra_args,
+        }
+    }
+
     /// The `run` arguments.
     pub fn args(&self) -> Vec<String> {
-        let mut a: Vec<String> = vec![
-            "run".into(),
-            "--config".into(),
-            self.config.display().to_string(),
-            "--ca-dir".into(),
-            self.ca_dir.display().to_string(),
-            "--workload".into(),
-            self.workload.clone(),
-        ];
+        let mut a: Vec<String> = vec!["run".into()];
+        if let Some(config) = &self.config {
+            a.push("--config".into());
+            a.push(config.display().to_string());
+        }
+        if let Some(dir) = &self.ca_dir {
+            a.push("--ca-dir".into());
+            a.push(dir.display().to_string());
+        }
+        a.push("--workload".into());
+        a.push(self.workload.clone());
         if self.log_json {
             a.push("--log-json".into());
         }

@@ -190,14 +190,29 @@ impl ZtunnelProcess {
     /// Spawns `ztunnel run …` in `ns` with output to `log`, and waits until
     /// `/healthz/ready` answers 200 inside the namespace.
     pub async fn start(ns: &Netns, opts: &ZtunnelOpts, log: &Path) -> Result<ZtunnelProcess> {
+        ZtunnelProcess::start_with_stdout(ns, opts, log, None).await
+    }
+
+    /// Like [`ZtunnelProcess::start`], with stdout going to `stdout` instead of the log file
+    /// (stderr still goes there), e.g. a pipe nobody reads.
+    pub async fn start_with_stdout(
+        ns: &Netns,
+        opts: &ZtunnelOpts,
+        log: &Path,
+        stdout: Option<Stdio>,
+    ) -> Result<ZtunnelProcess> {
         let bin = ztunnel_bin()?;
         let file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let stdout = match stdout {
+            Some(s) => s,
+            None => file.try_clone()?.into(),
+        };
         let mut cmd = ns.command(&[path_str(&bin)?]);
         cmd.args(opts.args())
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
+            .stdout(stdout)
             .stderr(file);
         let child = cmd
             .spawn()

@@ -56,9 +56,14 @@ pub struct RunArgs {
     /// This node's name, sent to the control plane (`NODE_NAME`).
     #[arg(long, env = "NODE_NAME", default_value = "")]
     pub node: String,
-    /// Directory with the mesh root (root-cert.pem, root-key.pem).
+    /// Directory with the mesh root (root-cert.pem, root-key.pem) or Istio's plug-in CA files
+    /// (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem).
     #[arg(long, required_unless_present = "ca_address")]
     pub ca_dir: Option<PathBuf>,
+    /// Trust domain of identities minted from `--ca-dir` (default: the one of a root this mesh
+    /// generated, else `cluster.local`).
+    #[arg(long, env = "TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
     /// The control plane's certificate service (cluster mode), replacing `--ca-dir`.
     #[arg(long, env = "CA_ADDRESS")]
     pub ca_address: Option<String>,
@@ -278,6 +283,8 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         me: me.clone(),
         active: AtomicUsize::new(0),
     });
+    let housekeeping = crate::housekeeping::spawn(&state);
+    let _housekeeping = scopeguard_abort(housekeeping);
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -341,7 +348,8 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
 /// the control plane, never impersonating).
 fn cert_store(args: &RunArgs, identity: &Identity) -> anyhow::Result<CertStore> {
     if let Some(dir) = &args.ca_dir {
-        let ca = MeshCa::load(dir).context("loading the mesh CA")?;
+        let ca =
+            MeshCa::load_with(dir, args.trust_domain.as_deref()).context("loading the mesh CA")?;
         return Ok(CertStore::new(ca, args.cert_ttl)?);
     }
     let Some(address) = &args.ca_address else {
@@ -419,4 +427,15 @@ impl std::str::FromStr for OptionalAddr {
             .map(|a| OptionalAddr(Some(a)))
             .map_err(|e| format!("{s:?}: {e} (an address, or `none`)"))
     }
+}
+
+/// Aborts a background task when the returned guard goes out of scope.
+fn scopeguard_abort(task: tokio::task::JoinHandle<()>) -> impl Drop {
+    struct Abort(tokio::task::JoinHandle<()>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    Abort(task)
 }

@@ -3,6 +3,12 @@
 //! the exception: `connection: upgrade` and `upgrade` travel with the request and its 101.
 //! So is `te: trailers`, which Envoy keeps (dropping any other `te` value): gRPC needs it end
 //! to end, and some gRPC servers reject calls without it.
+//!
+//! `Upgrade: h2c` (RFC 7540 §3.2, what `curl --http2` sends on a cleartext URL) is not passed
+//! on: like Envoy, the waypoint serves such a request as plain HTTP/1.1 and removes the `h2c`
+//! token with its `HTTP2-Settings` header. Forwarding it would let a backend that accepts the
+//! upgrade answer 101 and switch the upstream connection to HTTP/2 in the middle of a request
+//! the waypoint is proxying as HTTP/1.1 (the client got an empty reply).
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -16,9 +22,12 @@ const HOP_BY_HOP: &[&str] = &[
     "trailer",
     "transfer-encoding",
     "upgrade",
+    // Only meaningful with `upgrade: h2c`, which is never forwarded.
+    "http2-settings",
 ];
 
-/// The protocol a message asks to upgrade to (`connection: upgrade` + `upgrade: <proto>`).
+/// The protocol a message asks to upgrade to (`connection: upgrade` + `upgrade: <proto>`),
+/// without `h2c`; `None` when nothing else is left.
 pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     let asks = headers
         .get_all(header::CONNECTION)
@@ -26,11 +35,21 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    if asks {
-        headers.get(header::UPGRADE).cloned()
-    } else {
-        None
+    if !asks {
+        return None;
     }
+    let protocols: Vec<&str> = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty() && !p.eq_ignore_ascii_case("h2c"))
+        .collect();
+    if protocols.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&protocols.join(", ")).ok()
 }
 
 /// Whether the `te` headers accept trailers (`te: trailers`, possibly among other codings).
@@ -131,5 +150,27 @@ mod tests {
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["upgrade"], "websocket");
         assert!(upgrade_protocol(&map(&[("upgrade", "websocket")])).is_none());
+    }
+
+    #[test]
+    fn h2c_upgrade_is_served_as_http11() {
+        let mut h = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQCAAAAAAIAAAAA"),
+            ("accept", "*/*"),
+        ]);
+        let proto = upgrade_protocol(&h);
+        assert!(proto.is_none());
+        strip(&mut h, proto);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["accept"], "*/*");
+        // `http2-settings` alone (not named in `connection`) is dropped as well.
+        let mut h = map(&[("http2-settings", "AAMAAABk")]);
+        strip(&mut h, None);
+        assert!(h.is_empty());
+        // Another protocol offered beside h2c still upgrades, without h2c.
+        let h = map(&[("connection", "upgrade"), ("upgrade", "H2C, websocket")]);
+        assert_eq!(upgrade_protocol(&h).unwrap(), "websocket");
     }
 }

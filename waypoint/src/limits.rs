@@ -68,6 +68,21 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// Forgets clusters with nothing admitted, queued or retrying (their state is the initial
+    /// one, recreated on the next request): the map holds only clusters in use.
+    pub fn prune(&self) -> usize {
+        let mut map = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
+        let before = map.len();
+        map.retain(|_, c| {
+            Arc::strong_count(c) > 1
+                || c.h1.available_permits() < permits(c.pool.max_connections)
+                || c.h2.available_permits() < permits(c.pool.http2_max_requests)
+                || c.waiting.load(Ordering::Acquire) > 0
+                || c.retries.load(Ordering::Acquire) > 0
+        });
+        before - map.len()
+    }
+
     fn cluster(&self, name: &str, pool: &ConnectionPool) -> Arc<ClusterLimits> {
         let mut map = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
         match map.get(name) {
@@ -156,5 +171,19 @@ mod tests {
         assert!(a.retry().is_none());
         drop(r);
         assert!(a.retry().is_some());
+    }
+
+    /// A cluster's limits stay while a request holds them and are forgotten afterwards.
+    #[tokio::test]
+    async fn prune_forgets_idle_clusters_only() {
+        let l = Limits::default();
+        let p = pool(2, 0, 2, 1);
+        let held = l.admit("busy", &p, UpstreamProtocol::Http1).await.unwrap();
+        drop(l.admit("idle", &p, UpstreamProtocol::H2c).await.unwrap());
+        assert_eq!(l.prune(), 1);
+        assert_eq!(l.clusters.lock().unwrap().len(), 1);
+        drop(held);
+        assert_eq!(l.prune(), 1);
+        assert!(l.clusters.lock().unwrap().is_empty());
     }
 }

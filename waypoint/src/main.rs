@@ -7,6 +7,7 @@ mod authz;
 mod body;
 mod client_hello;
 mod hop;
+mod housekeeping;
 mod inbound;
 mod limits;
 mod metrics;

@@ -90,6 +90,9 @@ impl Metrics {
             "L4 connections closed because a configuration change no longer allows them",
             revoked.clone(),
         );
+        registry.register_collector(Box::new(common::logging::DroppedLines::new(
+            "waypoint_log_lines_dropped",
+        )));
         let shed = common::admission::ShedCounter::default();
         registry.register(
             "waypoint_connections_shed",

@@ -59,6 +59,28 @@ pub enum Observation {
 }
 
 impl Outliers {
+    /// Forgets endpoints with nothing to remember (no errors counted, not ejected, no
+    /// ejection history) and, whatever their state, endpoints `known` no longer lists (they
+    /// left the mesh). Returns how many were forgotten.
+    pub fn prune(&self, known: impl Fn(&SocketAddr) -> bool, now: Instant) -> usize {
+        let mut state = self.lock();
+        let before = state.len();
+        state.retain(|(_, addr), s| {
+            let at_rest = s.consecutive_5xx == 0
+                && s.consecutive_gateway == 0
+                && s.times_ejected == 0
+                && s.ejected_until.is_none_or(|t| t <= now);
+            known(addr) && !at_rest
+        });
+        before - state.len()
+    }
+
+    /// Endpoints with state.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, SocketAddr), EndpointState>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -273,5 +295,28 @@ mod tests {
         o.record("c", addr(1), Observation::Status(500), &p, 2, now);
         o.record("c", addr(1), Observation::Status(500), &p, 2, now);
         assert!(o.ejected("c", &[addr(1), addr(2)], &p, now).is_empty());
+    }
+
+    /// Endpoints at rest and endpoints that left the mesh are forgotten; one with errors
+    /// counted or ejected stays while it is known.
+    #[test]
+    fn prune_forgets_endpoints_at_rest_or_gone() {
+        let o = Outliers::default();
+        let p = policy();
+        let now = Instant::now();
+        o.record("c", addr(1), Observation::Status(503), &p, 3, now);
+        o.record("c", addr(2), Observation::Status(200), &p, 3, now);
+        for _ in 0..2 {
+            o.record("c", addr(3), Observation::Status(503), &p, 3, now);
+        }
+        assert_eq!(o.len(), 3);
+        assert_eq!(o.prune(|_| true, now), 1, "addr 2 is at rest");
+        assert_eq!(o.len(), 2);
+        assert_eq!(o.prune(|a| *a != addr(3), now), 1, "addr 3 left");
+        assert_eq!(
+            o.ejected("c", &[addr(1), addr(3)], &p, now),
+            Vec::<SocketAddr>::new()
+        );
+        assert_eq!(o.len(), 1);
     }
 }

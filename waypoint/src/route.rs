@@ -223,6 +223,15 @@ impl Balancers {
             .clone()
     }
 
+    /// Forgets in-flight counters of endpoints with nothing in flight (a counter is made again
+    /// on the next request), so departed endpoints do not stay in the map.
+    pub fn prune(&self) -> usize {
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        let before = active.len();
+        active.retain(|_, c| Arc::strong_count(c) > 1 || c.load(Ordering::Relaxed) > 0);
+        before - active.len()
+    }
+
     pub fn in_flight(&self, addr: SocketAddr) -> InFlight {
         let c = self.counter(addr);
         c.fetch_add(1, Ordering::Relaxed);
@@ -348,4 +357,26 @@ pub fn dump(snap: &Snapshot, viewer: &str) -> serde_json::Value {
         })
         .collect();
     serde_json::Value::Array(services)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// In-flight counters exist while a request is in flight and are forgotten afterwards.
+    #[test]
+    fn balancers_prune_forgets_endpoints_with_nothing_in_flight() {
+        let b = Balancers::default();
+        let (x, y): (SocketAddr, SocketAddr) = (
+            "10.0.0.1:80".parse().unwrap(),
+            "10.0.0.2:80".parse().unwrap(),
+        );
+        let held = b.in_flight(x);
+        drop(b.in_flight(y));
+        assert_eq!(b.prune(), 1);
+        assert_eq!(b.counter(x).load(Ordering::Relaxed), 1);
+        drop(held);
+        assert_eq!(b.prune(), 1);
+        assert!(b.active.lock().unwrap().is_empty());
+    }
 }

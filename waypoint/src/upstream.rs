@@ -182,6 +182,32 @@ impl Upstreams {
         }
     }
 
+    /// Closes idle upstream connections that are closed already or idle longer than
+    /// `max_idle`, or whose endpoint `known` no longer lists, and forgets keys left empty (one
+    /// key per endpoint × client: without this the map grows with every client ever seen).
+    /// Returns the connections dropped.
+    pub fn prune(
+        &self,
+        max_idle: std::time::Duration,
+        known: impl Fn(&SocketAddr) -> bool,
+    ) -> usize {
+        let now = std::time::Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut dropped = 0;
+        idle.retain(|(_, endpoint, _, _), list| {
+            let keep_endpoint = known(endpoint);
+            let before = list.len();
+            list.retain(|p| {
+                keep_endpoint
+                    && !p.sender.is_closed()
+                    && now.duration_since(p.idle_since) < max_idle
+            });
+            dropped += before - list.len();
+            !list.is_empty()
+        });
+        dropped
+    }
+
     fn take_idle(&self, key: IdleKey, limits: &ConnectionPool) -> Option<Pooled> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(&key)?;

@@ -124,7 +124,8 @@ fn config_source(args: &RunArgs) -> anyhow::Result<(Arc<ConfigStore>, Option<Arc
 /// fetched from the control plane on behalf of the node's workloads).
 fn cert_store(args: &RunArgs, store: &ConfigStore) -> anyhow::Result<CertStore> {
     if let Some(dir) = &args.ca_dir {
-        let ca = MeshCa::load(dir).context("loading the mesh CA")?;
+        let ca =
+            MeshCa::load_with(dir, args.trust_domain.as_deref()).context("loading the mesh CA")?;
         return Ok(CertStore::new(ca, args.cert_ttl)?);
     }
     let Some(address) = &args.ca_address else {
@@ -164,6 +165,8 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         ..H2Settings::default()
     };
     let hbone = HboneClient::new(certs.clone(), settings, PoolTimings::default(), dialer);
+    hbone.spawn_pruner(POOL_PRUNE_INTERVAL);
+    let _pool_follow = AbortOnDrop(follow_pool(store.clone(), hbone.clone()));
     let (drain, drain_watch) = Drain::new();
     let own_ports = vec![
         args.outbound_addr.port(),
@@ -320,4 +323,27 @@ async fn rotate_certificates(
             tracing::info!(rotated, "rotated workload certificates");
         }
     }
+}
+
+/// How often the HBONE pool forgets dead connections and empty keys.
+const POOL_PRUNE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// On every configuration change, closes idle pooled HBONE connections whose source pod or
+/// destination is no longer in the mesh (a departed pod's pool would otherwise live until the
+/// idle timeout, and its key forever).
+fn follow_pool(store: Arc<ConfigStore>, hbone: Arc<HboneClient>) -> tokio::task::JoinHandle<()> {
+    let mut changes = store.subscribe();
+    tokio::spawn(async move {
+        while changes.changed().await.is_ok() {
+            let snap = store.current();
+            let known = |ip: std::net::IpAddr| snap.workload_by_ip(ip).is_some();
+            let closed = hbone.retain(|k| known(k.dst.ip()) && k.src_ip.is_none_or(known));
+            if closed > 0 {
+                tracing::debug!(
+                    closed,
+                    "closed idle HBONE connections of departed workloads"
+                );
+            }
+        }
+    })
 }

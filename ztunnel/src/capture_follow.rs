@@ -21,11 +21,14 @@ use std::time::Duration;
 /// How often routes are re-resolved without a snapshot change.
 pub const RESOLVE_PERIOD: Duration = Duration::from_secs(3);
 
-/// This node's mesh workload IPv4 addresses, sorted and unique.
+/// This node's mesh workload IPv4 addresses, sorted and unique. Waypoint pods are left out:
+/// they terminate and originate HBONE themselves, and capturing them would tunnel their
+/// tunnels again.
 pub fn local_mesh_ips(snap: &Snapshot, node: &str) -> Vec<Ipv4Addr> {
+    let waypoints = snap.waypoint_addresses();
     let mut ips: Vec<Ipv4Addr> = snap
         .local_workloads(node)
-        .filter(|w| w.protocol == Protocol::Hbone)
+        .filter(|w| w.protocol == Protocol::Hbone && !snap.is_waypoint(w, &waypoints))
         .flat_map(|w| w.workload_ips.iter())
         .filter_map(|ip| match ip {
             IpAddr::V4(v4) => Some(*v4),
@@ -157,6 +160,32 @@ mod tests {
         );
         assert_eq!(parse_route_get("not json"), None);
         assert_eq!(parse_route_get("[]"), None);
+    }
+
+    /// Waypoint pods on this node are not captured, in both binding forms: named by their own
+    /// IP, or endpoints of the waypoint Service whose VIP is named (scaled waypoints).
+    #[test]
+    fn waypoint_pods_are_not_captured() {
+        let snap = common::config::load_str(
+            r#"
+workloads:
+- {uid: a, name: a, namespace: default, serviceAccount: sa-a, workloadIps: [10.244.1.2], protocol: HBONE, node: n1}
+- {uid: w1, name: wp-1, namespace: default, serviceAccount: waypoint, workloadIps: [10.244.1.3], protocol: HBONE, node: n1, services: {"default/waypoint.default.svc.cluster.local": {15008: 15008}}}
+- {uid: w2, name: wp-direct, namespace: default, serviceAccount: wp2, workloadIps: [10.244.1.4], protocol: HBONE, node: n1}
+- {uid: c, name: c, namespace: default, serviceAccount: sa-c, workloadIps: [10.244.1.5], protocol: HBONE, node: n1, waypoint: {destination: "/10.244.1.4"}}
+- {uid: t, name: t, namespace: default, serviceAccount: sa-t, workloadIps: [10.244.1.6], protocol: TCP, node: n1}
+services:
+- {name: waypoint, namespace: default, hostname: waypoint.default.svc.cluster.local, vips: ["/10.96.0.10"], ports: {15008: 15008}}
+- {name: app, namespace: default, hostname: app.default.svc.cluster.local, vips: ["/10.96.0.20"], ports: {80: 8080}, waypoint: {destination: "/10.96.0.10"}}
+"#,
+            "test.yaml",
+        )
+        .unwrap();
+        let ips: Vec<String> = local_mesh_ips(&snap, "n1")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(ips, ["10.244.1.2", "10.244.1.5"]);
     }
 
     #[test]

@@ -119,10 +119,15 @@ pub struct RunArgs {
     /// This node's name: workloads whose `node` equals it are served here.
     #[arg(long, env = "NODE_NAME")]
     pub node: String,
-    /// Directory holding the mesh root (root-cert.pem, root-key.pem): standalone mode, this
+    /// Directory holding the mesh root (root-cert.pem, root-key.pem) or Istio's plug-in CA
+    /// files (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem): standalone mode, this
     /// agent mints certificates itself.
     #[arg(long, env = "ZTUNNEL_CA_DIR", required_unless_present = "ca_address")]
     pub ca_dir: Option<PathBuf>,
+    /// Trust domain of the identities minted from `--ca-dir` (default: the one of a root this
+    /// mesh generated, else `cluster.local`; a foreign root's organisation is not one).
+    #[arg(long, env = "TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
     /// The control plane's certificate service (cluster mode), e.g. `https://ambient-controller.ambient-system.svc:15012`;
     /// replaces `--ca-dir` (which wins if both are given).
     #[arg(long, env = "CA_ADDRESS")]
@@ -208,7 +213,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     ttl,
                 },
         } => {
-            let ca = MeshCa::load(&ca_dir)?;
+            let ca = MeshCa::load_with(&ca_dir, None)?;
             let id = Identity::parse(&identity)?;
             let issued = ca.issue(&id, ttl)?;
             std::fs::create_dir_all(&out).with_context(|| format!("{}", out.display()))?;

@@ -142,6 +142,9 @@ impl Metrics {
             "Live connections closed because a configuration change no longer allows them",
             revoked.clone(),
         );
+        registry.register_collector(Box::new(common::logging::DroppedLines::new(
+            "ztunnel_log_lines_dropped",
+        )));
         let shed = common::admission::ShedCounter::default();
         registry.register(
             "ztunnel_connections_shed",

@@ -13,7 +13,7 @@ use crate::model::{
     Authorization, Clause, EgressListener, MtlsMode, OutboundTrafficMode, PeerAuthentication,
     PolicyAction, PolicyScope, Rule, RuleMatch, SidecarScope, StringMatch,
 };
-use serde_yaml::{Mapping, Value};
+use serde_yaml_ng::{Mapping, Value};
 use std::collections::BTreeMap;
 
 /// Loads one `apiVersion`/`kind` document. Errors carry the resource label when known.
@@ -511,7 +511,7 @@ pub fn peer_authentication(spec: &Value, name: String, namespace: String) -> R<P
         }
         for (k, entry) in mapping(v, &p)? {
             let key_text = k.as_str().map(str::to_string).unwrap_or_else(|| {
-                serde_yaml::to_string(k)
+                serde_yaml_ng::to_string(k)
                     .unwrap_or_default()
                     .trim()
                     .to_string()

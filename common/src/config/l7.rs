@@ -12,7 +12,7 @@ use crate::l7::policy::{compile_policy, AuthorizationPolicySpec};
 use crate::l7::spec::Resource;
 use crate::l7::{self, L7Config, Named};
 use serde::de::DeserializeOwned;
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 use std::sync::Arc;
 
 /// Whether `(group, kind)` is loaded here rather than by [`super::istio`].
@@ -21,7 +21,7 @@ pub(super) fn is_l7_kind(group: &str, kind: &str) -> bool {
         && matches!(kind, "VirtualService" | "DestinationRule" | "ServiceEntry")
 }
 
-/// Splits a serde_yaml message `path: message at line L column C` into field and message.
+/// Splits a YAML (serde_yaml_ng) message `path: message at line L column C` into field and message.
 fn split_yaml_error(msg: &str) -> (Option<String>, String) {
     match msg.split_once(": ") {
         Some((path, rest)) if !path.is_empty() && !path.contains([' ', '`', '"']) => {
@@ -53,7 +53,7 @@ fn parse<S: DeserializeOwned + Default>(
     name: String,
     namespace: String,
 ) -> Result<Named<S>, (Option<String>, String)> {
-    match serde_yaml::from_str::<Resource<S>>(&doc.text) {
+    match serde_yaml_ng::from_str::<Resource<S>>(&doc.text) {
         Ok(r) => Ok(Named {
             name,
             namespace,
@@ -140,7 +140,7 @@ pub(super) fn load_authorization(
         )
     };
     let parsed: Resource<AuthorizationPolicySpec> =
-        serde_yaml::from_str(&doc.text).map_err(|e| {
+        serde_yaml_ng::from_str(&doc.text).map_err(|e| {
             let (field, message) = split_yaml_error(&super::yaml_message(&e, doc));
             error(field, message)
         })?;

@@ -12,7 +12,7 @@ use crate::model::{
 };
 use crate::snapshot::DEFAULT_ROOT_NAMESPACE;
 use serde::{Deserialize, Serialize};
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 /// Mesh-wide settings (our extension of the local form).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,7 +79,7 @@ pub(super) fn load(
         field,
         message,
     };
-    let parsed: LocalDoc = serde_yaml::from_str(&doc.text)
+    let parsed: LocalDoc = serde_yaml_ng::from_str(&doc.text)
         .map_err(|e| error(None, None, super::yaml_message(&e, doc)))?;
 
     if let Some(mesh) = parsed.mesh_config {

@@ -31,7 +31,7 @@ pub mod waypoints;
 
 use crate::model::{Authorization, PeerAuthentication, Service, SidecarScope, Workload};
 use crate::snapshot::Snapshot;
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 use std::fmt;
 use std::path::Path;
 
@@ -255,9 +255,9 @@ fn split_documents(text: &str) -> Vec<Document> {
         .collect()
 }
 
-/// Turns a serde_yaml error inside `doc` into a message whose line numbers count from the start
+/// Turns a YAML (serde_yaml_ng) error inside `doc` into a message whose line numbers count from the start
 /// of the file.
-fn yaml_message(err: &serde_yaml::Error, doc: &Document) -> String {
+fn yaml_message(err: &serde_yaml_ng::Error, doc: &Document) -> String {
     shift_lines(&err.to_string(), doc.first_line - 1)
 }
 
@@ -288,7 +288,7 @@ fn load_document(doc: &Document, source: &str, out: &mut Collected) -> Result<()
         message,
     };
     let value: Value =
-        serde_yaml::from_str(&doc.text).map_err(|e| error(None, None, yaml_message(&e, doc)))?;
+        serde_yaml_ng::from_str(&doc.text).map_err(|e| error(None, None, yaml_message(&e, doc)))?;
     let map = match &value {
         Value::Null => return Ok(()),
         Value::Mapping(m) => m,

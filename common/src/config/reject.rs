@@ -32,7 +32,7 @@ use crate::model::{
     Authorization, EgressListener, MtlsMode, OutboundTrafficMode, PeerAuthentication, PolicyAction,
     PolicyScope, Rule, SidecarScope,
 };
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

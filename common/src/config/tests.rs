@@ -250,6 +250,20 @@ services:
         .and_then(|w| w.identity.as_ref())
         .map(|i| i.principal());
     assert_eq!(id.as_deref(), Some("cluster.local/ns/default/sa/wp"));
+
+    // A waypoint Service with no endpoint (scaled to zero, not ready yet) is a state, not an
+    // error: the binding stays, without an identity, and ztunnel refuses the traffic.
+    let s = load(
+        r#"
+workloads:
+- {name: a, waypoint: {destination: "/10.96.0.99"}}
+services:
+- {name: wp, hostname: wp.default.svc.cluster.local, vips: ["/10.96.0.99"], ports: {15008: 15008}}
+"#,
+    );
+    let wp = s.workloads[0].waypoint.as_ref().expect("binding kept");
+    assert_eq!(wp.destination, "/10.96.0.99");
+    assert!(wp.identity.is_none());
 }
 
 #[test]

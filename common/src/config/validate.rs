@@ -98,20 +98,37 @@ pub(super) fn finish(c: Collected, source: &str) -> Result<Snapshot, ConfigError
         }
     }
 
-    // Waypoints: resolve each destination to the waypoint's identity.
+    // Waypoints: resolve each destination to the waypoint's identity. A waypoint Service
+    // with no endpoint (scaled to zero, no pod ready yet) is a state, not an error: the
+    // binding is kept without an identity and ztunnel refuses the traffic (fail closed).
+    // From the control plane, any unresolvable waypoint is kept that way too: refusing the
+    // whole resource would drop the bound service from the registry, and traffic to it
+    // would pass through around the waypoint.
+    let from_xds = source == super::assemble::XDS_SOURCE;
     let resolve = |gw: &mut GatewayAddress, origin: &Origin| -> Result<(), ConfigError> {
-        let (_, ip) = parse_network_address(&gw.destination)
-            .map_err(|m| err(source, origin, "waypoint.destination", m))?;
-        gw.identity = Some(
-            waypoint_identity(ip, &workloads, &services, &by_ip, &by_vip).map_err(|m| {
-                err(
-                    source,
-                    origin,
-                    "waypoint.destination",
-                    format!("{:?}: {m}", gw.destination),
-                )
-            })?,
-        );
+        let fail = |m: String| {
+            let e = err(
+                source,
+                origin,
+                "waypoint.destination",
+                format!("{:?}: {m}", gw.destination),
+            );
+            if from_xds {
+                tracing::warn!(error = %e, "waypoint unresolved: traffic for it is refused until it resolves");
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        };
+        let identity = match parse_network_address(&gw.destination) {
+            Err(m) if from_xds => fail(m)?,
+            Err(m) => return Err(err(source, origin, "waypoint.destination", m)),
+            Ok((_, ip)) => match waypoint_identity(ip, &workloads, &services, &by_ip, &by_vip) {
+                Ok(id) => id,
+                Err(m) => fail(m)?,
+            },
+        };
+        gw.identity = identity;
         Ok(())
     };
     let mut resolved_workloads = Vec::with_capacity(workloads.len());
@@ -205,16 +222,16 @@ pub(super) fn finish(c: Collected, source: &str) -> Result<Snapshot, ConfigError
 }
 
 /// The identity behind a waypoint address: the workload with that IP, or the single identity
-/// shared by the endpoints of the service with that VIP.
+/// shared by the endpoints of the service with that VIP (`None` while it has none).
 fn waypoint_identity(
     ip: IpAddr,
     workloads: &[(Workload, Origin, bool)],
     services: &[(Service, Origin)],
     by_ip: &HashMap<IpAddr, usize>,
     by_vip: &HashMap<IpAddr, usize>,
-) -> Result<Identity, String> {
+) -> Result<Option<Identity>, String> {
     if let Some(&i) = by_ip.get(&ip) {
-        return Ok(workloads[i].0.identity());
+        return Ok(Some(workloads[i].0.identity()));
     }
     let Some(&s) = by_vip.get(&ip) else {
         return Err("names no known workload IP (or service VIP)".to_string());
@@ -227,8 +244,10 @@ fn waypoint_identity(
         .collect();
     let mut iter = ids.into_iter();
     match (iter.next(), iter.next()) {
-        (Some(id), None) => Ok(id),
-        (None, _) => Err(format!("is the VIP of service {key}, which has no endpoint workloads to take the waypoint identity from")),
-        (Some(a), Some(b)) => Err(format!("is the VIP of service {key}, whose endpoints have different identities ({a}, {b}, …)")),
+        (Some(id), None) => Ok(Some(id)),
+        (None, _) => Ok(None),
+        (Some(a), Some(b)) => Err(format!(
+            "is the VIP of service {key}, whose endpoints have different identities ({a}, {b}, …)"
+        )),
     }
 }

@@ -4,7 +4,7 @@
 
 use super::{kind_of, FieldError};
 use crate::model::{AddressMatch, StringMatch};
-use serde_yaml::{Mapping, Value};
+use serde_yaml_ng::{Mapping, Value};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 

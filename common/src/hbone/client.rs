@@ -160,6 +160,60 @@ impl HboneClient {
         pools.iter().map(|p| lock_state(p).conns.len()).sum()
     }
 
+    /// Pool keys held (for `/config_dump` and tests): one per (shard, source, destination,
+    /// expected identities) with a live connection or one being opened.
+    pub fn pool_keys(&self) -> usize {
+        self.lock_pools().len()
+    }
+
+    /// Forgets dead connections and, for destinations `keep` no longer wants (a departed pod,
+    /// a node that left), closes the idle ones; then drops every key left with no connection
+    /// and no attempt under way. Busy connections are never cut: their streams finish and the
+    /// next prune takes them. Returns the idle connections closed. Without it the map of keys
+    /// only grows (one entry per source pod × destination ever seen).
+    pub fn retain(&self, keep: impl Fn(&PoolKey) -> bool) -> usize {
+        let mut closed = 0;
+        self.lock_pools().retain(|(_, key), pool| {
+            let wanted = keep(key);
+            let mut state = lock_state(pool);
+            state.conns.retain(|c| {
+                if !c.alive.load(Ordering::Acquire) {
+                    return false;
+                }
+                if !wanted && c.active.load(Ordering::Acquire) == 0 {
+                    c.alive.store(false, Ordering::Release);
+                    closed += 1;
+                    return false;
+                }
+                true
+            });
+            !state.conns.is_empty() || state.pending.is_some()
+        });
+        closed
+    }
+
+    /// [`HboneClient::retain`] keeping every destination: forgets dead connections and empty
+    /// keys.
+    pub fn prune(&self) {
+        self.retain(|_| true);
+    }
+
+    /// Prunes every `every` until the client is dropped (idle connections also close on their
+    /// own after the idle timeout; this takes away what they leave behind).
+    pub fn spawn_pruner(self: &Arc<Self>, every: Duration) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(client) = weak.upgrade() else { return };
+                client.prune();
+            }
+        });
+    }
+
     fn lock_pools(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, PoolKey), KeyPool>> {
         self.pools.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -533,5 +587,98 @@ mod tests {
             .await
             .expect("idle pooled connection still open")
             .unwrap();
+    }
+
+    /// An HBONE server on loopback accepting every CONNECT, for pool tests.
+    async fn accepting_server(certs: &CertStore) -> SocketAddr {
+        let server_id = Identity::new("cluster.local", "default", "b");
+        let server_config = certs.get(&server_id).unwrap().server_config.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let server_config = server_config.clone();
+                tokio::spawn(async move {
+                    let Ok((tls, _)) = super::super::server::accept_tls(
+                        tcp,
+                        server_config,
+                        Duration::from_secs(5),
+                    )
+                    .await
+                    else {
+                        return;
+                    };
+                    let (_drain, watch) = crate::drain::Drain::new();
+                    let _ = super::super::server::serve_connection(
+                        tls,
+                        H2Settings::default(),
+                        watch,
+                        |req| async move {
+                            let _ = req.accept();
+                        },
+                    )
+                    .await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// Keys of departed destinations go away: idle connections to them are closed at once,
+    /// busy ones only when their last stream ends, and keys of failed attempts are not kept.
+    #[tokio::test]
+    async fn retain_closes_idle_connections_to_departed_destinations_and_drops_empty_keys() {
+        let ca = MeshCa::generate("cluster.local").unwrap();
+        let certs = Arc::new(CertStore::new(ca, Duration::from_secs(3600)).unwrap());
+        let addr = accepting_server(&certs).await;
+        let client = HboneClient::new(
+            certs,
+            H2Settings::default(),
+            PoolTimings::default(),
+            plain_dialer(),
+        );
+        let req = ConnectRequest {
+            authority: "10.0.0.1:80".into(),
+            headers: HeaderMap::new(),
+        };
+        let pods: Vec<PoolKey> = (0..3)
+            .map(|i| PoolKey {
+                src_ip: Some(IpAddr::from([10, 244, 1, 10 + i])),
+                dst: addr,
+                ..key()
+            })
+            .collect();
+        let mut busy = None;
+        for (i, k) in pods.iter().enumerate() {
+            let (stream, lease) = client.connect(k, &req).await.unwrap();
+            if i == 2 {
+                busy = Some((stream, lease));
+            }
+        }
+        // A failed attempt leaves a key with nothing in it.
+        let dead = PoolKey {
+            dst: "127.0.0.1:1".parse().unwrap(),
+            ..key()
+        };
+        assert!(client.connect(&dead, &req).await.is_err());
+        assert_eq!((client.pool_keys(), client.pooled_connections()), (4, 3));
+
+        client.prune();
+        assert_eq!((client.pool_keys(), client.pooled_connections()), (3, 3));
+
+        // Pods 1 and 2 leave: 1's idle connection closes now, 2's busy one stays.
+        let gone = [pods[1].src_ip, pods[2].src_ip];
+        assert_eq!(client.retain(|k| !gone.contains(&k.src_ip)), 1);
+        assert_eq!((client.pool_keys(), client.pooled_connections()), (2, 2));
+        drop(busy);
+        assert_eq!(client.retain(|k| !gone.contains(&k.src_ip)), 1);
+        assert_eq!((client.pool_keys(), client.pooled_connections()), (1, 1));
+        // The remaining pod still tunnels over its pooled connection.
+        let opened = client.connections_opened();
+        client.connect(&pods[0], &req).await.unwrap();
+        assert_eq!(client.connections_opened(), opened);
     }
 }

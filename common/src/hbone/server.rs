@@ -5,8 +5,7 @@
 use super::{H2Settings, H2Stream};
 use crate::drain::DrainWatch;
 use crate::identity::Identity;
-use crate::model::GatewayAddress;
-use crate::snapshot::{parse_network_address, Snapshot};
+use crate::snapshot::Snapshot;
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
@@ -60,14 +59,11 @@ pub fn is_known_waypoint(snap: &Snapshot, peer_ip: IpAddr, peer_id: &Identity) -
     if w.identity() != *peer_id {
         return false;
     }
-    let names_peer = |g: &Option<GatewayAddress>| {
-        g.as_ref().is_some_and(|g| {
-            g.identity.as_ref() == Some(peer_id)
-                && parse_network_address(&g.destination).is_ok_and(|(_, ip)| ip == peer_ip)
-        })
-    };
-    snap.services.iter().any(|s| names_peer(&s.waypoint))
-        || snap.workloads.iter().any(|w| names_peer(&w.waypoint))
+    // A waypoint pod, or a pod of a waypoint's Service (scaled waypoints are named by VIP),
+    // whose identity is the one the binding resolved to.
+    let mut addresses = snap.waypoint_addresses();
+    addresses.retain(|_, id| id.is_some_and(|id| id == peer_id));
+    snap.is_waypoint(w, &addresses)
 }
 
 impl IncomingConnect {

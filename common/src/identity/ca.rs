@@ -93,7 +93,7 @@ impl MeshCa {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, trust_domain);
-        dn.push(DnType::CommonName, format!("{trust_domain} mesh root CA"));
+        dn.push(DnType::CommonName, root_common_name(trust_domain));
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
@@ -186,7 +186,50 @@ impl MeshCa {
         }
     }
 
-    /// Loads `root-cert.pem` and `root-key.pem` from `dir`.
+    /// Loads the CA files in `dir`: Istio's plug-in set (`ca-cert.pem`, `ca-key.pem`, and
+    /// optionally `root-cert.pem`, `cert-chain.pem`) when `ca-key.pem` is there, else a root
+    /// and its key (`root-cert.pem`, `root-key.pem`).
+    ///
+    /// The trust domain is `trust_domain` when given. Otherwise it is the organisation of a
+    /// root this mesh generated (`O=<trust domain>`, `CN=<trust domain> mesh root CA`), and
+    /// Istio's default `cluster.local` for any other CA: a foreign root's `O=` (Istio's sample
+    /// roots say `O=Istio`) is not a trust domain.
+    pub fn load_with(dir: &Path, trust_domain: Option<&str>) -> Result<Self, CaError> {
+        let key_path = dir.join(CA_KEY_FILE);
+        if !key_path.exists() {
+            let mut ca = MeshCa::load(dir)?;
+            if let Some(td) = trust_domain {
+                ca.trust_domain = td.to_string();
+            }
+            return Ok(ca);
+        }
+        let optional = |name: &str| -> Result<Option<String>, CaError> {
+            let path = dir.join(name);
+            if path.exists() {
+                read(&path).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let ca_cert = read(&dir.join(CA_CERT_FILE))?;
+        let ca_key = read(&key_path)?;
+        let root = optional(ROOT_CERT_FILE)?;
+        let chain = optional(CERT_CHAIN_FILE)?;
+        MeshCa::from_plugin_pems(
+            trust_domain.unwrap_or(super::DEFAULT_TRUST_DOMAIN),
+            &ca_cert,
+            &ca_key,
+            root.as_deref(),
+            chain.as_deref(),
+        )
+        .map_err(|e| match e {
+            CaError::Material(m) => CaError::Material(format!("{}: {m}", dir.display())),
+            other => other,
+        })
+    }
+
+    /// Loads `root-cert.pem` and `root-key.pem` from `dir` (trust domain as [`MeshCa::load_with`]
+    /// without an explicit one).
     pub fn load(dir: &Path) -> Result<Self, CaError> {
         let cert_path = dir.join(ROOT_CERT_FILE);
         let key_path = dir.join(ROOT_KEY_FILE);
@@ -208,11 +251,11 @@ impl MeshCa {
             what: "CA certificate",
             detail: "no CERTIFICATE block".into(),
         })?;
-        let trust_domain = params
-            .distinguished_name
-            .get(&DnType::OrganizationName)
-            .and_then(dn_value_string)
-            .unwrap_or_else(|| super::DEFAULT_TRUST_DOMAIN.to_string());
+        let dn = |t: DnType| params.distinguished_name.get(&t).and_then(dn_value_string);
+        let trust_domain = match (dn(DnType::OrganizationName), dn(DnType::CommonName)) {
+            (Some(o), Some(cn)) if cn == root_common_name(&o) => o,
+            _ => super::DEFAULT_TRUST_DOMAIN.to_string(),
+        };
         // rcgen needs an issuer `Certificate`; re-signing the parsed params with the same key
         // yields the same subject and key, which is all a signature chain depends on.
         let issuer = params.self_signed(&key).map_err(|e| CaError::BadPem {
@@ -350,6 +393,12 @@ impl MeshCa {
 
 /// OID of the subjectAltName extension (2.5.29.17).
 const SUBJECT_ALT_NAME_OID: &[u64] = &[2, 5, 29, 17];
+
+/// The subject CN of a root this mesh generates; with `O=<trust domain>` it marks the root as
+/// ours, so its organisation can be read back as the trust domain.
+fn root_common_name(trust_domain: &str) -> String {
+    format!("{trust_domain} mesh root CA")
+}
 
 /// Parameters of a workload leaf for `identity`: empty subject, a critical URI SAN, usable for
 /// both TLS client and server authentication (HBONE uses it both ways), back-dated for clock
@@ -598,5 +647,105 @@ mod tests {
         crate::tls::verify_chain(&issued.chain[0], &issued.chain[1..2], &roots).unwrap();
         // A PEM re-encoding round-trips.
         assert_eq!(cert_ders(&pem_of(root.der())), vec![root.der().clone()]);
+    }
+
+    /// A CA certificate + key like Istio's samples (`O=Istio`, `CN=<cn>`), self-signed or
+    /// signed by `by`.
+    fn istio_style_ca(
+        cn: &str,
+        by: Option<(&rcgen::Certificate, &KeyPair)>,
+    ) -> (rcgen::Certificate, KeyPair) {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::OrganizationName, "Istio");
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = match by {
+            None => p.self_signed(&key).unwrap(),
+            Some((issuer, issuer_key)) => {
+                p.use_authority_key_identifier_extension = true;
+                p.signed_by(&key, issuer, issuer_key).unwrap()
+            }
+        };
+        (cert, key)
+    }
+
+    fn temp_dir(label: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ca-{label}-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Istio's sample root says `O=Istio`: that is not the trust domain. Without
+    /// `--trust-domain` it is Istio's default `cluster.local`; with it, the one given.
+    #[test]
+    fn foreign_root_organisation_is_not_the_trust_domain() {
+        let dir = temp_dir("foreign-root");
+        let (root, key) = istio_style_ca("Root CA", None);
+        std::fs::write(dir.join(ROOT_CERT_FILE), root.pem()).unwrap();
+        std::fs::write(dir.join(ROOT_KEY_FILE), key.serialize_pem()).unwrap();
+        assert_eq!(MeshCa::load(&dir).unwrap().trust_domain(), "cluster.local");
+        let ca = MeshCa::load_with(&dir, Some("corp.example")).unwrap();
+        assert_eq!(ca.trust_domain(), "corp.example");
+        let id = Identity::new("corp.example", "ns", "sa");
+        let issued = ca.issue(&id, Duration::from_secs(60)).unwrap();
+        assert_eq!(
+            crate::tls::identities_of(&issued.chain[0]).unwrap(),
+            vec![id]
+        );
+        // Our own generated roots still carry their trust domain.
+        let ours = temp_dir("own-root");
+        MeshCa::generate("example.org")
+            .unwrap()
+            .save(&ours)
+            .unwrap();
+        assert_eq!(
+            MeshCa::load_with(&ours, None).unwrap().trust_domain(),
+            "example.org"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+        std::fs::remove_dir_all(&ours).ok();
+    }
+
+    /// A `--ca-dir` holding Istio's plug-in files (`ca-cert.pem`, `ca-key.pem`,
+    /// `root-cert.pem`, `cert-chain.pem`, as `istioctl`'s Makefile makes them): leaves chain
+    /// through the intermediate to the root, and a key that does not match is refused.
+    #[test]
+    fn plugin_ca_directory_is_accepted() {
+        let dir = temp_dir("plugin-dir");
+        let (root, root_key) = istio_style_ca("Root CA", None);
+        let (int, int_key) = istio_style_ca("Intermediate CA", Some((&root, &root_key)));
+        std::fs::write(dir.join(CA_CERT_FILE), int.pem()).unwrap();
+        std::fs::write(dir.join(CA_KEY_FILE), int_key.serialize_pem()).unwrap();
+        std::fs::write(dir.join(ROOT_CERT_FILE), root.pem()).unwrap();
+        std::fs::write(
+            dir.join(CERT_CHAIN_FILE),
+            format!("{}{}", int.pem(), root.pem()),
+        )
+        .unwrap();
+        let ca = MeshCa::load_with(&dir, None).unwrap();
+        assert_eq!(ca.trust_domain(), "cluster.local");
+        assert_eq!(ca.root_der(), root.der());
+        let id = Identity::new("cluster.local", "default", "sleep");
+        let issued = ca.issue(&id, Duration::from_secs(60)).unwrap();
+        assert_eq!(issued.chain.len(), 3);
+        let roots = crate::tls::TrustRoots::new(vec![root.der().clone()]).unwrap();
+        crate::tls::verify_chain(&issued.chain[0], &issued.chain[1..2], &roots).unwrap();
+
+        std::fs::write(dir.join(CA_KEY_FILE), root_key.serialize_pem()).unwrap();
+        let err = MeshCa::load_with(&dir, None).unwrap_err().to_string();
+        assert!(
+            err.contains("does not match") && err.contains(&dir.display().to_string()),
+            "{err}"
+        );
+        std::fs::remove_file(dir.join(CA_CERT_FILE)).unwrap();
+        let err = MeshCa::load_with(&dir, None).unwrap_err().to_string();
+        assert!(err.contains(CA_CERT_FILE), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

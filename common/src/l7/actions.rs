@@ -384,7 +384,7 @@ mod tests {
     use super::*;
 
     fn retry(yaml: &str) -> Result<Option<RetryPolicy>, (String, String)> {
-        let spec: HttpRetry = serde_yaml::from_str(yaml).expect("retry spec");
+        let spec: HttpRetry = serde_yaml_ng::from_str(yaml).expect("retry spec");
         RetryPolicy::compile(Some(&spec), "spec.http[0].retries")
     }
 
@@ -498,7 +498,7 @@ mod tests {
     }
 
     fn fault(yaml: &str) -> Result<Fault, (String, String)> {
-        let spec: HttpFaultInjection = serde_yaml::from_str(yaml).expect("fault spec");
+        let spec: HttpFaultInjection = serde_yaml_ng::from_str(yaml).expect("fault spec");
         Fault::compile(&spec, "f")
     }
 

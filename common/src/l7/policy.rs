@@ -28,11 +28,11 @@ pub struct AuthorizationPolicySpec {
     #[serde(default)]
     pub rules: Vec<RuleSpec>,
     #[serde(default)]
-    pub provider: Option<serde_yaml::Value>,
+    pub provider: Option<serde_yaml_ng::Value>,
     #[serde(default)]
-    pub target_ref: Option<serde_yaml::Value>,
+    pub target_ref: Option<serde_yaml_ng::Value>,
     #[serde(default)]
-    pub target_refs: Vec<serde_yaml::Value>,
+    pub target_refs: Vec<serde_yaml_ng::Value>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -7,7 +7,7 @@ use crate::l7::tests::load;
 use std::path::Path;
 
 fn policy(yaml: &str) -> L7Policy {
-    let spec: AuthorizationPolicySpec = serde_yaml::from_str(yaml).expect("policy spec");
+    let spec: AuthorizationPolicySpec = serde_yaml_ng::from_str(yaml).expect("policy spec");
     compile_policy(&spec, "p", "default").expect("compiles")
 }
 

@@ -199,7 +199,7 @@ fn authorities_split_into_host_and_port() {
 }
 
 fn ops(yaml: &str) -> Result<HeaderOps, (String, String)> {
-    let spec: Headers = serde_yaml::from_str(yaml).expect("headers spec");
+    let spec: Headers = serde_yaml_ng::from_str(yaml).expect("headers spec");
     compile_header_ops(&spec, "spec.http[0].headers")
 }
 

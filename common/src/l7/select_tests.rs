@@ -55,7 +55,7 @@ fn zero_weight_destinations_are_never_picked() {
 
 fn endpoint(name: &str, labels: &str) -> Endpoint {
     let w: Workload =
-        serde_yaml::from_str(&format!("{{name: {name}, labels: {labels}}}")).expect("workload");
+        serde_yaml_ng::from_str(&format!("{{name: {name}, labels: {labels}}}")).expect("workload");
     Endpoint {
         workload: Arc::new(w),
         target_port: 8080,
@@ -297,7 +297,7 @@ fn pickers_exist_for_every_policy_but_passthrough() {
 }
 
 fn rule(yaml: &str) -> DestinationPolicy {
-    let spec: DestinationRuleSpec = serde_yaml::from_str(yaml).expect("rule spec");
+    let spec: DestinationRuleSpec = serde_yaml_ng::from_str(yaml).expect("rule spec");
     destination_rule::validate(&spec).unwrap_or_else(|e| panic!("{e:?}"));
     DestinationPolicy {
         name: "r".into(),
@@ -445,7 +445,7 @@ fn defaults_without_a_rule() {
 #[test]
 fn invalid_rules_name_the_field() {
     let check = |yaml: &str| {
-        let spec: DestinationRuleSpec = serde_yaml::from_str(yaml).expect("spec");
+        let spec: DestinationRuleSpec = serde_yaml_ng::from_str(yaml).expect("spec");
         destination_rule::validate(&spec).expect_err("invalid")
     };
     assert_eq!(check("subsets: []").0, "spec.host");

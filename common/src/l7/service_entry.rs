@@ -229,7 +229,7 @@ mod tests {
     use super::*;
 
     fn check(yaml: &str) -> Result<(), String> {
-        let spec: ServiceEntrySpec = serde_yaml::from_str(yaml).map_err(|e| e.to_string())?;
+        let spec: ServiceEntrySpec = serde_yaml_ng::from_str(yaml).map_err(|e| e.to_string())?;
         validate(&spec).map_err(|(f, m)| format!("{f}: {m}"))
     }
 
@@ -275,7 +275,7 @@ mod tests {
         let se = ServiceEntry {
             name: "x".into(),
             namespace: "default".into(),
-            spec: serde_yaml::from_str("{hosts: [a.example.com, \"*.svc.example.com\"]}")
+            spec: serde_yaml_ng::from_str("{hosts: [a.example.com, \"*.svc.example.com\"]}")
                 .expect("spec"),
         };
         assert!(se.covers("a.example.com"));

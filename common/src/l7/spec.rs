@@ -3,7 +3,7 @@
 //! selectors (`{number: 9080}`) and `StringMatch` (`exact` / `prefix` / `regex`).
 //!
 //! Deserialisation goes through serde with `deny_unknown_fields`; parsed from the document text,
-//! serde_yaml reports errors with the field path (`spec.http[0].match[0].uri: unknown field …`).
+//! serde_yaml_ng reports errors with the field path (`spec.http[0].match[0].uri: unknown field …`).
 
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
@@ -22,7 +22,7 @@ pub struct Resource<S> {
     #[serde(default = "Option::default")]
     pub spec: Option<S>,
     #[serde(default)]
-    pub status: Option<serde_yaml::Value>,
+    pub status: Option<serde_yaml_ng::Value>,
 }
 
 /// Object metadata. Lenient on purpose: `kubectl get -o yaml` output carries `uid`,
@@ -273,9 +273,9 @@ mod tests {
         struct T {
             timeout: Duration,
         }
-        let e = serde_yaml::from_str::<T>("timeout: 10").expect_err("no unit");
+        let e = serde_yaml_ng::from_str::<T>("timeout: 10").expect_err("no unit");
         assert!(e.to_string().starts_with("timeout: 10 has no unit"), "{e}");
-        let e = serde_yaml::from_str::<T>("timeout: 3 days").expect_err("bad");
+        let e = serde_yaml_ng::from_str::<T>("timeout: 3 days").expect_err("bad");
         assert!(
             e.to_string()
                 .starts_with("timeout: \"3 days\" is not a duration"),

@@ -363,7 +363,7 @@ mod tests {
     use super::*;
 
     fn parse(yaml: &str) -> Result<VirtualServiceSpec, String> {
-        serde_yaml::from_str(yaml).map_err(|e| e.to_string())
+        serde_yaml_ng::from_str(yaml).map_err(|e| e.to_string())
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub(crate) fn fixture_objects() -> Vec<Object> {
             path.display()
         )
     });
-    let list: serde_json::Value = serde_yaml::from_str(&text).expect("fixture is YAML");
+    let list: serde_json::Value = serde_yaml_ng::from_str(&text).expect("fixture is YAML");
     let items = list["items"].as_array().expect("a List").clone();
     items
         .into_iter()
@@ -34,7 +34,7 @@ pub(crate) fn fixture_json(kind: &str, name: &str) -> serde_json::Value {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../shared/k8s-fixtures/demoapp-cluster.yaml");
     let text = std::fs::read_to_string(path).expect("fixture");
-    let list: serde_json::Value = serde_yaml::from_str(&text).expect("fixture is YAML");
+    let list: serde_json::Value = serde_yaml_ng::from_str(&text).expect("fixture is YAML");
     list["items"]
         .as_array()
         .expect("a List")

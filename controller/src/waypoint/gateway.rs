@@ -278,7 +278,7 @@ mod tests {
 
     #[test]
     fn names_per_form() {
-        let seed: Gateway = serde_yaml::from_str(
+        let seed: Gateway = serde_yaml_ng::from_str(
             "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: Gateway\nmetadata:\n  name: productpage\n  annotations:\n    istio.io/service-account: bookinfo-productpage\nspec:\n  gatewayClassName: istio-mesh\n",
         )
         .expect("seed form");

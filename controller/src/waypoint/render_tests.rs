@@ -282,7 +282,7 @@ fn the_deploy_example_gateway_renders() {
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/gateway.yaml");
     let text = std::fs::read_to_string(&path).expect("deploy/examples/gateway.yaml");
-    let gw: Gateway = serde_yaml::from_str(&text).expect("a Gateway");
+    let gw: Gateway = serde_yaml_ng::from_str(&text).expect("a Gateway");
     let objs = values(&gw);
     assert_eq!(objs.len(), 5);
     let h = by_kind(&objs, "HorizontalPodAutoscaler");

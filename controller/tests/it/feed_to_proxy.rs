@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const FIXTURE: &str = include_str!("../../../shared/k8s-fixtures/demoapp-cluster.yaml");
+const FIXTURE: &str = include_str!("../../../../shared/k8s-fixtures/demoapp-cluster.yaml");
 const WAIT: Duration = Duration::from_secs(20);
 
 struct Plane {

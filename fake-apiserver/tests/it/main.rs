@@ -3,4 +3,5 @@
 
 mod list_watch;
 mod services_gc;
+mod support;
 mod writes;

@@ -232,3 +232,51 @@ async fn waypoint_closes_a_silent_client_on_an_http_port() {
     let r = ok.get("/", &[]).await.unwrap();
     assert_eq!(r.status, 200);
 }
+
+/// Logging never blocks the data plane (issue 9 item 11): n1's ztunnel logs at `trace` to a
+/// pipe nobody reads. The pipe fills after a few hundred lines; a writer that blocked would
+/// freeze the thread that logged, and with it every connection of that shard. Connections keep
+/// flowing, each promptly, and the lines that could not be written are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_stdout_never_stalls_connections() {
+    let mut mesh = Mesh::two_nodes("logblock", &standard_config())
+        .await
+        .unwrap();
+    let _server = echo_server(&mesh.pod("b").ns, addr("0.0.0.0:9000")).unwrap();
+    let n1_ns = mesh.node("n1").ns.handle();
+    let mut opts = mesh.opts_for(mesh.node("n1"), &standard_config());
+    opts.extra_args
+        .extend(["--log-level", "trace"].map(String::from));
+    mesh.ztunnel_mut("n1").stop();
+    // Our end of the pipe is held (so writes do not fail with EPIPE) and never read.
+    let (_unread, write_end) = nix::unistd::pipe().unwrap();
+    let log = mesh.dir.join("ztunnel-n1-blocked.log");
+    let zt = tests::ztunnel::ZtunnelProcess::start_with_stdout(
+        &n1_ns,
+        &opts,
+        &log,
+        Some(std::process::Stdio::from(write_end)),
+    )
+    .await
+    .unwrap();
+    let slot = mesh.ztunnels.iter().position(|z| z.node == "n1").unwrap();
+    mesh.ztunnels[slot] = zt;
+
+    // Far more lines than the pipe (64 KiB) and the writer's queue hold: every TLS handshake
+    // and HTTP/2 exchange logs dozens of trace lines.
+    let mut slowest = Duration::ZERO;
+    for i in 0..400 {
+        let start = Instant::now();
+        let outcome = probe_echo(&mesh.pod("a").ns, echo_vip(), Duration::from_secs(5)).await;
+        assert_eq!(
+            outcome,
+            Outcome::Echoed,
+            "connection {i} with stdout blocked"
+        );
+        slowest = slowest.max(start.elapsed());
+    }
+    let m = mesh.ztunnel("n1").metrics().await.unwrap();
+    let dropped = sum_metric(&m, "ztunnel_log_lines_dropped_total", &[]);
+    assert!(dropped > 0.0, "no dropped log lines counted: {m:?}");
+    eprintln!("400 connections with stdout blocked, slowest {slowest:?}, {dropped} lines dropped");
+}

@@ -6,6 +6,7 @@
 mod admin_endpoints;
 mod capture_rules;
 mod cluster_mesh;
+mod cluster_waypoint;
 mod config_reload;
 mod envoy_interop;
 mod hardening_authz;

@@ -1409,3 +1409,108 @@ async fn per_try_timeout_gives_504_ut_exhausted_retries_add_urx_and_bodies_repla
     let e = log_of("/exhausted/large").await;
     assert_eq!(field(&e, "response_flags"), "-", "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// 8. `Upgrade: h2c` from a real client, to a backend that accepts it.
+
+/// The HTTP test server on 127.0.0.1:9001 of every endpoint, behind `nghttpx` (nghttp2's
+/// proxy) on the target port: a front end that answers an HTTP/1.1 request carrying
+/// `Upgrade: h2c` with 101 and continues in HTTP/2 — exactly the backend that made the waypoint
+/// return an empty reply. Returns the servers and the nghttpx processes (stopped at the end,
+/// killed with the pods' namespaces anyway).
+fn start_h2c_upgrading_backends(mesh: &L7Mesh) -> (Vec<HttpServer>, Vec<std::process::Child>) {
+    let target = tests::l7mesh::L7_TARGET_PORT;
+    let mut servers = Vec::new();
+    let mut fronts = Vec::new();
+    for ep in &mesh.endpoints {
+        let ns = &mesh.pod(ep).ns;
+        servers.push(
+            tests::http_apps::http_server(
+                ns,
+                "127.0.0.1:9001".parse().unwrap(),
+                ep,
+                HttpMode::Auto,
+            )
+            .unwrap(),
+        );
+        fronts.push(
+            ns.command(&[
+                "nghttpx",
+                "--conf=/dev/null",
+                &format!("--frontend=0.0.0.0,{target};no-tls"),
+                "--backend=127.0.0.1,9001",
+                "--workers=1",
+                "--log-level=WARN",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nghttpx (apt: nghttp2-proxy) must be installed"),
+        );
+    }
+    (servers, fronts)
+}
+
+/// `curl --http2` on a cleartext URL from `ns`: (exit ok, headers + `\n<code> <version>`).
+async fn curl_http2(ns: &Netns, url: String) -> (bool, String) {
+    let ns = ns.handle();
+    tokio::task::spawn_blocking(move || {
+        let out = ns
+            .exec_output(&[
+                "curl",
+                "-sS",
+                "--http2",
+                "-m",
+                "10",
+                "-D",
+                "-",
+                "-w",
+                "\n%{http_code} %{http_version}",
+                &url,
+            ])
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_http2_upgrade_is_served_as_http11() {
+    let mesh = within(120, "start the mesh", L7Mesh::builder("wpp-h2c").start())
+        .await
+        .unwrap();
+    let (_servers, fronts) = start_h2c_upgrading_backends(&mesh);
+
+    // The upgrade offer is real: straight to an endpoint (no waypoint), nghttpx switches to h2.
+    let ep = mesh.pod(&mesh.endpoints[0]);
+    let direct = format!("http://{}:{}/hello", ep.ip, tests::l7mesh::L7_TARGET_PORT);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, text) = curl_http2(&ep.ns, direct.clone()).await;
+        if ok && text.ends_with("200 2") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nghttpx did not take the h2c upgrade directly: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Through the waypoint: HTTP/1.1 end to end, 200 with the body, no 101.
+    let (ok, text) = curl_http2(&mesh.pod("a").ns, format!("http://{}/hello", mesh.vip())).await;
+    assert!(ok, "curl --http2 through the waypoint failed: {text}");
+    assert!(text.contains("\"path\":\"/hello\""), "{text}");
+    assert!(text.ends_with("200 1.1"), "{text}");
+    assert!(!text.contains(" 101 "), "{text}");
+    for mut f in fronts {
+        let _ = f.kill();
+        let _ = f.wait();
+    }
+}

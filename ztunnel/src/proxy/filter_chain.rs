@@ -88,6 +88,10 @@ pub enum Refusal {
     Loop(SocketAddr),
     #[error("waypoint {0} of the destination is not a known workload")]
     UnknownWaypoint(String),
+    /// The bound waypoint's Service has no ready pod. Refused rather than sent around the
+    /// waypoint (and its L7 policy), which is what Istio does.
+    #[error("waypoint {0} of the destination has no ready pod (fail closed: the waypoint is never bypassed)")]
+    WaypointUnavailable(String),
 }
 
 /// Picks the chain. `pick(n)` chooses among `n` endpoints (round robin in production).
@@ -204,7 +208,6 @@ fn waypoint_chain(
         .next()
         .and_then(|s| s.parse().ok())
         .ok_or_else(unknown)?;
-    let identity = wp.identity.clone().ok_or_else(unknown)?;
     let ip = match snap.service_by_vip(ip) {
         None => ip,
         Some(wsvc) => {
@@ -217,11 +220,12 @@ fn waypoint_chain(
                 .into_iter()
                 .collect();
             if pods.is_empty() {
-                return Err(unknown());
+                return Err(Refusal::WaypointUnavailable(wsvc.hostname.clone()));
             }
             pods[pick(&wsvc.key(), pods.len()) % pods.len()]
         }
     };
+    let identity = wp.identity.clone().ok_or_else(unknown)?;
     Ok(Chain::Waypoint {
         waypoint: SocketAddr::new(ip, wp.hbone_mtls_port),
         identity,
@@ -327,6 +331,54 @@ services:
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// The config of the test above with waypoint pods `pods` (IP, status) behind the VIP.
+    fn scaled_waypoint(pods: &[(&str, &str)]) -> Snapshot {
+        let extra: String = pods
+            .iter()
+            .enumerate()
+            .map(|(i, (ip, status))| format!("- {{uid: wp{i}, name: wp{i}, namespace: default, serviceAccount: waypoint, workloadIps: [{ip}], protocol: HBONE, node: n2, status: {status}, services: {{\"default/wp.default.svc.cluster.local\": {{15006: 15006}}}}}}\n"))
+            .collect();
+        let text = CONFIG
+            .replace(
+                "services:\n- {name: echo",
+                &format!("{extra}services:\n- {{name: echo"),
+            )
+            .replace("\"/10.244.2.50\"", "\"/10.96.0.99\"")
+            + "- {name: wp, namespace: default, hostname: wp.default.svc.cluster.local, vips: [\"/10.96.0.99\"], ports: {15006: 15006}}\n";
+        common::config::load_str(&text, "test.yaml").unwrap()
+    }
+
+    #[test]
+    fn scaled_waypoint_spreads_over_ready_pods_and_fails_closed_without_one() {
+        let s = scaled_waypoint(&[
+            ("10.244.2.51", "Healthy"),
+            ("10.244.2.52", "Unhealthy"),
+            ("10.244.3.53", "Healthy"),
+        ]);
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..4 {
+            let src: SocketAddr = "10.244.1.2:5000".parse().unwrap();
+            let dst: SocketAddr = "10.96.0.20:80".parse().unwrap();
+            match select(&s, "n1", src, dst, &[15001], |_, _| i).unwrap().1 {
+                Chain::Waypoint { waypoint, .. } => seen.insert(waypoint.ip().to_string()),
+                other => panic!("unexpected {other:?}"),
+            };
+        }
+        assert_eq!(
+            seen.into_iter().collect::<Vec<_>>(),
+            ["10.244.2.51", "10.244.3.53"],
+            "every ready pod and only them"
+        );
+
+        let s = scaled_waypoint(&[("10.244.2.51", "Unhealthy")]);
+        let err = sel(&s, "10.244.1.2:5000", "10.96.0.20:80").unwrap_err();
+        assert!(
+            matches!(&err, Refusal::WaypointUnavailable(h) if h == "wp.default.svc.cluster.local"),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("no ready pod"), "{err}");
     }
 
     #[test]
