@@ -219,6 +219,22 @@ impl ClusterMesh {
     /// system namespace, nodes and one ztunnel pod per node with a bound token), starts the
     /// controller, reads the root it publishes, and starts a ztunnel on every node.
     pub async fn start(label: &str, objects: Vec<Value>) -> Result<ClusterMesh> {
+        let mut mesh = ClusterMesh::start_control_plane(label, objects).await?;
+        for i in 0..mesh.topo.nodes.len() {
+            let node = &mesh.topo.nodes[i];
+            let opts = mesh.ztunnel_opts(&node.name)?;
+            let log = mesh.dir.join(&format!("ztunnel-{}.log", node.name));
+            let zt = ZtunnelProcess::start(&node.ns, &opts, &log).await?;
+            mesh.ztunnels.push(zt);
+        }
+        Ok(mesh)
+    }
+
+    /// Everything of [`ClusterMesh::start`] but the ztunnels: the topology, the fake API with
+    /// the system namespace, nodes, one host-network ztunnel pod per node (token registered),
+    /// `objects`, the controller and its published root. Node agents (ours or Istio's) are
+    /// started by the caller.
+    pub async fn start_control_plane(label: &str, objects: Vec<Value>) -> Result<ClusterMesh> {
         let dir = TestDir::new(label)?;
         let topo = Topology::two_nodes()?;
         let n1 = topo.node("n1");
@@ -251,22 +267,14 @@ impl ClusterMesh {
         let root = dir.join("root-cert.pem");
         let pem = wait_root(&api, Duration::from_secs(20)).await?;
         std::fs::write(&root, pem)?;
-        let mut mesh = ClusterMesh {
+        Ok(ClusterMesh {
             ztunnels: Vec::new(),
             controller,
             api,
             topo,
             root,
             dir,
-        };
-        for i in 0..mesh.topo.nodes.len() {
-            let node = &mesh.topo.nodes[i];
-            let opts = mesh.ztunnel_opts(&node.name)?;
-            let log = mesh.dir.join(&format!("ztunnel-{}.log", node.name));
-            let zt = ZtunnelProcess::start(&node.ns, &opts, &log).await?;
-            mesh.ztunnels.push(zt);
-        }
-        Ok(mesh)
+        })
     }
 
     /// Cluster-mode options for the ztunnel on `node`: its token file, the published root,
