@@ -11,7 +11,7 @@ use controller::auth::Authenticator;
 use controller::ca::authn::TokenReviewAuthenticator;
 use controller::ca::impersonation::{default_node_accounts, pod_reflector, NodeAccount};
 use controller::ca::server::CertificateService;
-use controller::ca::{root, service_dns_names, CaConfig};
+use controller::ca::{root, serving_names, CaConfig};
 use controller::index::{Index, IndexConfig};
 use controller::leader;
 use controller::serving::ServingCert;
@@ -44,6 +44,7 @@ struct Args {
     #[arg(long, conflicts_with = "tls_cert")]
     plaintext: bool,
     /// Extra names (DNS names or IP addresses) for the serving certificate, e.g. the pod IP.
+    /// It always carries the controller Service's names and `istiod.istio-system.svc`.
     #[arg(long = "serving-san", env = "SERVING_SANS", value_delimiter = ',')]
     serving_sans: Vec<String>,
     /// Name of the controller's Service (its DNS names go in the serving certificate).
@@ -239,8 +240,7 @@ async fn main() -> anyhow::Result<()> {
     } else if let (Some(c), Some(k)) = (&args.tls_cert, &args.tls_key) {
         Some(file_tls_config(c, k)?)
     } else {
-        let mut names = service_dns_names(&args.service_name, &args.namespace);
-        names.extend(args.serving_sans.iter().cloned());
+        let names = serving_names(&args.service_name, &args.namespace, &args.serving_sans);
         let ttl = Duration::from_secs(30 * 24 * 3600);
         let serving = ServingCert::new(&ca, &names, ttl).context("serving certificate")?;
         serving.spawn_rotation(ca.clone(), names, ttl);

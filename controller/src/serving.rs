@@ -87,3 +87,57 @@ impl ServingCert {
         Ok(Arc::new(cfg))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::identity::ca::MeshCa;
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::client::WebPkiServerVerifier;
+    use rustls::pki_types::{ServerName, UnixTime};
+
+    /// Istio's ztunnel checks the control plane's certificate with rustls' webpki verification:
+    /// chain to `XDS_ROOT_CA`/`CA_ROOT_CA`, and the host of `XDS_ADDRESS` (a DNS name or an IP
+    /// address: `https://10.0.0.1:15012` needs an IP SAN) or `ALT_XDS_HOSTNAME`. Its
+    /// chart's default address is `istiod.istio-system.svc`, always among the names.
+    #[test]
+    fn serving_certificate_verifies_for_istiod_and_extra_ip_names() {
+        let ca = MeshCa::generate("cluster.local").unwrap();
+        let names = crate::ca::serving_names(
+            "ambient-controller",
+            "ambient-system",
+            &["10.0.0.1".to_string()],
+        );
+        let serving = ServingCert::new(&ca, &names, Duration::from_secs(3600)).unwrap();
+        let key = serving.current.load_full();
+        let (leaf, rest) = key.cert.split_first().unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.root_der().clone()).unwrap();
+        let verifier = WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        let check = |host: &str| {
+            verifier.verify_server_cert(
+                leaf,
+                rest,
+                &ServerName::try_from(host.to_string()).unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+        };
+        for ok in [
+            "10.0.0.1",
+            "istiod.istio-system.svc",
+            "istiod.istio-system.svc.cluster.local",
+            "ambient-controller.ambient-system.svc",
+        ] {
+            check(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in ["10.0.0.2", "istiod-canary.istio-system.svc", "evil"] {
+            assert!(check(bad).is_err(), "{bad} must not verify");
+        }
+    }
+}

@@ -224,6 +224,26 @@ impl ClusterMesh {
 
     /// Like [`ClusterMesh::start`] on a topology of the test's own (nodes `n1`, `n2`).
     pub async fn start_in(label: &str, topo: Topology, objects: Vec<Value>) -> Result<ClusterMesh> {
+        let mut mesh = ClusterMesh::start_control_plane(label, topo, objects).await?;
+        for i in 0..mesh.topo.nodes.len() {
+            let node = &mesh.topo.nodes[i];
+            let opts = mesh.ztunnel_opts(&node.name)?;
+            let log = mesh.dir.join(&format!("ztunnel-{}.log", node.name));
+            let zt = ZtunnelProcess::start(&node.ns, &opts, &log).await?;
+            mesh.ztunnels.push(zt);
+        }
+        Ok(mesh)
+    }
+
+    /// Everything of [`ClusterMesh::start_in`] but the ztunnels: the fake API with the system
+    /// namespace, nodes, one host-network ztunnel pod per node (token registered), `objects`,
+    /// the controller and its published root. Node agents (ours or Istio's) are started by the
+    /// caller.
+    pub async fn start_control_plane(
+        label: &str,
+        topo: Topology,
+        objects: Vec<Value>,
+    ) -> Result<ClusterMesh> {
         let dir = TestDir::new(label)?;
         let n1 = topo.node("n1");
         let listener = n1.ns.tcp_listener(([127, 0, 0, 1], API_PORT).into())?;
@@ -255,22 +275,14 @@ impl ClusterMesh {
         let root = dir.join("root-cert.pem");
         let pem = wait_root(&api, Duration::from_secs(20)).await?;
         std::fs::write(&root, pem)?;
-        let mut mesh = ClusterMesh {
+        Ok(ClusterMesh {
             ztunnels: Vec::new(),
             controller,
             api,
             topo,
             root,
             dir,
-        };
-        for i in 0..mesh.topo.nodes.len() {
-            let node = &mesh.topo.nodes[i];
-            let opts = mesh.ztunnel_opts(&node.name)?;
-            let log = mesh.dir.join(&format!("ztunnel-{}.log", node.name));
-            let zt = ZtunnelProcess::start(&node.ns, &opts, &log).await?;
-            mesh.ztunnels.push(zt);
-        }
-        Ok(mesh)
+        })
     }
 
     /// The control-plane flags of a proxy running as pod `pod` (its token written to a file):

@@ -127,4 +127,28 @@ mod tests {
         let roots = crate::tls::TrustRoots::new(vec![ca.root_der().clone()]).unwrap();
         crate::tls::verify_chain(&leaf, &[], &roots).unwrap();
     }
+
+    /// A CSR as the BoringSSL/OpenSSL builds of Istio's ztunnel (its release images) make it:
+    /// empty subject, the URI SAN in an extensionRequest attribute marked **critical**, ECDSA
+    /// P-256 with SHA-256. Made with `openssl req -new -subj / -addext
+    /// "subjectAltName=critical,URI:spiffe://cluster.local/ns/default/sa/sa-a"`.
+    const OPENSSL_CRITICAL_SAN_CSR: &str = "\
+-----BEGIN CERTIFICATE REQUEST-----
+MIIBBTCBrAIBADAAMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAETzh8tqf/qc5u
+5AL2lcnsFHC1XVstWIb3YZEryhXq1qDmhvZqP472Rim5wIUrF5eEtS8MbAJm6S8U
+fFEWMh3Iy6BKMEgGCSqGSIb3DQEJDjE7MDkwNwYDVR0RAQH/BC0wK4Ypc3BpZmZl
+Oi8vY2x1c3Rlci5sb2NhbC9ucy9kZWZhdWx0L3NhL3NhLWEwCgYIKoZIzj0EAwID
+SAAwRQIhAI9gcGeuCSV9MrBDbiWNjbWCSi7oLD49SKxBLbazO21CAiAWeoSl0urI
+CP1mF1D0TCvaUkkTJiW7I/6wGaYwteSyDA==
+-----END CERTIFICATE REQUEST-----
+";
+
+    #[test]
+    fn openssl_style_csr_with_a_critical_uri_san_verifies() {
+        let v = verify(OPENSSL_CRITICAL_SAN_CSR).unwrap();
+        assert_eq!(
+            v.uri_sans,
+            vec!["spiffe://cluster.local/ns/default/sa/sa-a"]
+        );
+    }
 }

@@ -55,6 +55,31 @@ pub fn serving_identity(
     Ok(tonic::transport::Identity::from_pem(chain, key))
 }
 
+/// The names Istio's charts point proxies at by default (`XDS_ADDRESS`/`CA_ADDRESS` =
+/// `istiod.istio-system.svc:15012`): carried by the serving certificate too, so an unmodified
+/// Istio ztunnel verifies it once a Service of that name selects the controller.
+pub const ISTIOD_DNS_NAMES: [&str; 2] = [
+    "istiod.istio-system.svc",
+    "istiod.istio-system.svc.cluster.local",
+];
+
+/// Every name of the serving certificate: the controller Service's DNS names, Istio's default
+/// control-plane names ([`ISTIOD_DNS_NAMES`]) and `extra` (`--serving-san`: more DNS names or
+/// IP addresses, e.g. the pod IP when proxies dial it directly).
+pub fn serving_names(service: &str, namespace: &str, extra: &[String]) -> Vec<String> {
+    let mut names = service_dns_names(service, namespace);
+    for n in ISTIOD_DNS_NAMES
+        .iter()
+        .map(|n| n.to_string())
+        .chain(extra.iter().cloned())
+    {
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    names
+}
+
 /// DNS names the controller answers to in `namespace` as Service `service`.
 pub fn service_dns_names(service: &str, namespace: &str) -> Vec<String> {
     vec![

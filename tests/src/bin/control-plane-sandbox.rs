@@ -1,0 +1,92 @@
+//! `control-plane-sandbox`: the cluster-mode control plane of the e2e tests, left running for a
+//! node agent started by hand — typically an unmodified Istio ztunnel, to check interoperability.
+//! It builds the two-node netns topology (nodes n1/n2, pods a/c on n1, b/d on n2), serves the
+//! fake API server in n1, applies a small ambient application (pods `a` on n1 and `b` on n2, a
+//! Service `echo` in front of `b`, one L4 AuthorizationPolicy), starts the real `controller`
+//! (xDS + CA on 10.0.0.1:15012), writes each node's ztunnel token and the published root to
+//! files, prints the environment an Istio ztunnel on a node needs, and waits for Ctrl-C
+//! (everything is torn down then). Needs root and `cargo build --bins` first.
+
+use anyhow::Result;
+use serde_json::json;
+use tests::cluster::{
+    endpoint_slice, namespace, pod, service, token_of, ClusterMesh, CONTROLLER_ADDR, SYSTEM_NS,
+};
+
+fn objects() -> Vec<serde_json::Value> {
+    vec![
+        namespace("default", true),
+        pod(
+            "default",
+            "a",
+            "sa-a",
+            "n1",
+            "10.244.1.2",
+            &[("app", "client")],
+        ),
+        pod(
+            "default",
+            "b",
+            "sa-b",
+            "n2",
+            "10.244.2.2",
+            &[("app", "server")],
+        ),
+        service(
+            "default",
+            "echo",
+            "10.96.0.10",
+            8080,
+            9000,
+            &[("app", "server")],
+        ),
+        endpoint_slice("default", "echo", 9000, &[("b", "10.244.2.2", "n2")]),
+        json!({
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "echo-from-a", "namespace": "default"},
+            "spec": {"selector": {"matchLabels": {"app": "server"}}, "action": "ALLOW",
+                     "rules": [{"from": [{"source": {"principals":
+                         ["cluster.local/ns/default/sa/sa-a"]}}],
+                                "to": [{"operation": {"ports": ["9000"]}}]}]}
+        }),
+    ]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let mesh = ClusterMesh::start_control_plane(
+        "control-plane-sandbox",
+        tests::topology::Topology::two_nodes()?,
+        objects(),
+    )
+    .await?;
+    println!(
+        "controller log: {}",
+        mesh.dir.join("controller.log").display()
+    );
+    println!("root:           {}", mesh.root.display());
+    for node in &mesh.topo.nodes {
+        let zt = format!("ztunnel-{}", node.name);
+        let token = mesh.dir.join(&format!("{zt}.token"));
+        std::fs::write(&token, token_of(&zt))?;
+        println!(
+            "\n# node {name}: ip netns exec {ns} env \\\n  \
+             XDS_ADDRESS=https://{CONTROLLER_ADDR} CA_ADDRESS=https://{CONTROLLER_ADDR} \\\n  \
+             XDS_ROOT_CA={root} CA_ROOT_CA={root} AUTH_TOKEN={token} \\\n  \
+             NODE_NAME={name} POD_NAME={zt} POD_NAMESPACE={SYSTEM_NS} INSTANCE_IP={ip} \\\n  \
+             INPOD_UDS=/tmp/istio-ztunnel-{name}.sock <istio ztunnel> proxy",
+            name = node.name,
+            ns = node.ns.name(),
+            root = mesh.root.display(),
+            token = token.display(),
+            ip = node.ip,
+        );
+    }
+    for p in &mesh.topo.pods {
+        println!("# pod {} ({}): netns {}", p.name, p.ip, p.ns.name());
+    }
+    println!("\nCtrl-C tears everything down.");
+    tokio::signal::ctrl_c().await?;
+    drop(mesh);
+    Ok(())
+}
