@@ -7,6 +7,7 @@ mod admin_endpoints;
 mod capture_rules;
 mod cluster_mesh;
 mod config_reload;
+mod egress;
 mod envoy_interop;
 mod hardening_authz;
 mod hardening_config;
