@@ -6,6 +6,7 @@ use crate::identity::{Identity, DEFAULT_TRUST_DOMAIN};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// How a workload accepts mesh traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -189,6 +190,10 @@ pub struct Service {
     pub load_balancer: Option<serde_json::Value>,
     #[serde(default)]
     pub ip_families: Option<String>,
+    /// Set when this service comes from a `ServiceEntry`: how its traffic is resolved
+    /// (`crate::service_entries`). Not part of the file format.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub service_entry: Option<Arc<crate::service_entries::EntryInfo>>,
 }
 
 /// How a waypoint treats a service port, from its declared application protocol.

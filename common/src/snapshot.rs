@@ -42,6 +42,10 @@ struct Index {
     authorization_by_key: HashMap<String, Arc<Authorization>>,
     /// service key → service port → endpoints.
     endpoints: HashMap<String, BTreeMap<u16, Vec<Endpoint>>>,
+    /// ServiceEntry CIDR addresses, longest prefix first.
+    service_by_cidr: Vec<(ipnet::IpNet, Arc<Service>)>,
+    /// Lower-case hostname → the VIPs of the services with that hostname.
+    addresses_by_host: HashMap<String, Vec<IpAddr>>,
 }
 
 /// A complete, immutable configuration. Mutating the public fields leaves the indices stale:
@@ -129,9 +133,25 @@ impl Snapshot {
             for vip in &s.vips {
                 if let Ok((_, ip)) = parse_network_address(vip) {
                     index.service_by_vip.entry(ip).or_insert_with(|| s.clone());
+                    let addrs = index
+                        .addresses_by_host
+                        .entry(s.hostname.to_ascii_lowercase())
+                        .or_default();
+                    if !addrs.contains(&ip) {
+                        addrs.push(ip);
+                    }
+                }
+            }
+            if let Some(info) = &s.service_entry {
+                for net in &info.cidrs {
+                    index.service_by_cidr.push((*net, s.clone()));
                 }
             }
         }
+        // Stable: equal prefixes keep configuration order.
+        index
+            .service_by_cidr
+            .sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
         for a in &self.authorizations {
             let key = format!("{}/{}", a.namespace, a.name);
             index
@@ -221,6 +241,27 @@ impl Snapshot {
             })
     }
 
+    /// The ServiceEntry service whose CIDR `addresses` contain `ip` (longest prefix).
+    pub fn service_by_cidr(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        let ip = ip.to_canonical();
+        self.index
+            .service_by_cidr
+            .iter()
+            .find(|(net, _)| net.contains(&ip))
+            .map(|(_, s)| s)
+    }
+
+    /// The addresses a name resolves to inside the mesh: the VIPs (explicit, or the automatic
+    /// ones of [`crate::vip`] for ServiceEntry hosts) of every service with that hostname
+    /// (ASCII case-insensitive), in configuration order. For a DNS proxy.
+    pub fn addresses_for_host(&self, host: &str) -> &[IpAddr] {
+        self.index
+            .addresses_by_host
+            .get(&host.to_ascii_lowercase())
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
     /// `key` is `<namespace>/<hostname>`.
     pub fn service_by_key(&self, key: &str) -> Option<&Arc<Service>> {
         self.index.service_by_key.get(key)
@@ -294,26 +335,66 @@ impl Snapshot {
     /// Whether `src` may open an outbound connection to `dst` on `port` under its
     /// outboundTrafficPolicy (the applicable Sidecar's, else the mesh default).
     pub fn egress_allowed(&self, src: &Workload, dst: EgressTarget<'_>, port: u16) -> bool {
+        self.egress_decision(src, dst, port).is_ok()
+    }
+
+    /// Like [`Snapshot::egress_allowed`]; a refusal names the policy that refused
+    /// (`Sidecar <ns>/<name> (REGISTRY_ONLY)` or `mesh outboundTrafficPolicy REGISTRY_ONLY`).
+    ///
+    /// Under REGISTRY_ONLY the registry is the services (Kubernetes and ServiceEntry, as far as
+    /// `exportTo` makes them visible to `src`'s namespace) and the known workloads, narrowed by
+    /// the Sidecar's `egress[].hosts` (and `port`) when it lists any. A workload reached by its
+    /// own address matches a host pattern by its name or by any service it is an endpoint of.
+    pub fn egress_decision(
+        &self,
+        src: &Workload,
+        dst: EgressTarget<'_>,
+        port: u16,
+    ) -> Result<(), String> {
         let sidecar = self.sidecar_for(src);
         let mode = sidecar.map_or(self.outbound_traffic_policy, |s| s.outbound_traffic_policy);
         if mode == OutboundTrafficMode::AllowAny {
-            return true;
+            return Ok(());
         }
-        let (ns, host) = match dst {
-            EgressTarget::Unknown => return false,
-            EgressTarget::Service(s) => (s.namespace.as_str(), s.hostname.as_str()),
-            EgressTarget::Workload(w) => (w.namespace.as_str(), w.name.as_str()),
+        let policy = || match sidecar {
+            Some(s) => format!("Sidecar {}/{} (REGISTRY_ONLY)", s.namespace, s.name),
+            None => "mesh outboundTrafficPolicy REGISTRY_ONLY".to_string(),
         };
-        let Some(sidecar) = sidecar else { return true };
+        let candidates: Vec<(&str, &str)> = match dst {
+            EgressTarget::Unknown => return Err(policy()),
+            EgressTarget::Service(s) => {
+                if !crate::service_entries::visible_from(s, &src.namespace) {
+                    return Err(policy());
+                }
+                vec![(s.namespace.as_str(), s.hostname.as_str())]
+            }
+            EgressTarget::Workload(w) => std::iter::once((w.namespace.as_str(), w.name.as_str()))
+                .chain(w.services.keys().filter_map(|k| {
+                    let svc = self.service_by_key(k)?;
+                    crate::service_entries::visible_from(svc, &src.namespace)
+                        .then_some((svc.namespace.as_str(), svc.hostname.as_str()))
+                }))
+                .collect(),
+        };
+        let Some(sidecar) = sidecar else {
+            return Ok(());
+        };
         if sidecar.egress.is_empty() {
-            return true;
+            return Ok(());
         }
-        sidecar.egress.iter().any(|l| {
+        let listed = sidecar.egress.iter().any(|l| {
             l.port.is_none_or(|p| p == port)
-                && l.hosts
-                    .iter()
-                    .any(|h| host_pattern_matches(h, &sidecar.namespace, ns, host))
-        })
+                && l.hosts.iter().any(|h| {
+                    candidates
+                        .iter()
+                        .any(|(ns, host)| host_pattern_matches(h, &sidecar.namespace, ns, host))
+                })
+        });
+        if listed {
+            Ok(())
+        } else {
+            Err(policy())
+        }
     }
 }
 
@@ -348,314 +429,5 @@ pub fn host_pattern_matches(pattern: &str, sidecar_ns: &str, ns: &str, host: &st
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::EgressListener;
-
-    fn wl(name: &str, ns: &str, ip: &str) -> Workload {
-        serde_yaml_ng::from_str(&format!(
-            "{{name: {name}, namespace: {ns}, workloadIps: [{ip}], node: n1}}"
-        ))
-        .expect("valid workload")
-    }
-
-    fn svc(yaml: &str) -> Service {
-        serde_yaml_ng::from_str(yaml).expect("valid service")
-    }
-
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    fn sample() -> Snapshot {
-        let mut a = wl("a", "default", "10.0.0.1");
-        a.services.insert(
-            "default/web.default.svc.cluster.local".into(),
-            [(80, 8080)].into(),
-        );
-        let mut b = wl("b", "default", "10.0.0.2");
-        b.services.insert(
-            "default/web.default.svc.cluster.local".into(),
-            [(80, 0)].into(),
-        );
-        b.node = "n2".into();
-        let mut c = wl("c", "default", "10.0.0.3");
-        c.services.insert(
-            "default/web.default.svc.cluster.local".into(),
-            Default::default(),
-        );
-        c.status = HealthStatus::Unhealthy;
-        let mut d = wl("d", "other", "fd00::4");
-        d.services.insert(
-            "default/web.default.svc.cluster.local".into(),
-            Default::default(),
-        );
-        let web = svc("{name: web, hostname: web.default.svc.cluster.local, vips: [\"/10.96.0.10\"], ports: {80: 9090, 443: 0}}");
-        Snapshot {
-            workloads: vec![Arc::new(a), Arc::new(b), Arc::new(c), Arc::new(d)],
-            services: vec![Arc::new(web)],
-            ..Default::default()
-        }
-        .indexed()
-    }
-
-    #[test]
-    fn lookups_by_ip_vip_key() {
-        let s = sample();
-        assert_eq!(
-            s.workload_by_ip("10.0.0.2".parse().unwrap()).unwrap().name,
-            "b"
-        );
-        assert_eq!(
-            s.workload_by_ip("::ffff:10.0.0.1".parse().unwrap())
-                .unwrap()
-                .name,
-            "a"
-        );
-        assert_eq!(
-            s.workload_by_ip("fd00::4".parse().unwrap()).unwrap().name,
-            "d"
-        );
-        assert!(s.workload_by_ip("10.0.0.9".parse().unwrap()).is_none());
-        assert_eq!(
-            s.service_by_vip("10.96.0.10".parse().unwrap())
-                .unwrap()
-                .name,
-            "web"
-        );
-        assert!(s
-            .service_by_key("default/web.default.svc.cluster.local")
-            .is_some());
-        assert!(s.service_by_key("default/nope").is_none());
-        assert_eq!(
-            s.local_workloads("n1")
-                .map(|w| w.name.as_str())
-                .collect::<Vec<_>>(),
-            ["a", "c", "d"]
-        );
-    }
-
-    #[test]
-    fn endpoints_and_target_ports() {
-        let s = sample();
-        let web = s.services[0].clone();
-        let eps: Vec<(&str, u16)> = s
-            .endpoints(&web, 80)
-            .iter()
-            .map(|e| (e.workload.name.as_str(), e.target_port))
-            .collect();
-        // a: own entry 8080; b: own entry 0 → service's 9090; c unhealthy; d: no entry → 9090.
-        assert_eq!(eps, [("a", 8080), ("b", 9090), ("d", 9090)]);
-        let eps443: Vec<u16> = s
-            .endpoints(&web, 443)
-            .iter()
-            .map(|e| e.target_port)
-            .collect();
-        assert_eq!(eps443, [443, 443, 443]);
-        assert!(s.endpoints(&web, 8081).is_empty());
-        let unknown = svc("{name: x, hostname: x, ports: {80: 80}}");
-        assert!(s.endpoints(&unknown, 80).is_empty());
-    }
-
-    #[test]
-    fn network_address_forms() {
-        assert_eq!(
-            parse_network_address("/10.0.0.1").unwrap(),
-            ("", "10.0.0.1".parse().unwrap())
-        );
-        assert_eq!(
-            parse_network_address("net1/fd00::1").unwrap(),
-            ("net1", "fd00::1".parse().unwrap())
-        );
-        assert_eq!(
-            parse_network_address("10.0.0.1").unwrap().1,
-            "10.0.0.1".parse::<IpAddr>().unwrap()
-        );
-        assert!(parse_network_address("10.0.0.1/32").is_err());
-        assert!(parse_network_address("example.com").is_err());
-        assert!(parse_network_address("").is_err());
-    }
-
-    fn pa(
-        name: &str,
-        ns: &str,
-        sel: &[(&str, &str)],
-        mode: Option<MtlsMode>,
-        ports: &[(u16, MtlsMode)],
-    ) -> PeerAuthentication {
-        PeerAuthentication {
-            name: name.into(),
-            namespace: ns.into(),
-            selector: labels(sel),
-            mode,
-            port_level: ports.iter().copied().collect(),
-        }
-    }
-
-    #[test]
-    fn mtls_precedence() {
-        use MtlsMode::*;
-        let mut w = wl("a", "default", "10.0.0.1");
-        w.labels = labels(&[("app", "web")]);
-        let other = wl("o", "other", "10.0.0.2");
-        let mut s = Snapshot::default();
-        assert_eq!(s.mtls_mode(&w, 80), Permissive);
-        s.peer_authentications
-            .push(pa("mesh", "istio-system", &[], Some(Strict), &[]));
-        assert_eq!(s.mtls_mode(&w, 80), Strict);
-        assert_eq!(s.mtls_mode(&other, 80), Strict);
-        s.peer_authentications
-            .push(pa("ns", "default", &[], Some(Disable), &[]));
-        assert_eq!(s.mtls_mode(&w, 80), Disable);
-        assert_eq!(s.mtls_mode(&other, 80), Strict);
-        s.peer_authentications.push(pa(
-            "wl",
-            "default",
-            &[("app", "web")],
-            None,
-            &[(9000, Permissive)],
-        ));
-        assert_eq!(
-            s.mtls_mode(&w, 80),
-            Disable,
-            "UNSET inherits from the namespace"
-        );
-        assert_eq!(s.mtls_mode(&w, 9000), Permissive);
-        s.peer_authentications[1].mode = None;
-        assert_eq!(
-            s.mtls_mode(&w, 80),
-            Strict,
-            "UNSET namespace inherits from the mesh"
-        );
-        s.peer_authentications.insert(
-            0,
-            pa("wl2", "default", &[("app", "web")], Some(Strict), &[]),
-        );
-        assert_eq!(
-            s.mtls_mode(&w, 9000),
-            Strict,
-            "first matching selector policy wins"
-        );
-        s.peer_authentications.insert(
-            0,
-            pa("nomatch", "default", &[("app", "db")], Some(Disable), &[]),
-        );
-        assert_eq!(s.mtls_mode(&w, 80), Strict);
-    }
-
-    fn sidecar(
-        name: &str,
-        ns: &str,
-        sel: &[(&str, &str)],
-        mode: OutboundTrafficMode,
-        egress: Vec<EgressListener>,
-    ) -> SidecarScope {
-        SidecarScope {
-            name: name.into(),
-            namespace: ns.into(),
-            selector: labels(sel),
-            outbound_traffic_policy: mode,
-            egress,
-        }
-    }
-
-    #[test]
-    fn sidecar_selection() {
-        use OutboundTrafficMode::*;
-        let mut w = wl("a", "default", "10.0.0.1");
-        w.labels = labels(&[("run", "client")]);
-        let plain = wl("b", "default", "10.0.0.2");
-        let other = wl("c", "other", "10.0.0.3");
-        let mut s = Snapshot::default();
-        assert!(s.sidecar_for(&w).is_none());
-        s.sidecars
-            .push(sidecar("root", "istio-system", &[], AllowAny, vec![]));
-        assert_eq!(s.sidecar_for(&other).unwrap().name, "root");
-        s.sidecars
-            .push(sidecar("ns", "default", &[], AllowAny, vec![]));
-        s.sidecars.push(sidecar(
-            "sel",
-            "default",
-            &[("run", "client")],
-            RegistryOnly,
-            vec![],
-        ));
-        assert_eq!(s.sidecar_for(&w).unwrap().name, "sel");
-        assert_eq!(s.sidecar_for(&plain).unwrap().name, "ns");
-        assert_eq!(s.sidecar_for(&other).unwrap().name, "root");
-    }
-
-    #[test]
-    fn egress_registry_only() {
-        use OutboundTrafficMode::*;
-        let mut src = wl("client", "default", "10.0.0.1");
-        src.labels = labels(&[("run", "client")]);
-        let web = svc("{name: web, hostname: web.default.svc.cluster.local, ports: {8080: 0}}");
-        let ext = svc("{name: db, namespace: ext, hostname: db.example.com}");
-        let peer = wl("peer", "default", "10.0.0.2");
-        let mut s = Snapshot::default();
-        assert!(
-            s.egress_allowed(&src, EgressTarget::Unknown, 80),
-            "mesh default ALLOW_ANY"
-        );
-        s.outbound_traffic_policy = RegistryOnly;
-        assert!(!s.egress_allowed(&src, EgressTarget::Unknown, 80));
-        assert!(
-            s.egress_allowed(&src, EgressTarget::Service(&web), 8080),
-            "no sidecar: registry allowed"
-        );
-        let listener = |port, hosts: &[&str]| EgressListener {
-            port,
-            hosts: hosts.iter().map(|h| h.to_string()).collect(),
-        };
-        s.sidecars.push(sidecar(
-            "client",
-            "default",
-            &[("run", "client")],
-            RegistryOnly,
-            vec![listener(Some(8080), &["./*"])],
-        ));
-        assert!(s.egress_allowed(&src, EgressTarget::Service(&web), 8080));
-        assert!(
-            !s.egress_allowed(&src, EgressTarget::Service(&web), 9090),
-            "port not listed"
-        );
-        assert!(
-            !s.egress_allowed(&src, EgressTarget::Service(&ext), 8080),
-            "other namespace"
-        );
-        assert!(s.egress_allowed(&src, EgressTarget::Workload(&peer), 8080));
-        s.sidecars[0]
-            .egress
-            .push(listener(None, &["ext/*.example.com"]));
-        assert!(s.egress_allowed(&src, EgressTarget::Service(&ext), 5432));
-        s.sidecars[0].outbound_traffic_policy = AllowAny;
-        assert!(s.egress_allowed(&src, EgressTarget::Unknown, 1));
-    }
-
-    #[test]
-    fn host_patterns() {
-        assert!(host_pattern_matches("*/*", "a", "b", "x"));
-        assert!(host_pattern_matches("./*", "a", "a", "x"));
-        assert!(!host_pattern_matches("./*", "a", "b", "x"));
-        assert!(host_pattern_matches("b/*", "a", "b", "x"));
-        assert!(host_pattern_matches("*/x.b.svc", "a", "b", "X.B.svc"));
-        assert!(host_pattern_matches("*/*.svc", "a", "b", "x.b.svc"));
-        assert!(!host_pattern_matches("*/*.svc", "a", "b", ".svc"));
-        assert!(!host_pattern_matches("*/*.svc", "a", "b", "x.b.svcx"));
-        assert!(!host_pattern_matches("~/*", "a", "b", "x"));
-        assert!(!host_pattern_matches("nohost", "a", "b", "x"));
-    }
-
-    #[test]
-    fn serializes_without_indices() {
-        let s = sample();
-        let json = serde_json::to_value(&s).expect("serializable");
-        assert!(json.get("index").is_none());
-        assert_eq!(json["rootNamespace"], "istio-system");
-        assert_eq!(json["workloads"].as_array().map(Vec::len), Some(4));
-    }
-}
+#[path = "snapshot_tests.rs"]
+mod tests;

@@ -211,15 +211,28 @@ impl State {
 
     /// The next free ClusterIP in 10.96.0.0/12 (from 10.96.0.10, as a cluster's service CIDR
     /// would hand them out).
+    /// Addresses a Service asked for by hand are skipped, as the API server's allocator does.
     fn allocate_cluster_ip(&mut self) -> Option<String> {
-        self.cluster_ip_seq += 1;
-        if self.cluster_ip_seq >= (1 << 20) - 1 {
-            return None;
+        let used: std::collections::HashSet<&str> = self
+            .objects
+            .get(&(String::new(), "Service".to_string()))
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter_map(|o| o["spec"]["clusterIP"].as_str())
+            .collect();
+        loop {
+            self.cluster_ip_seq += 1;
+            if self.cluster_ip_seq >= (1 << 20) - 1 {
+                return None;
+            }
+            let ip = std::net::Ipv4Addr::from(
+                u32::from(std::net::Ipv4Addr::new(10, 96, 0, 0)) + self.cluster_ip_seq,
+            )
+            .to_string();
+            if !used.contains(ip.as_str()) {
+                return Some(ip);
+            }
         }
-        let ip = std::net::Ipv4Addr::from(
-            u32::from(std::net::Ipv4Addr::new(10, 96, 0, 0)) + self.cluster_ip_seq,
-        );
-        Some(ip.to_string())
     }
 
     /// A new Service gets a ClusterIP unless it asks for none (`None`, `ExternalName`) or names

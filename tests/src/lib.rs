@@ -9,6 +9,7 @@ pub mod apps;
 pub mod capture;
 pub mod cluster;
 pub mod config;
+pub mod dns;
 pub mod envoy;
 pub mod hbone;
 pub mod http_apps;

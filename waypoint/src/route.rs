@@ -84,6 +84,7 @@ pub fn workload_service(snap: &Snapshot, target: SocketAddr) -> Option<Arc<Servi
         waypoint: w.waypoint.clone(),
         load_balancer: None,
         ip_families: None,
+        service_entry: None,
     }))
 }
 

@@ -173,6 +173,9 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         args.inbound_plaintext_addr.port(),
         args.inbound_addr.port(),
     ];
+    // Created on the main runtime: every DNS lookup runs here, whichever shard asks.
+    let dns = Arc::new(crate::dns::DnsCache::from_resolv_conf(&args.resolv_conf));
+    let _dns_refresher = AbortOnDrop(tokio::spawn(dns.clone().run_refresher()));
     let state = Arc::new(ProxyState::new(
         args.node.clone(),
         store.clone(),
@@ -182,6 +185,7 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         settings,
         drain_watch,
         own_ports,
+        dns,
     ));
 
     let node = args.node.clone();

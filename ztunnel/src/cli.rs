@@ -188,6 +188,9 @@ pub struct RunArgs {
     /// TLS handshakes in progress on 15008 (`reason="handshakes"`).
     #[arg(long, default_value_t = common::admission::Caps::default().handshakes)]
     pub max_concurrent_handshakes: usize,
+    /// The resolv.conf whose nameservers resolve DNS-resolution ServiceEntries.
+    #[arg(long, env = "ZTUNNEL_RESOLV_CONF", default_value = "/etc/resolv.conf")]
+    pub resolv_conf: std::path::PathBuf,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {

@@ -6,6 +6,7 @@ mod app;
 mod capture;
 mod capture_follow;
 mod cli;
+mod dns;
 mod metrics;
 mod proxy;
 mod socket;

@@ -1,6 +1,7 @@
 //! The state every proxy listener reads: the config snapshot store, certificates, the HBONE
 //! connection pool, metrics, the drain signal and the count of live connections.
 
+use crate::dns::DnsCache;
 use crate::metrics::Metrics;
 use crate::proxy::revalidate::Authorized;
 use common::config::watch::ConfigStore;
@@ -25,6 +26,8 @@ pub struct ProxyState {
     pub own_ports: Vec<u16>,
     /// Live connections this node authorized, re-checked on every snapshot swap.
     pub live: Arc<Registry<Authorized>>,
+    /// Answers for DNS-resolved ServiceEntries, shared by the shards.
+    pub dns: Arc<DnsCache>,
     round_robin: Mutex<HashMap<(String, u16), usize>>,
     active: Arc<AtomicUsize>,
 }
@@ -49,6 +52,7 @@ impl ProxyState {
         settings: H2Settings,
         drain: DrainWatch,
         own_ports: Vec<u16>,
+        dns: Arc<DnsCache>,
     ) -> Self {
         ProxyState {
             node,
@@ -60,6 +64,7 @@ impl ProxyState {
             drain,
             live: Registry::with_counter(metrics.revoked.clone()),
             own_ports,
+            dns,
             round_robin: Mutex::new(HashMap::new()),
             active: Arc::new(AtomicUsize::new(0)),
         }

@@ -21,6 +21,7 @@
 
 pub mod assemble;
 pub mod istio;
+mod kube;
 mod l7;
 pub mod local;
 mod reject;
@@ -133,6 +134,9 @@ pub(crate) struct Collected {
     pub rejected: Vec<ConfigError>,
     /// AuthorizationPolicies attached to waypoints (`targetRefs`): (L4 form, targets, document).
     pub attached_l4: Vec<(Authorization, Vec<crate::l7::attached::PolicyTarget>, usize)>,
+    /// Headless selector-less Services and `Endpoints` objects, joined when finished.
+    pub headless: Vec<kube::Headless>,
+    pub endpoints: Vec<kube::EndpointsObj>,
 }
 
 /// How far [`Collected`] had grown before a document, to undo a half-loaded one.
@@ -344,6 +348,13 @@ fn load_document(doc: &Document, source: &str, out: &mut Collected) -> Result<()
     if l7::is_l7_kind(group, &kind) {
         l7::load(doc, &api_version, &kind, &value, source, out);
         return Ok(());
+    }
+    if group.is_empty() && kind == "Endpoints" {
+        kube::load_endpoints(doc, &value, source, out);
+        return Ok(());
+    }
+    if group.is_empty() && kind == "Service" {
+        kube::note_service(doc, &value, out);
     }
     let mark = out.mark();
     let mut loaded = istio::load(doc.index, &api_version, &kind, &value, out);

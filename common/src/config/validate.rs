@@ -206,6 +206,37 @@ pub(super) fn finish(c: Collected, source: &str) -> Result<Snapshot, ConfigError
         })
         .collect();
 
+    // ServiceEntries join the registry as services (and endpoint workloads).
+    let mut l7 = super::l7::finish(c.l7, &mut rejected, source);
+    let (mut resolved_workloads, mut resolved_services) = (resolved_workloads, resolved_services);
+    let headless =
+        super::kube::headless_entries(&c.headless, &c.endpoints, crate::l7::DEFAULT_DOMAIN_SUFFIX);
+    let entry_rejections = crate::service_entries::register(
+        &l7.service_entries,
+        &headless,
+        &mut resolved_workloads,
+        &mut resolved_services,
+        &mesh.trust_domain,
+    );
+    if !entry_rejections.is_empty() {
+        l7.service_entries.retain(|se| {
+            !entry_rejections.iter().any(|r| {
+                r.kind == "ServiceEntry" && r.namespace == se.namespace && r.name == se.name
+            })
+        });
+    }
+    for r in entry_rejections {
+        let e = ConfigError {
+            file: source.to_string(),
+            document: Some(r.document).filter(|d| *d != 0),
+            resource: Some(format!("{} {}/{}", r.kind, r.namespace, r.name)),
+            field: Some(r.field),
+            message: r.message,
+        };
+        tracing::warn!("rejected, the rest of the configuration applies: {e}");
+        rejected.push(e);
+    }
+
     let mut snapshot = Snapshot::default();
     snapshot.workloads = resolved_workloads;
     snapshot.services = resolved_services;
@@ -216,7 +247,7 @@ pub(super) fn finish(c: Collected, source: &str) -> Result<Snapshot, ConfigError
     snapshot.trust_domain = mesh.trust_domain;
     snapshot.outbound_traffic_policy = mesh.outbound_traffic_policy.mode;
     snapshot.other_resources = c.other_resources;
-    snapshot.l7 = Arc::new(super::l7::finish(c.l7, &mut rejected, source));
+    snapshot.l7 = Arc::new(l7);
     snapshot.rejected = rejected;
     Ok(snapshot.indexed())
 }

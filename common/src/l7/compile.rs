@@ -238,6 +238,7 @@ pub fn compile(res: Resources, domain: &str) -> (L7Config, Vec<Rejected>) {
                 name: se.name,
                 namespace: se.namespace,
                 spec: se.spec,
+                document: se.document,
             })),
             Err(e) => rejected.push(reject("ServiceEntry", &se, e)),
         }

@@ -1,7 +1,7 @@
 //! The Istio `ServiceEntry` spec as serde types (hosts, addresses, ports, location, resolution,
-//! endpoints, workload selector) and its validation. Model only: nothing resolves DNS or turns
-//! entries into services yet; they are kept validated in the snapshot for the waypoint and
-//! `/config_dump`.
+//! endpoints, workload selector) and its validation. Validated entries are kept in the snapshot
+//! for the waypoint and `/config_dump`; [`crate::service_entries`] turns them into registry
+//! services.
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -23,11 +23,19 @@ pub struct ServiceEntrySpec {
     #[serde(default)]
     pub endpoints: Vec<WorkloadEntry>,
     #[serde(default)]
-    pub workload_selector: Option<super::destination_rule::WorkloadSelector>,
+    pub workload_selector: Option<EntrySelector>,
     #[serde(default)]
     pub export_to: Vec<String>,
     #[serde(default)]
     pub subject_alt_names: Vec<String>,
+}
+
+/// `workloadSelector` of a ServiceEntry (Istio's networking `WorkloadSelector`: `labels`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EntrySelector {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -86,6 +94,9 @@ pub struct ServiceEntry {
     pub name: String,
     pub namespace: String,
     pub spec: ServiceEntrySpec,
+    /// 1-based document index in its file (0 when not from a file), for rejections.
+    #[serde(skip)]
+    pub document: usize,
 }
 
 impl ServiceEntry {
@@ -277,6 +288,7 @@ mod tests {
             namespace: "default".into(),
             spec: serde_yaml_ng::from_str("{hosts: [a.example.com, \"*.svc.example.com\"]}")
                 .expect("spec"),
+            document: 0,
         };
         assert!(se.covers("a.example.com"));
         assert!(se.covers("x.svc.example.com"));

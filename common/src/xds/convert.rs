@@ -430,6 +430,7 @@ pub fn service_from_proto(p: wds::Service) -> Result<model::Service, ConvertErro
         waypoint,
         load_balancer: None,
         ip_families: None,
+        service_entry: None,
     })
 }
 

@@ -228,6 +228,7 @@ pub(crate) fn service(
         waypoint,
         load_balancer: None,
         ip_families: None,
+        service_entry: None,
     };
     (Some(service), binding)
 }

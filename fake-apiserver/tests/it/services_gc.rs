@@ -31,6 +31,31 @@ async fn services_get_a_cluster_ip_that_updates_keep() {
     assert!(ip_a.starts_with("10.96."), "{ip_a}");
     assert_eq!(ips(&a), Some(vec![ip_a.clone()]));
     assert_ne!(ip(&b), Some(ip_a.clone()), "distinct addresses");
+    // An address taken by hand is never handed out again.
+    let next = |ip: &str| {
+        let v: std::net::Ipv4Addr = ip.parse().unwrap();
+        std::net::Ipv4Addr::from(u32::from(v) + 1).to_string()
+    };
+    let b_ip = ip(&b).unwrap();
+    let manual = api
+        .create(
+            &pp,
+            &svc(
+                "m",
+                json!({"clusterIP": next(&b_ip), "ports": [{"port": 80}]}),
+            ),
+        )
+        .await
+        .expect("manual");
+    let auto = api
+        .create(&pp, &svc("n", json!({"ports": [{"port": 80}]})))
+        .await
+        .expect("auto");
+    assert_ne!(
+        ip(&auto),
+        ip(&manual),
+        "allocated an address already in use"
+    );
     let headless = api
         .create(
             &pp,

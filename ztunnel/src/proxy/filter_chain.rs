@@ -3,7 +3,9 @@
 
 use common::hbone::HBONE_PORT;
 use common::identity::Identity;
+use common::l7::service_entry::Resolution;
 use common::model::{Protocol, Service, Workload};
+use common::service_entries::visible_from;
 use common::snapshot::{EgressTarget, Snapshot};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -38,8 +40,15 @@ pub enum Chain {
         target: SocketAddr,
         service: Option<Arc<Service>>,
     },
-    /// Not in the registry: plain TCP to the original destination.
-    Passthrough { target: SocketAddr },
+    /// A DNS-resolved ServiceEntry: the proxy resolves `targets` (in order, the first that
+    /// answers) and connects with plain TCP to `<address>:<target port>`.
+    Dns { service: Arc<Service>, port: u16 },
+    /// Plain TCP to the original destination: not in the registry, or a ServiceEntry with
+    /// resolution NONE (then `service` names it).
+    Passthrough {
+        target: SocketAddr,
+        service: Option<Arc<Service>>,
+    },
 }
 
 impl Chain {
@@ -50,6 +59,7 @@ impl Chain {
             Chain::Hbone { .. } => "outbound_hbone",
             Chain::Local { .. } => "outbound_local",
             Chain::Tcp { .. } => "outbound_tcp",
+            Chain::Dns { .. } => "outbound_dns",
             Chain::Passthrough { .. } => "passthrough",
         }
     }
@@ -59,8 +69,9 @@ impl Chain {
             Chain::Waypoint { service, .. }
             | Chain::Hbone { service, .. }
             | Chain::Local { service, .. }
-            | Chain::Tcp { service, .. } => service.as_ref(),
-            Chain::Passthrough { .. } => None,
+            | Chain::Tcp { service, .. }
+            | Chain::Passthrough { service, .. } => service.as_ref(),
+            Chain::Dns { service, .. } => Some(service),
         }
     }
 
@@ -70,7 +81,7 @@ impl Chain {
             | Chain::Local { workload, .. }
             | Chain::Tcp { workload, .. } => Some(workload),
             Chain::Waypoint { workload, .. } => workload.as_ref(),
-            Chain::Passthrough { .. } => None,
+            Chain::Passthrough { .. } | Chain::Dns { .. } => None,
         }
     }
 }
@@ -80,8 +91,8 @@ impl Chain {
 pub enum Refusal {
     #[error("source {0} is not a mesh workload on this node")]
     UnknownSource(IpAddr),
-    #[error("destination {0} is not in the registry (REGISTRY_ONLY)")]
-    RegistryOnly(SocketAddr),
+    #[error("destination {0} is not in the registry: refused by {1}")]
+    RegistryOnly(SocketAddr, String),
     #[error("service {service} has no healthy endpoint for port {port}")]
     NoEndpoint { service: String, port: u16 },
     #[error("destination {0} is one of ztunnel's own ports (loop)")]
@@ -109,44 +120,15 @@ pub fn select(
         .cloned()
         .ok_or(Refusal::UnknownSource(src.ip()))?;
 
-    if let Some(svc) = snap.service_by_vip(dst.ip()) {
-        if !snap.egress_allowed(&source, EgressTarget::Service(svc), dst.port()) {
-            return Err(Refusal::RegistryOnly(dst));
-        }
-        if let Some(wp) = &svc.waypoint {
-            return waypoint_chain(snap, wp, dst, Some(svc.clone()), None, pick)
-                .map(|c| (source, c));
-        }
-        let endpoints = snap.endpoints(svc, dst.port());
-        if endpoints.is_empty() {
-            return Err(Refusal::NoEndpoint {
-                service: svc.hostname.clone(),
-                port: dst.port(),
-            });
-        }
-        let ep = &endpoints[pick(&svc.key(), endpoints.len()) % endpoints.len()];
-        let ip = ep
-            .workload
-            .workload_ips
-            .first()
-            .copied()
-            .ok_or_else(|| Refusal::NoEndpoint {
-                service: svc.hostname.clone(),
-                port: dst.port(),
-            })?;
-        let chain = workload_chain(
-            node,
-            ep.workload.clone(),
-            SocketAddr::new(ip, ep.target_port),
-            Some(svc.clone()),
-        );
+    let visible = |s: &&Arc<Service>| visible_from(s, &source.namespace);
+    if let Some(svc) = snap.service_by_vip(dst.ip()).filter(visible) {
+        let chain = service_chain(snap, node, &source, svc, dst, pick)?;
         return Ok((source, chain));
     }
 
     if let Some(w) = snap.workload_by_ip(dst.ip()) {
-        if !snap.egress_allowed(&source, EgressTarget::Workload(w), dst.port()) {
-            return Err(Refusal::RegistryOnly(dst));
-        }
+        snap.egress_decision(&source, EgressTarget::Workload(w), dst.port())
+            .map_err(|p| Refusal::RegistryOnly(dst, p))?;
         if let Some(wp) = &w.waypoint {
             // Traffic from the waypoint itself must not loop back to it.
             if !wp.destination.ends_with(&format!("/{}", src.ip())) {
@@ -154,16 +136,108 @@ pub fn select(
                     .map(|c| (source, c));
             }
         }
-        return Ok((source, workload_chain(node, w.clone(), dst, None)));
+        // A plain-TCP endpoint (e.g. of a ServiceEntry) reached by its own address is named
+        // by the service it belongs to in metrics and logs.
+        let service = (w.protocol == Protocol::Tcp)
+            .then(|| {
+                w.services
+                    .keys()
+                    .filter_map(|k| snap.service_by_key(k))
+                    .find(|s| visible_from(s, &source.namespace))
+                    .cloned()
+            })
+            .flatten();
+        return Ok((source, workload_chain(node, w.clone(), dst, service)));
+    }
+
+    if let Some(svc) = snap
+        .service_by_cidr(dst.ip())
+        .filter(visible)
+        .filter(|s| s.ports.contains_key(&dst.port()))
+    {
+        let chain = service_chain(snap, node, &source, svc, dst, pick)?;
+        return Ok((source, chain));
     }
 
     if own_ports.contains(&dst.port()) && (dst.ip().is_loopback() || dst.port() == HBONE_PORT) {
         return Err(Refusal::Loop(dst));
     }
-    if !snap.egress_allowed(&source, EgressTarget::Unknown, dst.port()) {
-        return Err(Refusal::RegistryOnly(dst));
+    snap.egress_decision(&source, EgressTarget::Unknown, dst.port())
+        .map_err(|p| Refusal::RegistryOnly(dst, p))?;
+    Ok((
+        source,
+        Chain::Passthrough {
+            target: dst,
+            service: None,
+        },
+    ))
+}
+
+/// A connection addressed to a service (by VIP, or inside a ServiceEntry CIDR): its waypoint,
+/// else by the ServiceEntry resolution (NONE: the original destination; DNS: resolved by the
+/// proxy), else one of its endpoints.
+fn service_chain(
+    snap: &Snapshot,
+    node: &str,
+    source: &Workload,
+    svc: &Arc<Service>,
+    dst: SocketAddr,
+    pick: impl FnOnce(&str, usize) -> usize,
+) -> Result<Chain, Refusal> {
+    snap.egress_decision(source, EgressTarget::Service(svc), dst.port())
+        .map_err(|p| Refusal::RegistryOnly(dst, p))?;
+    if let Some(wp) = &svc.waypoint {
+        return waypoint_chain(snap, wp, dst, Some(svc.clone()), None, pick);
     }
-    Ok((source, Chain::Passthrough { target: dst }))
+    let resolution = svc.service_entry.as_ref().map(|i| i.resolution);
+    if matches!(
+        resolution,
+        Some(Resolution::None | Resolution::Dns | Resolution::DnsRoundRobin)
+    ) && !svc.ports.contains_key(&dst.port())
+    {
+        return Err(Refusal::NoEndpoint {
+            service: svc.hostname.clone(),
+            port: dst.port(),
+        });
+    }
+    match resolution {
+        Some(Resolution::None) => {
+            return Ok(Chain::Passthrough {
+                target: dst,
+                service: Some(svc.clone()),
+            })
+        }
+        Some(Resolution::Dns | Resolution::DnsRoundRobin) => {
+            return Ok(Chain::Dns {
+                service: svc.clone(),
+                port: dst.port(),
+            });
+        }
+        Some(Resolution::Static) | None => {}
+    }
+    let endpoints = snap.endpoints(svc, dst.port());
+    if endpoints.is_empty() {
+        return Err(Refusal::NoEndpoint {
+            service: svc.hostname.clone(),
+            port: dst.port(),
+        });
+    }
+    let ep = &endpoints[pick(&svc.key(), endpoints.len()) % endpoints.len()];
+    let ip = ep
+        .workload
+        .workload_ips
+        .first()
+        .copied()
+        .ok_or_else(|| Refusal::NoEndpoint {
+            service: svc.hostname.clone(),
+            port: dst.port(),
+        })?;
+    Ok(workload_chain(
+        node,
+        ep.workload.clone(),
+        SocketAddr::new(ip, ep.target_port),
+        Some(svc.clone()),
+    ))
 }
 
 fn workload_chain(
@@ -391,7 +465,10 @@ services:
         let strict = snap("meshConfig: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}\n");
         assert_eq!(
             sel(&strict, "10.244.1.2:5000", "10.0.0.2:7000").unwrap_err(),
-            Refusal::RegistryOnly("10.0.0.2:7000".parse().unwrap())
+            Refusal::RegistryOnly(
+                "10.0.0.2:7000".parse().unwrap(),
+                "mesh outboundTrafficPolicy REGISTRY_ONLY".into()
+            )
         );
         // Known services stay reachable under REGISTRY_ONLY.
         assert!(sel(&strict, "10.244.1.2:5000", "10.96.0.10:8080").is_ok());
@@ -416,5 +493,154 @@ services:
             sel(&s, "10.244.1.2:5000", "127.0.0.1:15001"),
             Err(Refusal::Loop(_))
         ));
+    }
+
+    const ENTRIES: &str = r#"---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: pg, namespace: default}
+spec:
+  hosts: [pg.example.com]
+  addresses: [10.96.5.5]
+  ports: [{number: 5432, name: tcp-pg}]
+  resolution: STATIC
+  endpoints: [{address: 10.250.0.10, ports: {tcp-pg: 15432}}, {address: 10.244.2.3}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: net, namespace: default}
+spec:
+  hosts: [net.example.com]
+  addresses: [10.80.0.0/16]
+  ports: [{number: 7000, name: tcp}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: default}
+spec:
+  hosts: [api.example.com]
+  addresses: [10.90.0.1]
+  ports: [{number: 443, name: https}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: private, namespace: other}
+spec:
+  hosts: [private.example.com]
+  addresses: [10.91.0.1]
+  ports: [{number: 80, name: http}]
+  resolution: NONE
+  exportTo: ["."]
+"#;
+
+    #[test]
+    fn service_entries_route_by_resolution() {
+        let s = snap(&format!(
+            "meshConfig: {{outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}}}\n{ENTRIES}"
+        ));
+        assert!(s.rejected.is_empty(), "{:?}", s.rejected);
+        // STATIC by VIP: endpoints in registry order (mesh workload d: HBONE; the outside
+        // address: plain TCP, port mapped by name).
+        let pick = |i: usize| {
+            select(
+                &s,
+                "n1",
+                "10.244.1.2:5000".parse().unwrap(),
+                "10.96.5.5:5432".parse().unwrap(),
+                &[15001],
+                move |_, n| {
+                    assert_eq!(n, 2);
+                    i
+                },
+            )
+            .map(|(_, c)| c)
+            .unwrap()
+        };
+        match pick(0) {
+            Chain::Hbone {
+                target, service, ..
+            } => {
+                assert_eq!(target, "10.244.2.3:5432".parse().unwrap());
+                assert_eq!(service.unwrap().hostname, "pg.example.com");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match pick(1) {
+            Chain::Tcp { target, .. } => {
+                assert_eq!(target, "10.250.0.10:15432".parse().unwrap())
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // The outside endpoint by its own address: plain TCP, named by the entry.
+        match sel(&s, "10.244.1.2:5000", "10.250.0.10:15432").unwrap() {
+            Chain::Tcp { service, .. } => {
+                assert_eq!(service.unwrap().hostname, "pg.example.com")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // NONE inside the CIDR on a declared port: original destination, named.
+        match sel(&s, "10.244.1.2:5000", "10.80.3.4:7000").unwrap() {
+            Chain::Passthrough { target, service } => {
+                assert_eq!(target, "10.80.3.4:7000".parse().unwrap());
+                assert_eq!(service.unwrap().hostname, "net.example.com");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // Undeclared port of the CIDR: not the entry, so not in the registry.
+        assert!(matches!(
+            sel(&s, "10.244.1.2:5000", "10.80.3.4:7001"),
+            Err(Refusal::RegistryOnly(..))
+        ));
+        // DNS: resolved by the proxy.
+        assert!(matches!(
+            sel(&s, "10.244.1.2:5000", "10.90.0.1:443").unwrap(),
+            Chain::Dns { port: 443, .. }
+        ));
+        assert!(matches!(
+            sel(&s, "10.244.1.2:5000", "10.90.0.1:80"),
+            Err(Refusal::NoEndpoint { .. })
+        ));
+        // exportTo ".": invisible from default, so under REGISTRY_ONLY not in its registry.
+        assert_eq!(
+            sel(&s, "10.244.1.2:5000", "10.91.0.1:80").unwrap_err(),
+            Refusal::RegistryOnly(
+                "10.91.0.1:80".parse().unwrap(),
+                "mesh outboundTrafficPolicy REGISTRY_ONLY".into()
+            )
+        );
+        // ALLOW_ANY: the invisible entry's address is just an unknown destination.
+        let open = snap(ENTRIES);
+        assert!(matches!(
+            sel(&open, "10.244.1.2:5000", "10.91.0.1:80").unwrap(),
+            Chain::Passthrough { service: None, .. }
+        ));
+    }
+
+    #[test]
+    fn sidecar_refusal_names_the_sidecar() {
+        let sidecar = r#"---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: client, namespace: default}
+spec:
+  workloadSelector: {labels: {run: client}}
+  outboundTrafficPolicy: {mode: REGISTRY_ONLY}
+  egress: [{hosts: ["*/pg.example.com"]}]
+"#;
+        let s = snap(&format!("{ENTRIES}{sidecar}"));
+        assert!(sel(&s, "10.244.1.2:5000", "10.96.5.5:5432").is_ok());
+        // Direct to the entry's outside endpoint: allowed through the entry's host.
+        assert!(sel(&s, "10.244.1.2:5000", "10.250.0.10:15432").is_ok());
+        assert_eq!(
+            sel(&s, "10.244.1.2:5000", "10.96.0.10:8080").unwrap_err(),
+            Refusal::RegistryOnly(
+                "10.96.0.10:8080".parse().unwrap(),
+                "Sidecar default/client (REGISTRY_ONLY)".into()
+            )
+        );
+        // Pod c is not selected: no Sidecar, mesh default ALLOW_ANY.
+        assert!(sel(&s, "10.244.1.3:5000", "10.96.0.10:8080").is_ok());
     }
 }
