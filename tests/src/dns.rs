@@ -65,8 +65,10 @@ pub fn dns_server(
             response.metadata.recursion_desired = request.metadata.recursion_desired;
             response.add_queries(request.queries.iter().cloned());
             for query in &request.queries {
-                if query.name().to_ascii().to_ascii_lowercase()
-                    != fqdn.to_ascii().to_ascii_lowercase()
+                if !query
+                    .name()
+                    .to_ascii()
+                    .eq_ignore_ascii_case(&fqdn.to_ascii())
                 {
                     response.metadata.response_code = ResponseCode::NXDomain;
                     continue;
