@@ -147,6 +147,8 @@ pub struct State {
     pub limits: crate::limits::Limits,
     /// A handle to this state for tasks that outlive a request (mirrors).
     pub me: std::sync::Weak<State>,
+    /// Mirror copies in flight, at most [`crate::pipeline::MAX_MIRRORS`].
+    pub mirror_slots: Arc<tokio::sync::Semaphore>,
     /// L4 connections this waypoint authorized, re-checked on every snapshot swap.
     pub live: Arc<common::revalidate::Registry<crate::tcp::Authorized>>,
     active: AtomicUsize,
@@ -281,6 +283,7 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         outliers: Default::default(),
         limits: Default::default(),
         me: me.clone(),
+        mirror_slots: Arc::new(tokio::sync::Semaphore::new(crate::pipeline::MAX_MIRRORS)),
         active: AtomicUsize::new(0),
     });
     let housekeeping = crate::housekeeping::spawn(&state);

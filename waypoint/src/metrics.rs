@@ -41,6 +41,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// L4 connections closed by a configuration change.
     pub revoked: Counter,
+    /// Mirror copies not sent because [`crate::pipeline::MAX_MIRRORS`] were in flight.
+    pub mirrors_dropped: Counter,
     /// Connections shed by the listener's caps (`common::admission`).
     pub shed: common::admission::ShedCounter,
     pub duration_ms: Histograms,
@@ -93,6 +95,12 @@ impl Metrics {
         registry.register_collector(Box::new(common::logging::DroppedLines::new(
             "waypoint_log_lines_dropped",
         )));
+        let mirrors_dropped = Counter::default();
+        registry.register(
+            "waypoint_mirrors_dropped",
+            "Mirror copies not sent because the waypoint's mirror capacity was in use",
+            mirrors_dropped.clone(),
+        );
         let shed = common::admission::ShedCounter::default();
         registry.register(
             "waypoint_connections_shed",
@@ -102,6 +110,7 @@ impl Metrics {
         Metrics {
             registry,
             revoked,
+            mirrors_dropped,
             shed,
             requests,
             duration_ms,

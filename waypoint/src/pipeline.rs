@@ -682,8 +682,25 @@ fn forwarded(mut resp: Response<hyper::body::Incoming>, endpoint: Arc<Workload>)
     }
 }
 
+/// Mirror copies in flight at once; a copy beyond it is not sent (counted in
+/// `waypoint_mirrors_dropped_total`): shadow traffic must never cost the real traffic memory or
+/// connections.
+pub const MAX_MIRRORS: usize = 256;
+/// How long a mirror copy may take, response included, before it is abandoned.
+pub const MIRROR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Reads a response body to its end and drops every frame as it comes: nothing is kept.
+async fn discard<B: hyper::body::Body + Unpin>(mut body: B) {
+    while let Some(frame) = body.frame().await {
+        if frame.is_err() {
+            return;
+        }
+    }
+}
+
 /// Sends a copy of the request to a mirror cluster (Istio appends `-shadow` to the host) and
-/// discards the response.
+/// discards the response without buffering it; at most [`MAX_MIRRORS`] at a time, each within
+/// [`MIRROR_TIMEOUT`].
 fn spawn_mirror(
     state: &State,
     ctx: &ConnContext,
@@ -694,6 +711,11 @@ fn spawn_mirror(
     authority: &str,
 ) {
     let Some(me) = state.me.upgrade() else { return };
+    let Ok(slot) = state.mirror_slots.clone().try_acquire_owned() else {
+        state.metrics.mirrors_dropped.inc();
+        tracing::debug!("mirror capacity in use: copy not sent");
+        return;
+    };
     let whole = replay.whole();
     let Ok(pick) = route::pick_endpoint(&me, &cluster, None, &[], ctx.target) else {
         return;
@@ -727,24 +749,28 @@ fn spawn_mirror(
     let proto = ctx.protocol;
     let client = ctx.client;
     tokio::spawn(async move {
-        // A streamed request body is mirrored when it has ended within the replay cap.
-        let Some(whole) = whole.await else {
-            tracing::debug!("request body not kept whole: not mirrored");
-            return;
-        };
-        let mut req = Request::from_parts(p, whole.body());
-        let pool = cluster.policy.connection_pool.clone();
-        let proto = upstream::protocol_for(proto, &pool);
-        shape_for(proto, &mut req, &shadow);
-        match me
-            .upstreams
-            .send(&pick.target, proto, client, &pool, req)
-            .await
-        {
-            Ok(resp) => {
-                let _ = resp.into_body().collect().await;
+        let _slot = slot;
+        let copy = async {
+            // A streamed request body is mirrored when it has ended within the replay cap.
+            let Some(whole) = whole.await else {
+                tracing::debug!("request body not kept whole: not mirrored");
+                return;
+            };
+            let mut req = Request::from_parts(p, whole.body());
+            let pool = cluster.policy.connection_pool.clone();
+            let proto = upstream::protocol_for(proto, &pool);
+            shape_for(proto, &mut req, &shadow);
+            match me
+                .upstreams
+                .send(&pick.target, proto, client, &pool, req)
+                .await
+            {
+                Ok(resp) => discard(resp.into_body()).await,
+                Err(e) => tracing::debug!(error = %e, "mirror request failed"),
             }
-            Err(e) => tracing::debug!(error = %e, "mirror request failed"),
+        };
+        if tokio::time::timeout(MIRROR_TIMEOUT, copy).await.is_err() {
+            tracing::debug!(timeout = ?MIRROR_TIMEOUT, "mirror request abandoned");
         }
     });
 }

@@ -947,6 +947,80 @@ spec:
         .all(|e| field(e, "upstream_cluster") == cluster("v10")));
 }
 
+/// Mirrors are bounded (issue 9 item 10): the mirror subset's pods accept connections and
+/// never answer. Every client request is still answered at once by v1.0; mirror copies beyond
+/// the waypoint's capacity are not sent and are counted, instead of piling up tasks, buffers
+/// and connections without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_to_a_stalled_backend_are_bounded() {
+    let vs = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata:
+  name: demoapp
+spec:
+  hosts:
+  - demoapp
+  http:
+  - name: mirrored
+    route:
+    - destination:
+        host: demoapp
+        subset: v10
+    mirror:
+      host: demoapp
+      subset: v11
+"#;
+    let b = L7Mesh::demoapp_canary("rt-mirror-cap")
+        .document(vs)
+        .document(DR_SUBSETS);
+    let mesh = within(120, "start the mesh", b.start()).await.unwrap();
+    let target = mesh.ports[0].1;
+    let _v10: Vec<HttpServer> = V10
+        .iter()
+        .map(|p| {
+            tests::http_apps::http_server(
+                &mesh.pod(p).ns,
+                tests::support::any(target),
+                p,
+                HttpMode::Auto,
+            )
+            .unwrap()
+        })
+        .collect();
+    // v1.1: accepts, reads nothing, answers nothing; connections held until the test ends.
+    let mut stalls = Vec::new();
+    for p in V11 {
+        let listener = mesh
+            .pod(p)
+            .ns
+            .tcp_listener(tests::support::any(target))
+            .unwrap();
+        stalls.push(tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        }));
+    }
+    let requests: usize = 320;
+    let mut c = client(&mesh).await;
+    for i in 0..requests {
+        let r = get(&mut c, &format!("/m/{i}"), &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(V10.contains(&r.pod().as_str()), "answered by {}", r.pod());
+    }
+    let m = mesh.waypoint().metrics().await.unwrap();
+    let dropped = tests::admin::sum_metric(&m, "waypoint_mirrors_dropped_total", &[]);
+    assert!(
+        dropped >= (requests - 256) as f64,
+        "{dropped} mirror copies dropped of {requests} with a stalled mirror"
+    );
+    for t in stalls {
+        t.abort();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_preflight_answered_at_waypoint() {
     let vs = r#"
