@@ -17,6 +17,7 @@ pub mod revalidate;
 pub mod service_entries;
 pub mod shards;
 pub mod snapshot;
+pub mod task;
 pub mod tls;
 pub mod vip;
 pub mod xds;

@@ -202,6 +202,40 @@ pub fn endpoint_slice(
     })
 }
 
+/// The small ambient application of the two-node topology: namespace `default` (ambient),
+/// pods `a` (n1, `sa-a`, app=client) and `b` (n2, `sa-b`, app=server), Service `echo`
+/// (10.96.0.10:8080 → 9000) in front of `b` with its EndpointSlice.
+pub fn echo_app() -> Vec<Value> {
+    vec![
+        namespace("default", true),
+        pod(
+            "default",
+            "a",
+            "sa-a",
+            "n1",
+            "10.244.1.2",
+            &[("app", "client")],
+        ),
+        pod(
+            "default",
+            "b",
+            "sa-b",
+            "n2",
+            "10.244.2.2",
+            &[("app", "server")],
+        ),
+        service(
+            "default",
+            "echo",
+            "10.96.0.10",
+            8080,
+            9000,
+            &[("app", "server")],
+        ),
+        endpoint_slice("default", "echo", 9000, &[("b", "10.244.2.2", "n2")]),
+    ]
+}
+
 /// The whole cluster-mode mesh of one test. Fields drop in declaration order: ztunnels, then
 /// the controller, then the API server, then the namespaces.
 pub struct ClusterMesh {

@@ -286,8 +286,7 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         mirror_slots: Arc::new(tokio::sync::Semaphore::new(crate::pipeline::MAX_MIRRORS)),
         active: AtomicUsize::new(0),
     });
-    let housekeeping = crate::housekeeping::spawn(&state);
-    let _housekeeping = scopeguard_abort(housekeeping);
+    let _housekeeping = common::task::AbortOnDrop(crate::housekeeping::spawn(&state));
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -430,15 +429,4 @@ impl std::str::FromStr for OptionalAddr {
             .map(|a| OptionalAddr(Some(a)))
             .map_err(|e| format!("{s:?}: {e} (an address, or `none`)"))
     }
-}
-
-/// Aborts a background task when the returned guard goes out of scope.
-fn scopeguard_abort(task: tokio::task::JoinHandle<()>) -> impl Drop {
-    struct Abort(tokio::task::JoinHandle<()>);
-    impl Drop for Abort {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-    Abort(task)
 }

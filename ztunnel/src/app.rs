@@ -22,6 +22,7 @@ use common::identity::ca::MeshCa;
 use common::identity::caclient::{remote_store, RemoteCa};
 use common::identity::store::{CertStore, RemoteOptions};
 use common::identity::Identity;
+use common::task::AbortOnDrop;
 use common::xds::client::{XdsClient, XdsConfig};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -29,15 +30,6 @@ use std::time::{Duration, Instant};
 
 /// Removes the capture rules when the agent exits, however it exits.
 struct CaptureGuard;
-
-/// Stops a background task when dropped (before the capture rules are removed).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 impl Drop for CaptureGuard {
     fn drop(&mut self) {

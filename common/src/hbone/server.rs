@@ -6,6 +6,7 @@ use super::{H2Settings, H2Stream};
 use crate::drain::DrainWatch;
 use crate::identity::Identity;
 use crate::snapshot::Snapshot;
+use crate::task::AbortOnDrop;
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
@@ -136,15 +137,6 @@ pub fn parse_connect(req: &Request<RecvStream>) -> Result<SocketAddr, (StatusCod
             format!("authority {authority} is not <ip>:<port>"),
         )
     })
-}
-
-/// Aborts a helper task when the connection it serves ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Why a served HBONE connection ended abnormally.

@@ -9,47 +9,20 @@
 
 use anyhow::Result;
 use serde_json::json;
-use tests::cluster::{
-    endpoint_slice, namespace, pod, service, token_of, ClusterMesh, CONTROLLER_ADDR, SYSTEM_NS,
-};
+use tests::cluster::{token_of, ClusterMesh, CONTROLLER_ADDR, SYSTEM_NS};
 
+/// The e2e echo application plus one L4 policy, so a node agent has some of each resource.
 fn objects() -> Vec<serde_json::Value> {
-    vec![
-        namespace("default", true),
-        pod(
-            "default",
-            "a",
-            "sa-a",
-            "n1",
-            "10.244.1.2",
-            &[("app", "client")],
-        ),
-        pod(
-            "default",
-            "b",
-            "sa-b",
-            "n2",
-            "10.244.2.2",
-            &[("app", "server")],
-        ),
-        service(
-            "default",
-            "echo",
-            "10.96.0.10",
-            8080,
-            9000,
-            &[("app", "server")],
-        ),
-        endpoint_slice("default", "echo", 9000, &[("b", "10.244.2.2", "n2")]),
-        json!({
-            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
-            "metadata": {"name": "echo-from-a", "namespace": "default"},
-            "spec": {"selector": {"matchLabels": {"app": "server"}}, "action": "ALLOW",
-                     "rules": [{"from": [{"source": {"principals":
-                         ["cluster.local/ns/default/sa/sa-a"]}}],
-                                "to": [{"operation": {"ports": ["9000"]}}]}]}
-        }),
-    ]
+    let mut objects = tests::cluster::echo_app();
+    objects.push(json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "echo-from-a", "namespace": "default"},
+        "spec": {"selector": {"matchLabels": {"app": "server"}}, "action": "ALLOW",
+                 "rules": [{"from": [{"source": {"principals":
+                     ["cluster.local/ns/default/sa/sa-a"]}}],
+                            "to": [{"operation": {"ports": ["9000"]}}]}]}
+    }));
+    objects
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -6,40 +6,9 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 use tests::apps::{echo_server, probe_echo, Outcome};
-use tests::cluster::{endpoint_slice, namespace, pod, service, ClusterMesh};
+use tests::cluster::{echo_app, endpoint_slice, pod, ClusterMesh};
 use tests::mesh::echo_vip;
 use tests::support::any;
-
-fn cluster_objects() -> Vec<serde_json::Value> {
-    vec![
-        namespace("default", true),
-        pod(
-            "default",
-            "a",
-            "sa-a",
-            "n1",
-            "10.244.1.2",
-            &[("app", "client")],
-        ),
-        pod(
-            "default",
-            "b",
-            "sa-b",
-            "n2",
-            "10.244.2.2",
-            &[("app", "server")],
-        ),
-        service(
-            "default",
-            "echo",
-            "10.96.0.10",
-            8080,
-            9000,
-            &[("app", "server")],
-        ),
-        endpoint_slice("default", "echo", 9000, &[("b", "10.244.2.2", "n2")]),
-    ]
-}
 
 /// Probes until the outcome is `Echoed` or `deadline` passes; returns the last outcome.
 async fn echo_eventually(ns: &tests::netns::Netns, deadline: Duration) -> Outcome {
@@ -55,7 +24,7 @@ async fn echo_eventually(ns: &tests::netns::Netns, deadline: Duration) -> Outcom
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_objects_drive_the_mesh_through_the_controller() {
-    let mesh = ClusterMesh::start("cluster-mesh", cluster_objects())
+    let mesh = ClusterMesh::start("cluster-mesh", echo_app())
         .await
         .unwrap();
     let echo = echo_server(&mesh.pod("b").ns, any(9000)).unwrap();

@@ -93,16 +93,25 @@ fn objects() -> Vec<Value> {
         ));
     }
     for (name, ip, node) in WAYPOINT_PODS {
-        o.push(pod(
-            "default",
-            name,
-            "waypoint",
-            node,
-            ip,
-            &[(WAYPOINT_LABEL, "waypoint")],
-        ));
+        o.push(waypoint_pod(name, ip, node, true));
     }
     o
+}
+
+/// A pod of the waypoint (labelled with its Gateway), Ready or not as the kubelet reports it.
+fn waypoint_pod(name: &str, ip: &str, node: &str, ready: bool) -> Value {
+    let mut p = pod(
+        "default",
+        name,
+        "waypoint",
+        node,
+        ip,
+        &[(WAYPOINT_LABEL, "waypoint")],
+    );
+    if !ready {
+        p["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
+    }
+    p
 }
 
 /// The waypoint's EndpointSlice as the endpoint controller writes it, pods ready or not.
@@ -298,16 +307,7 @@ async fn gateway_waypoint_routes_users_yaml_over_all_ready_pods_and_fails_closed
     // No waypoint pod ready: traffic is refused, not sent straight to demoapp around the
     // waypoint's routes and L7 policy; the reason is in n1's access log and on the Gateway.
     for (name, ip, node) in WAYPOINT_PODS {
-        let mut p = pod(
-            "default",
-            name,
-            "waypoint",
-            node,
-            ip,
-            &[(WAYPOINT_LABEL, "waypoint")],
-        );
-        p["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
-        mesh.update(p).unwrap();
+        mesh.update(waypoint_pod(name, ip, node, false)).unwrap();
     }
     mesh.update(waypoint_slice(false)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
