@@ -3,22 +3,15 @@
 //! before publishing; the ADS server debounces further and encodes nothing twice.
 
 use crate::index::{Index, IndexEvent, Kind};
+use crate::watch::watched_kinds;
 use crate::xds::XdsServer;
 use std::collections::BTreeSet;
 use tokio::sync::{mpsc, watch};
 
-/// The kinds whose first complete list must be in before the feed is served: answering a
+/// Runs until the event channel closes. `synced` turns true once every watched kind
+/// ([`crate::watch::watched_kinds`]) has been listed once (or found not served): answering a
 /// reconnecting proxy from a half-loaded index would tell it to remove everything not yet
-/// listed.
-pub const REQUIRED_KINDS: [Kind; 4] = [
-    Kind::Namespace,
-    Kind::Pod,
-    Kind::Service,
-    Kind::EndpointSlice,
-];
-
-/// Runs until the event channel closes. `synced` turns true once every [`REQUIRED_KINDS`] kind
-/// has been listed once.
+/// listed — for AuthorizationPolicies, a window in which a DENY is not enforced.
 pub async fn feed(
     mut rx: mpsc::Receiver<IndexEvent>,
     mut index: Index,
@@ -26,6 +19,7 @@ pub async fn feed(
     synced: watch::Sender<bool>,
 ) {
     let mut listed: BTreeSet<Kind> = BTreeSet::new();
+    let required = watched_kinds();
     while let Some(ev) = rx.recv().await {
         let mut batch = vec![ev];
         while let Ok(more) = rx.try_recv() {
@@ -44,7 +38,7 @@ pub async fn feed(
         if !changes.is_empty() {
             xds.publish(crate::publish::to_xds(&changes));
         }
-        if !*synced.borrow() && REQUIRED_KINDS.iter().all(|k| listed.contains(k)) {
+        if !*synced.borrow() && required.iter().all(|k| listed.contains(k)) {
             tracing::info!(
                 workloads = index.workloads().len(),
                 services = index.services().len(),

@@ -9,7 +9,9 @@
 
 pub mod auth;
 pub mod ca;
+pub mod crds;
 pub mod feed;
+pub mod gateway_class;
 pub mod index;
 pub mod leader;
 pub mod publish;

@@ -84,6 +84,10 @@ struct Args {
     domain_suffix: String,
     #[arg(long, default_value = common::snapshot::DEFAULT_ROOT_NAMESPACE)]
     root_namespace: String,
+    /// Create the Istio CRDs we read (VirtualService & co.) where the cluster lacks them
+    /// (never replacing an existing one); `false` leaves CRDs entirely to the installer.
+    #[arg(long, env = "INSTALL_CRDS", default_value_t = true, action = clap::ArgAction::Set)]
+    install_crds: bool,
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
 }
@@ -194,6 +198,12 @@ async fn main() -> anyhow::Result<()> {
         ca.root_pem().to_string(),
         election.is_leader.clone(),
     ));
+    if args.install_crds {
+        tokio::spawn(controller::crds::run(
+            client.clone(),
+            election.is_leader.clone(),
+        ));
+    }
     tokio::spawn(controller::waypoint::run(
         client.clone(),
         controller::waypoint::WaypointConfig {

@@ -7,7 +7,8 @@
 //! `Init`, `InitApply`…, `InitDone`, e.g. after the watch expired (410) — ends with a
 //! `Delete` for every object the task had reported that the new list no longer contains, so
 //! objects deleted during the gap leave the index. The first complete list of each kind is
-//! followed by [`IndexEvent::Synced`].
+//! followed by [`IndexEvent::Synced`]; so is the first list of a kind the server does not serve
+//! (404: its CRD is absent, so it has no objects).
 
 use crate::index::{IndexEvent, Kind, Object, ObjectRef};
 use futures_util::{Stream, StreamExt};
@@ -149,6 +150,26 @@ impl RelistTracker {
     }
 }
 
+/// The kinds [`run_watchers`] watches: the typed core kinds and [`CUSTOM_KINDS`].
+pub fn watched_kinds() -> Vec<Kind> {
+    let core = [
+        Kind::Namespace,
+        Kind::Node,
+        Kind::ServiceAccount,
+        Kind::Pod,
+        Kind::Service,
+        Kind::EndpointSlice,
+    ];
+    core.into_iter()
+        .chain(CUSTOM_KINDS.iter().map(|(k, ..)| *k))
+        .collect()
+}
+
+/// Whether a watch failed because the API server does not serve the kind at all.
+fn kind_not_served(e: &watcher::Error) -> bool {
+    matches!(e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404)
+}
+
 /// Forwards one watcher's events; returns when the channel closes (or the stream ends).
 async fn pump<K, S, F>(kind: Kind, stream: S, convert: F, tx: mpsc::Sender<IndexEvent>)
 where
@@ -163,6 +184,16 @@ where
         let events = match item {
             Err(e) => {
                 tracing::warn!(%kind, error = %e, "watch failed; retrying with backoff");
+                // A kind the API server does not serve (its CRD is absent) has no objects:
+                // that counts as its first list, so a cluster without Gateway API or Istio
+                // CRDs is served. Its watch keeps retrying and picks the kind up once its CRD
+                // appears. Any other failure (no permission…) keeps the feed unsynced.
+                if !synced && kind_not_served(&e) {
+                    synced = true;
+                    if tx.send(IndexEvent::Synced(kind)).await.is_err() {
+                        return;
+                    }
+                }
                 continue;
             }
             Ok(Event::Init) => {

@@ -190,6 +190,12 @@ impl FakeApiServer {
         self.shared.lock().registry.register(t);
     }
 
+    /// Stops serving a kind, as on a cluster without its CRD (creating a
+    /// CustomResourceDefinition for it serves it again).
+    pub fn unregister(&self, group: &str, kind: &str) {
+        self.shared.lock().registry.unregister(group, kind);
+    }
+
     fn resource_type(&self, api_version: &str, kind: &str) -> Result<ResourceType, ApiError> {
         self.shared
             .lock()

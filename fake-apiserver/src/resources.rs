@@ -165,6 +165,14 @@ impl Default for Registry {
                 true,
             ),
             r(
+                "apiextensions.k8s.io",
+                &["v1"],
+                "CustomResourceDefinition",
+                "customresourcedefinitions",
+                false,
+                true,
+            ),
+            r(
                 "coordination.k8s.io",
                 &["v1"],
                 "Lease",
@@ -295,6 +303,53 @@ impl Registry {
         self.types
             .retain(|x| !(x.group == t.group && x.kind == t.kind));
         self.types.push(t);
+    }
+
+    /// Stops serving a kind (its objects stay stored, unreachable, as after a CRD deletion
+    /// that has not finished cleaning up).
+    pub fn unregister(&mut self, group: &str, kind: &str) {
+        self.types.retain(|x| !(x.group == group && x.kind == kind));
+    }
+
+    /// The kind a CustomResourceDefinition object defines (served versions only), as the real
+    /// server starts serving it once the CRD exists.
+    pub fn from_crd(crd: &serde_json::Value) -> Option<ResourceType> {
+        let spec = crd.get("spec")?;
+        let s = |v: &serde_json::Value, p: &str| v.pointer(p)?.as_str().map(str::to_string);
+        let group = s(spec, "/group")?;
+        let kind = s(spec, "/names/kind")?;
+        let plural = s(spec, "/names/plural")?;
+        let versions = spec.get("versions")?.as_array()?;
+        let served: Vec<&serde_json::Value> = versions
+            .iter()
+            .filter(|v| v.get("served").and_then(serde_json::Value::as_bool) == Some(true))
+            .collect();
+        // The storage version first: the server reports objects in it.
+        let mut names: Vec<String> =
+            served
+                .iter()
+                .filter(|v| v.get("storage").and_then(serde_json::Value::as_bool) == Some(true))
+                .chain(served.iter().filter(|v| {
+                    v.get("storage").and_then(serde_json::Value::as_bool) != Some(true)
+                }))
+                .filter_map(|v| s(v, "/name"))
+                .collect();
+        names.dedup();
+        if names.is_empty() {
+            return None;
+        }
+        let status = served
+            .iter()
+            .any(|v| v.pointer("/subresources/status").is_some());
+        Some(ResourceType {
+            group,
+            versions: names,
+            kind,
+            plural,
+            namespaced: s(spec, "/scope").as_deref() != Some("Cluster"),
+            status_subresource: status,
+            selectable_fields: Vec::new(),
+        })
     }
 
     /// The type served at `/{group}/{version}/{plural}`.

@@ -328,6 +328,16 @@ impl State {
         } else {
             store.insert(key, obj.clone());
         }
+        if rt.group == "apiextensions.k8s.io" && rt.kind == "CustomResourceDefinition" {
+            // As the real server: a CRD's kind is served while the CRD exists.
+            if let Some(t) = crate::resources::Registry::from_crd(&obj) {
+                if etype == EventType::Deleted {
+                    self.registry.unregister(&t.group, &t.kind);
+                } else {
+                    self.registry.register(t);
+                }
+            }
+        }
         self.log.push(LogEntry {
             rv: self.rv,
             gk: gk(rt),

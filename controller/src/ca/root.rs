@@ -2,15 +2,20 @@
 //! plug-in CA key names, so an intermediate signed by an external root works), generated on
 //! first start and created once (a replica losing the create race reads the winner's), and
 //! the root bundle is published as the ConfigMap `istio-ca-root-cert` (key `root-cert.pem`) in
-//! every ambient namespace and the controller's own, reconciled by the lease holder only.
+//! every ambient namespace, every namespace holding a waypoint Gateway (its pods mount it, and
+//! a waypoint may serve an ambient namespace from one that is not) and the controller's own,
+//! reconciled by the lease holder only.
 
+use crate::gateway_class::waypoint_form;
+use crate::waypoint::gateway::{gateway_class_resource, gateway_resource};
 use common::identity::ca::{
     CaError, MeshCa, CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, ROOT_CERT_FILE,
 };
+use common::task::AbortOnDrop;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use k8s_openapi::ByteString;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use std::collections::BTreeMap;
@@ -104,8 +109,8 @@ pub fn from_secret(s: &Secret, name: &str, trust_domain: &str) -> Result<MeshCa,
         .map_err(|e| RootError::Material(name.into(), e))
 }
 
-/// Keeps `istio-ca-root-cert` equal to `root_pem` in every ambient namespace and in
-/// `own_namespace`, while `leader` says this replica holds the lease. Level-triggered: any
+/// Keeps `istio-ca-root-cert` equal to `root_pem` in every ambient namespace, every namespace
+/// with a waypoint Gateway, and `own_namespace`, while `leader` says this replica holds the lease. Level-triggered: any
 /// namespace or ConfigMap change, or gaining the lease, re-checks every target and writes
 /// (server-side apply) only those that differ. Runs until the process ends.
 pub async fn publish_root(
@@ -125,12 +130,41 @@ pub async fn publish_root(
         watcher::Config::default().fields(&format!("metadata.name={ROOT_CONFIGMAP}")),
         wake.clone(),
     );
-    let _tasks = AbortOnDrop(vec![ns_task, cm_task]);
+    let gw_ar = gateway_resource();
+    let (gateways, gw_task) = spawn_reflector_with::<DynamicObject>(
+        Api::all_with(client.clone(), &gw_ar),
+        gw_ar,
+        watcher::Config::default(),
+        wake.clone(),
+    );
+    let class_ar = gateway_class_resource();
+    let (classes, class_task) = spawn_reflector_with::<DynamicObject>(
+        Api::all_with(client.clone(), &class_ar),
+        class_ar,
+        watcher::Config::default(),
+        wake.clone(),
+    );
+    let _tasks = [ns_task, cm_task, gw_task, class_task].map(AbortOnDrop);
     let mut failed = false;
     loop {
         if *leader.borrow_and_update() {
+            // Gateway API may not be installed: its watches never become ready then, and the
+            // root still goes to the ambient namespaces.
             let _ = tokio::join!(namespaces.wait_until_ready(), configmaps.wait_until_ready());
-            failed = !reconcile(&client, &own_namespace, &root_pem, &namespaces, &configmaps).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                tokio::join!(gateways.wait_until_ready(), classes.wait_until_ready())
+            })
+            .await;
+            let mut targets = waypoint_namespaces(&gateways, &classes);
+            targets.extend(
+                namespaces
+                    .state()
+                    .iter()
+                    .filter(|n| n.metadata.deletion_timestamp.is_none())
+                    .filter_map(|n| n.metadata.name.clone()),
+            );
+            targets.push(own_namespace.clone());
+            failed = !reconcile(&client, targets, &root_pem, &configmaps).await;
         }
         let retry = async {
             if failed {
@@ -147,21 +181,45 @@ pub async fn publish_root(
     }
 }
 
-/// One pass: writes the root where it is missing or different. True when all writes succeeded.
-async fn reconcile(
-    client: &kube::Client,
-    own_namespace: &str,
-    root_pem: &str,
-    namespaces: &Store<Namespace>,
-    configmaps: &Store<ConfigMap>,
-) -> bool {
-    let mut targets: Vec<String> = namespaces
+/// Namespaces of the Gateways of our waypoint classes.
+fn waypoint_namespaces(
+    gateways: &Store<DynamicObject>,
+    classes: &Store<DynamicObject>,
+) -> Vec<String> {
+    let controller_of = |class: &str| {
+        classes
+            .get(&ObjectRef::new_with(class, gateway_class_resource()))
+            .and_then(|c| {
+                c.data
+                    .pointer("/spec/controllerName")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string)
+            })
+    };
+    gateways
         .state()
         .iter()
-        .filter(|n| n.metadata.deletion_timestamp.is_none())
-        .filter_map(|n| n.metadata.name.clone())
-        .collect();
-    targets.push(own_namespace.to_string());
+        .filter(|g| g.metadata.deletion_timestamp.is_none())
+        .filter(|g| {
+            let class = g
+                .data
+                .pointer("/spec/gatewayClassName")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default();
+            waypoint_form(class, controller_of(class).as_deref()).is_some()
+        })
+        .filter_map(|g| g.metadata.namespace.clone())
+        .collect()
+}
+
+/// One pass: writes the root into `targets` where it is missing or different. True when all
+/// writes succeeded.
+async fn reconcile(
+    client: &kube::Client,
+    mut targets: Vec<String>,
+    root_pem: &str,
+    configmaps: &Store<ConfigMap>,
+) -> bool {
     targets.sort();
     targets.dedup();
     let mut ok = true;
@@ -207,16 +265,6 @@ pub async fn write_root(
     .map(|_| ())
 }
 
-struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
-    }
-}
-
 /// Starts a reflector for `api` on a task; every change notifies `wake`.
 fn spawn_reflector<K>(
     api: Api<K>,
@@ -232,8 +280,29 @@ where
         + Sync
         + 'static,
 {
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, cfg).default_backoff());
+    spawn_reflector_with(api, (), cfg, wake)
+}
+
+/// [`spawn_reflector`] for a resource known at run time (`dyntype`).
+fn spawn_reflector_with<K>(
+    api: Api<K>,
+    dyntype: K::DynamicType,
+    cfg: watcher::Config,
+    wake: Arc<Notify>,
+) -> (Store<K>, tokio::task::JoinHandle<()>)
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Clone + Eq + std::hash::Hash + Send + Sync + 'static,
+{
+    let writer = reflector::store::Writer::new(dyntype);
+    let reader = writer.as_reader();
+    let stream = watcher(api, cfg).default_backoff().reflect(writer);
     let task = tokio::spawn(async move {
         stream
             .for_each(|ev| {

@@ -169,7 +169,7 @@ pub struct Index {
     k8s_services: HashMap<Key, services::SvcInfo>,
     slices: HashMap<Key, services::SliceInfo>,
     gateways: HashMap<Key, waypoints::GatewayInfo>,
-    gateway_classes: HashMap<String, BTreeMap<String, String>>,
+    gateway_classes: HashMap<String, waypoints::ClassInfo>,
     policies: policies::Policies,
     // Reverse indexes for incremental recomputation.
     pods_by_ns: HashMap<String, BTreeSet<String>>,
@@ -336,7 +336,9 @@ impl Index {
                 self.set_slice(key, info);
             }
             Object::Gateway(gw) => {
-                let info = waypoints::GatewayInfo::from_gateway(&gw);
+                let class = self.gateway_classes.get(&gw.spec.gateway_class_name);
+                let info =
+                    waypoints::GatewayInfo::from_gateway(&gw, class.map(|c| c.controller.as_str()));
                 let key = (
                     gw.metadata
                         .namespace
@@ -348,9 +350,12 @@ impl Index {
             }
             Object::GatewayClass(gc) => {
                 let name = gc.metadata.name.clone();
-                let labels = gc.metadata.labels.clone();
-                if self.gateway_classes.get(&name) != Some(&labels) {
-                    self.gateway_classes.insert(name.clone(), labels);
+                let info = waypoints::ClassInfo {
+                    labels: gc.metadata.labels.clone(),
+                    controller: gc.spec.controller_name.clone(),
+                };
+                if self.gateway_classes.get(&name) != Some(&info) {
+                    self.gateway_classes.insert(name.clone(), info);
                     self.gateway_class_changed(&name);
                 }
             }
@@ -456,14 +461,21 @@ impl Index {
     }
 
     fn gateway_class_changed(&mut self, class: &str) {
-        let gws: Vec<Key> = self
+        let controller = self
+            .gateway_classes
+            .get(class)
+            .map(|c| c.controller.clone());
+        let gws: Vec<(Key, waypoints::GatewayInfo)> = self
             .gateways
             .iter()
             .filter(|(_, g)| g.class == class)
-            .map(|(k, _)| k.clone())
+            .map(|(k, g)| (k.clone(), g.clone()))
             .collect();
-        for gw in gws {
-            self.waypoint_changed(&gw);
+        for (key, mut info) in gws {
+            info.form = crate::gateway_class::waypoint_form(class, controller.as_deref());
+            // Also re-derives the early form's service-account bindings.
+            self.set_gateway(key.clone(), Some(info));
+            self.waypoint_changed(&key);
         }
     }
 

@@ -141,6 +141,15 @@ pub struct GatewaySpec {
 pub struct GatewayClass {
     #[serde(default)]
     pub metadata: Meta,
+    #[serde(default)]
+    pub spec: GatewayClassSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayClassSpec {
+    #[serde(default)]
+    pub controller_name: String,
 }
 
 /// An Istio resource (VirtualService, DestinationRule, ServiceEntry, Sidecar,

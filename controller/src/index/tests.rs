@@ -361,6 +361,39 @@ fn early_form_gateway_binds_the_workloads_of_its_service_account() {
 }
 
 #[test]
+fn a_class_held_by_another_controller_binds_nothing() {
+    let mut index = fixture_index();
+    let mut pod = fixture_json("Pod", "proxy-6d4c8b7f9-jx5tw");
+    pod["metadata"]["name"] = "productpage-v1-abc".into();
+    pod["metadata"]["annotations"] = serde_json::json!({});
+    pod["metadata"]["labels"] = serde_json::json!({"app": "productpage"});
+    pod["spec"]["serviceAccountName"] = "bookinfo-productpage".into();
+    pod["status"]["podIP"] = "10.244.1.40".into();
+    pod["status"]["podIPs"] = serde_json::json!([{"ip": "10.244.1.40"}]);
+    index.apply(obj(pod));
+    assert!(pod_wl(&index, "productpage-v1-abc")
+        .unwrap()
+        .waypoint
+        .is_some());
+    let class = |controller: &str| {
+        obj(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+            "metadata": {"name": "istio-mesh"}, "spec": {"controllerName": controller}}))
+    };
+    // Someone else's `istio-mesh` class: its Gateway is not a waypoint of ours.
+    index.apply(class("example.com/gateway-controller"));
+    assert!(pod_wl(&index, "productpage-v1-abc")
+        .unwrap()
+        .waypoint
+        .is_none());
+    index.apply(class("istio.io/mesh-controller"));
+    assert!(pod_wl(&index, "productpage-v1-abc")
+        .unwrap()
+        .waypoint
+        .is_some());
+}
+
+#[test]
 fn waypoint_pods_are_hbone_and_never_bound() {
     let mut index = fixture_index();
     let mut ns = fixture_json("Namespace", "default");

@@ -1,7 +1,8 @@
 //! Waypoint binding. A Service, pod or namespace names its waypoint with the label
 //! `istio.io/use-waypoint: <gateway>` (`none` opts out; the object's own label beats its
 //! namespace's; `istio.io/use-waypoint-namespace` for a Gateway elsewhere). The Gateway is of
-//! class `istio-waypoint`, or our users' early `istio-mesh` form (no listeners, annotation
+//! class `istio-waypoint` (or another class whose GatewayClass names our controller, see
+//! [`crate::gateway_class`]), or our users' early `istio-mesh` form (no listeners, annotation
 //! `istio.io/service-account: <sa>`, which also binds every workload of its namespace running
 //! as that service account). `istio.io/waypoint-for` (Gateway label, else GatewayClass label,
 //! default `service`) says whether services, workloads, both or neither are bound.
@@ -20,14 +21,12 @@
 
 use super::objects::Gateway;
 use super::{Dep, Index, Key};
-use common::config::waypoints::{
-    GATEWAY_NAME_LABEL, USE_WAYPOINT_LABEL, WAYPOINT_CLASS as EARLY_CLASS,
-};
+use crate::gateway_class::{waypoint_form, Form, WAYPOINT_CLASS};
+use common::config::waypoints::{GATEWAY_NAME_LABEL, USE_WAYPOINT_LABEL};
 use common::identity::Identity;
 use common::model::GatewayAddress;
 use std::collections::BTreeMap;
 
-pub const WAYPOINT_CLASS: &str = "istio-waypoint";
 pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
 pub const WAYPOINT_FOR_LABEL: &str = "istio.io/waypoint-for";
 /// The early `istio-mesh` form: the service account the waypoint serves (and runs as).
@@ -37,30 +36,42 @@ pub const GATEWAY_SERVICE_ACCOUNT_ANNOTATION: &str = "gateway.istio.io/service-a
 /// Objects the waypoint controller manages (the waypoint's own Service never takes one).
 pub const MANAGED_LABEL: &str = "gateway.istio.io/managed";
 
+/// What the index keeps of a GatewayClass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassInfo {
+    pub labels: BTreeMap<String, String>,
+    pub controller: String,
+}
+
 /// What the index keeps of a Gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayInfo {
     pub class: String,
+    /// Ours and in which form, from the class's GatewayClass ([`crate::gateway_class`]);
+    /// recomputed when the GatewayClass changes.
+    pub form: Option<Form>,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
 }
 
 impl GatewayInfo {
-    pub fn from_gateway(g: &Gateway) -> Self {
+    /// `class_controller`: `controllerName` of the Gateway's GatewayClass, if seen.
+    pub fn from_gateway(g: &Gateway, class_controller: Option<&str>) -> Self {
         GatewayInfo {
             class: g.spec.gateway_class_name.clone(),
+            form: waypoint_form(&g.spec.gateway_class_name, class_controller),
             labels: g.metadata.labels.clone(),
             annotations: g.metadata.annotations.clone(),
         }
     }
 
     pub fn is_waypoint(&self) -> bool {
-        self.class == WAYPOINT_CLASS || self.class == EARLY_CLASS
+        self.form.is_some()
     }
 
     /// The early form's service account, whose workloads it serves.
     pub fn bound_service_account(&self) -> Option<&str> {
-        (self.class == EARLY_CLASS)
+        (self.form == Some(Form::Early))
             .then(|| self.annotations.get(SERVICE_ACCOUNT_ANNOTATION))
             .flatten()
             .map(String::as_str)
@@ -161,7 +172,7 @@ impl Index {
             .or_else(|| {
                 self.gateway_classes
                     .get(&gw.class)
-                    .and_then(|l| l.get(WAYPOINT_FOR_LABEL))
+                    .and_then(|c| c.labels.get(WAYPOINT_FOR_LABEL))
             })
             .map_or(TrafficType::Service, |v| TrafficType::parse(v))
     }
@@ -276,7 +287,7 @@ impl Index {
         labelled.or_else(|| {
             self.gateways
                 .get(gw)
-                .filter(|g| g.class == WAYPOINT_CLASS)
+                .filter(|g| g.form == Some(Form::Canonical))
                 .and_then(|_| self.k8s_services.get(gw))
         })
     }

@@ -7,12 +7,7 @@ use kube::api::{ApiResource, GroupVersionKind};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
-/// The canonical waypoint class (current Istio).
-pub const WAYPOINT_CLASS: &str = "istio-waypoint";
-/// The early form our users' YAML still has: no listeners, `istio.io/service-account`.
-pub const EARLY_CLASS: &str = "istio-mesh";
-/// `controllerName` of both classes (Istio's mesh controller).
-pub const CONTROLLER_NAME: &str = "istio.io/mesh-controller";
+pub use crate::gateway_class::{Form, CONTROLLER_NAME, EARLY_CLASS, WAYPOINT_CLASS};
 /// Label marking objects this controller manages, with Istio's value for its mesh controller
 /// (so objects istiod created for a waypoint are recognised as managed, and vice versa).
 pub const MANAGED_LABEL: &str = "gateway.istio.io/managed";
@@ -52,6 +47,10 @@ pub struct Gateway {
     pub spec: GatewaySpec,
     #[serde(default)]
     pub status: Option<serde_json::Value>,
+    /// `controllerName` of the Gateway's GatewayClass, when that object is known (not part
+    /// of the Gateway: filled in by whoever holds the classes).
+    #[serde(skip)]
+    pub class_controller: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -96,17 +95,6 @@ pub struct ParametersRef {
     pub name: String,
 }
 
-/// Which of our two Gateway forms.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Form {
-    /// `istio-waypoint`: objects named after the Gateway.
-    Canonical,
-    /// `istio-mesh`: objects named `<gateway>-waypoint` (such a Gateway is usually named like
-    /// the application Service it serves, so the Gateway's own name would collide), running as
-    /// the annotated service account.
-    Early,
-}
-
 /// Errors of a Gateway we cannot make objects for.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -143,13 +131,12 @@ impl Gateway {
             .filter(|v| !v.is_empty())
     }
 
-    /// Ours (and which form), or None for any other class.
+    /// Ours (and which form), or None for any other class (see [`crate::gateway_class`]).
     pub fn form(&self) -> Option<Form> {
-        match self.spec.gateway_class_name.as_str() {
-            WAYPOINT_CLASS => Some(Form::Canonical),
-            EARLY_CLASS => Some(Form::Early),
-            _ => None,
-        }
+        crate::gateway_class::waypoint_form(
+            &self.spec.gateway_class_name,
+            self.class_controller.as_deref(),
+        )
     }
 
     /// Name of the Deployment, Service, HPA and PDB.

@@ -52,6 +52,60 @@ pub async fn ensure_classes(client: &kube::Client) -> Result<(), kube::Error> {
     Ok(())
 }
 
+/// Queue keys of GatewayClasses (cluster-scoped): an empty namespace cannot be a Gateway's.
+fn class_key(name: &str) -> Key {
+    (String::new(), name.to_string())
+}
+
+fn class_name(key: &Key) -> Option<&str> {
+    key.0.is_empty().then_some(key.1.as_str())
+}
+
+fn class_controller(c: &DynamicObject) -> Option<String> {
+    c.data
+        .get("spec")
+        .and_then(|s| s.get("controllerName"))
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+}
+
+/// Marks a GatewayClass of ours `Accepted` (as Gateway API asks of the controller that owns a
+/// class); classes of other controllers are left alone.
+async fn class_status(
+    client: &kube::Client,
+    class: Option<&DynamicObject>,
+    field_manager: &str,
+) -> Result<(), kube::Error> {
+    let Some(class) = class else { return Ok(()) };
+    if class_controller(class).as_deref() != Some(CONTROLLER_NAME) {
+        return Ok(());
+    }
+    let current = class.data.get("status").and_then(|s| s.get("conditions"));
+    let desired = super::status::class_conditions(
+        class.metadata.generation.unwrap_or(0),
+        current,
+        &super::reconcile::now_rfc3339(),
+    );
+    if current == Some(&desired) {
+        return Ok(());
+    }
+    let ar = gateway_class_resource();
+    let body = json!({
+        "apiVersion": ar.api_version,
+        "kind": ar.kind,
+        "metadata": {"name": class.name_any()},
+        "status": {"conditions": desired},
+    });
+    Api::<DynamicObject>::all_with(client.clone(), &ar)
+        .patch_status(
+            &class.name_any(),
+            &kube::api::PatchParams::apply(field_manager).force(),
+            &kube::api::Patch::Apply(&body),
+        )
+        .await
+        .map(|_| ())
+}
+
 fn gateway_of(o: &DynamicObject) -> Option<Gateway> {
     serde_json::to_value(o)
         .ok()
@@ -162,6 +216,34 @@ pub async fn lead(client: kube::Client, config: WaypointConfig) {
         }
     });
 
+    // GatewayClasses: which classes are ours (their controllerName); a change re-checks the
+    // Gateways of that class, and ours get their `Accepted` status.
+    let class_writer = reflector::store::Writer::<DynamicObject>::new(gateway_class_resource());
+    let classes: Store<DynamicObject> = class_writer.as_reader();
+    let class_stream = watcher::watcher(
+        Api::<DynamicObject>::all_with(client.clone(), &gateway_class_resource()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(class_writer);
+    let gw_for_class = gateways.clone();
+    tasks.spawn(forward(
+        "gatewayclasses",
+        class_stream,
+        tx.clone(),
+        move |c: &DynamicObject| {
+            let mut keys: Vec<Key> = gw_for_class
+                .state()
+                .iter()
+                .filter_map(|g| gateway_of(g))
+                .filter(|g| g.spec.gateway_class_name == c.name_any())
+                .map(|g| (g.namespace().to_string(), g.name().to_string()))
+                .collect();
+            keys.push(class_key(&c.name_any()));
+            keys
+        },
+    ));
+
     // Waypoint pods (Ready decides Programmed).
     let pod_writer = reflector::store::Writer::<Pod>::default();
     let pods: Store<Pod> = pod_writer.as_reader();
@@ -231,7 +313,10 @@ pub async fn lead(client: kube::Client, config: WaypointConfig) {
     ));
     drop(tx);
 
-    if gateways.wait_until_ready().await.is_err() || pods.wait_until_ready().await.is_err() {
+    if gateways.wait_until_ready().await.is_err()
+        || pods.wait_until_ready().await.is_err()
+        || classes.wait_until_ready().await.is_err()
+    {
         return;
     }
     tracing::info!("waypoint controller running");
@@ -263,8 +348,24 @@ pub async fn lead(client: kube::Client, config: WaypointConfig) {
             _ = sleep => {
                 let Some((key, _)) = next else { continue };
                 queue.take(&key);
+                if let Some(class) = class_name(&key) {
+                    let obj = classes.get(&ObjectRef::new_with(class, gateway_class_resource()));
+                    match class_status(&client, obj.as_deref(), &config.field_manager).await {
+                        Ok(()) => queue.succeeded(&key),
+                        Err(e) => {
+                            let retry = queue.failed(key.clone(), Instant::now());
+                            tracing::warn!(class, error = %e, ?retry, "GatewayClass status write failed");
+                        }
+                    }
+                    continue;
+                }
                 let obj = gateways.get(&ObjectRef::new_with(&key.1, gw_ar.clone()).within(&key.0));
-                let gw = obj.as_deref().and_then(gateway_of);
+                let gw = obj.as_deref().and_then(gateway_of).map(|mut g| {
+                    g.class_controller = classes
+                        .get(&ObjectRef::new_with(&g.spec.gateway_class_name, gateway_class_resource()))
+                        .and_then(|c| class_controller(&c));
+                    g
+                });
                 let ready = pods
                     .state()
                     .iter()

@@ -72,6 +72,19 @@ pub fn owned_part(status: Option<&Value>) -> Value {
     Value::Object(out)
 }
 
+/// Conditions of a GatewayClass of ours: `Accepted` (its Gateways are reconciled).
+pub fn class_conditions(gen: i64, previous: Option<&Value>, now: &str) -> Value {
+    json!([condition(
+        gen,
+        "Accepted",
+        true,
+        "Accepted",
+        "Handled by the ambient mesh controller",
+        previous,
+        now,
+    )])
+}
+
 /// Desired status of `gw` for `outcome`; `now` is an RFC 3339 time for changed conditions.
 pub fn desired(gw: &Gateway, outcome: &Outcome, now: &str) -> Value {
     let gen = gw.generation();
@@ -177,10 +190,10 @@ pub fn desired(gw: &Gateway, outcome: &Outcome, now: &str) -> Value {
                         },
                         lc("ResolvedRefs", true, "ResolvedRefs", "No errors found"),
                     ],
-                    json!([
-                        {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"},
-                        {"group": "gateway.networking.k8s.io", "kind": "GRPCRoute"},
-                    ]),
+                    // Routes reach our waypoints as VirtualServices; Gateway API routes are
+                    // not implemented, so none is listed (the spec forbids listing kinds the
+                    // listener does not support) and none is ever attached.
+                    json!([]),
                 )
             } else {
                 let m = format!(

@@ -154,6 +154,61 @@ async fn ca_root_configmap_is_published_to_ambient_namespaces_by_the_leader_only
 }
 
 #[tokio::test]
+async fn ca_root_configmap_follows_waypoint_gateways_into_non_ambient_namespaces() {
+    let api = cluster().await;
+    for name in ["wp", "team", "foreign"] {
+        api.create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}))
+            .unwrap();
+    }
+    for (class, controller) in [
+        ("team-waypoints", "istio.io/mesh-controller"),
+        ("someone-elses", "example.com/gateway"),
+    ] {
+        api.create(
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+            "metadata": {"name": class}, "spec": {"controllerName": controller}}),
+        )
+        .unwrap();
+    }
+    let gateway = |ns: &str, class: &str| {
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "waypoint", "namespace": ns},
+            "spec": {"gatewayClassName": class,
+                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}})
+    };
+    let ca = root::load_or_create(api.client(), NS, "ambient-ca", TD)
+        .await
+        .unwrap();
+    let pem = ca.root_pem().to_string();
+    let (_lead_tx, lead_rx) = tokio::sync::watch::channel(true);
+    let publisher = tokio::spawn(root::publish_root(
+        api.client(),
+        NS.into(),
+        pem.clone(),
+        lead_rx,
+    ));
+    assert!(
+        eventually(Duration::from_secs(5), || root_cm(&api, NS).is_some()).await,
+        "own namespace first"
+    );
+    // A waypoint's namespace needs the root (its pods mount it) though it is not ambient.
+    api.create(gateway("foreign", "someone-elses")).unwrap();
+    api.create(gateway("wp", "istio-waypoint")).unwrap();
+    api.create(gateway("team", "team-waypoints")).unwrap();
+    for ns in ["wp", "team"] {
+        assert!(
+            eventually(Duration::from_secs(5), || root_cm(&api, ns).as_deref()
+                == Some(pem.as_str()))
+            .await,
+            "{ns}"
+        );
+    }
+    // Another controller's Gateway is not a waypoint.
+    assert_eq!(root_cm(&api, "foreign"), None);
+    publisher.abort();
+}
+
+#[tokio::test]
 async fn ca_exactly_one_replica_holds_the_lease_and_another_takes_over() {
     let api = cluster().await;
     let a = leader::elect(api.client(), NS, leader::LEASE_NAME, "replica-a", 2);

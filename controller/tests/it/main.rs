@@ -5,6 +5,7 @@ mod ca_remote_store;
 mod ca_root;
 mod ca_server;
 mod ca_support;
+mod crds;
 mod feed_to_proxy;
 mod watch_fake_apiserver;
 mod waypoint_controller;

@@ -254,3 +254,69 @@ async fn only_the_lease_holder_reconciles() {
         "lease lost: stopped"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_classes_decide_which_gateways_are_ours() {
+    let h = Harness::start(true, Duration::from_secs(3600)).await;
+    let class = |name: &str| h.server.get(GW, "GatewayClass", None, name);
+    eventually("built-in classes created", 10, || {
+        class("istio-waypoint").is_some() && class("istio-mesh").is_some()
+    })
+    .await;
+    // The built-in name handed to another controller, and a class of our own with another name.
+    let mut taken = class("istio-waypoint").expect("class");
+    taken["spec"]["controllerName"] = json!("example.com/gateway-controller");
+    h.server.update(taken).expect("update class");
+    h.server
+        .create(json!({"apiVersion": GW, "kind": "GatewayClass",
+            "metadata": {"name": "team-waypoints"},
+            "spec": {"controllerName": "istio.io/mesh-controller"}}))
+        .expect("class");
+    let accepted = |name: &str| {
+        class(name).and_then(|c| {
+            c["status"]["conditions"]
+                .as_array()
+                .and_then(|cs| cs.iter().find(|c| c["type"] == "Accepted").cloned())
+        })
+    };
+    // Seen in order by the controller: once the new class is Accepted, the change of the
+    // built-in one is known too.
+    eventually("our class Accepted", 10, || {
+        accepted("team-waypoints").is_some_and(|a| a["status"] == "True")
+    })
+    .await;
+    let mut team = waypoint_gateway("bookinfo", "team-wp", json!({}));
+    team["spec"]["gatewayClassName"] = json!("team-waypoints");
+    h.server.create(team).expect("gateway");
+    h.server
+        .create(waypoint_gateway("bookinfo", "taken-wp", json!({})))
+        .expect("gateway");
+    eventually("a class with our controllerName is ours", 20, || {
+        h.present("bookinfo", "team-wp", "team-wp").len() == 5
+    })
+    .await;
+    // The Gateway of the class another controller now owns gets nothing, and no status from us
+    // (its reconcile was queued right after team-wp's; give it time to do something wrong).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(h.present("bookinfo", "taken-wp", "taken-wp").is_empty());
+    assert!(h.condition("bookinfo", "taken-wp", "Accepted").is_none());
+    assert!(accepted("istio-waypoint").is_none());
+    // Handed back: it becomes ours.
+    let mut back = class("istio-waypoint").expect("class");
+    back["spec"]["controllerName"] = json!("istio.io/mesh-controller");
+    h.server.update(back).expect("update class");
+    eventually("the class handed back makes its Gateway ours", 20, || {
+        h.present("bookinfo", "taken-wp", "taken-wp").len() == 5
+    })
+    .await;
+    // Gateway API routes are not implemented: no route kind is claimed or attached.
+    let gw = h.gateway("bookinfo", "team-wp").expect("gateway");
+    eventually("listener status", 10, || {
+        h.gateway("bookinfo", "team-wp")
+            .is_some_and(|g| g["status"]["listeners"][0]["name"] == "mesh")
+    })
+    .await;
+    let gw = h.gateway("bookinfo", "team-wp").unwrap_or(gw);
+    assert_eq!(gw["status"]["listeners"][0]["supportedKinds"], json!([]));
+    assert_eq!(gw["status"]["listeners"][0]["attachedRoutes"], 0);
+}
