@@ -320,3 +320,67 @@ async fn gateway_classes_decide_which_gateways_are_ours() {
     assert_eq!(gw["status"]["listeners"][0]["supportedKinds"], json!([]));
     assert_eq!(gw["status"]["listeners"][0]["attachedRoutes"], 0);
 }
+
+/// What .ci/run validates (`render_waypoint` on deploy/examples/gateway.yaml) is what the
+/// controller applies for that Gateway: one template, no copy to drift.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_validated_render_is_what_the_controller_applies() {
+    use controller::waypoint::{gateway::Gateway, render, WaypointConfig, WaypointParams};
+    let h = Harness::start(true, Duration::from_secs(3600)).await;
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/gateway.yaml");
+    let text = std::fs::read_to_string(&path).expect("deploy/examples/gateway.yaml");
+    let mut created = h.server.apply_yaml(&text).expect("gateway").remove(0);
+    eventually("all five objects", 20, || {
+        h.present("bookinfo", "waypoint", "waypoint").len() == 5
+    })
+    .await;
+    // Rendered for the Gateway as the API server holds it (its real uid), with the
+    // harness's configuration (as render_waypoint does with the environment's).
+    created["status"] = json!(null);
+    let gw: Gateway = serde_json::from_value(created).expect("gateway");
+    let config = WaypointConfig {
+        image: "registry.example/waypoint:test".into(),
+        ..WaypointConfig::default()
+    };
+    let params = WaypointParams::resolve(&gw, &config, None).expect("params");
+    let rendered = render(&gw, &params)
+        .expect("render")
+        .to_values()
+        .expect("values");
+    assert_eq!(rendered.len(), 5);
+    for want in rendered {
+        let (api, kind) = (
+            want["apiVersion"].as_str().unwrap_or_default(),
+            want["kind"].as_str().unwrap_or_default(),
+        );
+        let name = want["metadata"]["name"].as_str().unwrap_or_default();
+        let got = h.get(api, kind, "bookinfo", name).expect("applied");
+        for field in ["labels", "annotations", "ownerReferences"] {
+            assert_eq!(
+                got["metadata"][field], want["metadata"][field],
+                "{kind} {field}"
+            );
+        }
+        // The server fills in defaults (clusterIP…); everything we set is there as rendered.
+        assert_contains(&got["spec"], &want["spec"], &format!("{kind}.spec"));
+    }
+}
+
+/// Every field of `want` is in `got` with the same value (`got` may have more).
+fn assert_contains(got: &serde_json::Value, want: &serde_json::Value, at: &str) {
+    match (got, want) {
+        (serde_json::Value::Object(g), serde_json::Value::Object(w)) => {
+            for (k, v) in w {
+                assert_contains(&g[k], v, &format!("{at}.{k}"));
+            }
+        }
+        (serde_json::Value::Array(g), serde_json::Value::Array(w)) => {
+            assert_eq!(g.len(), w.len(), "{at}");
+            for (i, (g, w)) in g.iter().zip(w).enumerate() {
+                assert_contains(g, w, &format!("{at}[{i}]"));
+            }
+        }
+        _ => assert_eq!(got, want, "{at}"),
+    }
+}
