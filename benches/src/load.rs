@@ -260,6 +260,13 @@ pub struct Latency {
 }
 
 impl Latency {
+    /// From unsorted samples.
+    pub fn from_samples(samples: Vec<Duration>) -> Latency {
+        let mut sorted_ns: Vec<u64> = samples.iter().map(|d| d.as_nanos() as u64).collect();
+        sorted_ns.sort_unstable();
+        Latency { sorted_ns }
+    }
+
     /// Number of samples.
     pub fn samples(&self) -> usize {
         self.sorted_ns.len()
@@ -267,6 +274,9 @@ impl Latency {
 
     /// The `q` quantile (0..=1) in microseconds.
     pub fn quantile_us(&self, q: f64) -> f64 {
+        if self.sorted_ns.is_empty() {
+            return f64::NAN;
+        }
         let i = ((self.sorted_ns.len() as f64 * q) as usize).min(self.sorted_ns.len() - 1);
         self.sorted_ns[i] as f64 / 1000.0
     }

@@ -8,6 +8,8 @@
 //! (or `cargo run --release -p benches -- --quick` once ztunnel is built in release). The
 //! ztunnel binary is the one next to this executable (or `$ZTUNNEL_BIN`).
 //!
+//! `benches --soak [--quick]` runs the soak instead (see [`soak`]).
+//!
 //! `benches --l7 [--quick]` runs the L7 benchmark instead (see [`l7`]): keep-alive HTTP/1.1
 //! direct vs ztunnel → waypoint → ztunnel vs ztunnel → Envoy as the waypoint → ztunnel (what
 //! Istio ambient runs today) vs Envoy as a bare L7 proxy; build it with
@@ -20,6 +22,7 @@ mod load;
 mod procfs;
 mod report;
 mod setup;
+mod soak;
 mod suite;
 
 use anyhow::{bail, Context, Result};
@@ -27,19 +30,23 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tests::mesh::{echo_vip, raise_nofile_limit, standard_config};
 
-const USAGE: &str = "usage: benches [--l7] [--quick]
+const USAGE: &str = "usage: benches [--l7 | --soak] [--quick]
   raw TCP vs ztunnel vs Envoy on a two-node netns topology (needs root, nft, Envoy)
   --l7      the L7 benchmark instead: HTTP/1.1 direct vs ztunnel → waypoint → ztunnel vs
             ztunnel → Envoy waypoint → ztunnel vs Envoy
+  --soak    the soak instead: 10 000 held tunnelled connections, then a 5 000-handshake
+            slowloris against a ztunnel while legitimate connections are timed
   --quick   short smoke run (seconds instead of a minute or two)";
 
 fn main() -> Result<()> {
     let mut quick = false;
     let mut l7 = false;
+    let mut soak = false;
     for arg in std::env::args().skip(1) {
         match arg.as_str() {
             "--quick" => quick = true,
             "--l7" => l7 = true,
+            "--soak" => soak = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -50,7 +57,9 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    if l7 {
+    if soak {
+        rt.block_on(soak::run(quick))
+    } else if l7 {
         rt.block_on(l7::run(quick))
     } else {
         rt.block_on(run(quick))

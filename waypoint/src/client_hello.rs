@@ -78,6 +78,11 @@ impl<'a> Reader<'a> {
 
 /// The host name a ClientHello in the first record of `buf` asks for (lower-cased).
 pub fn server_name(buf: &[u8]) -> Option<String> {
+    // Only from what [`verdict`] calls a complete TLS record (found by fuzzing: a record
+    // header with a major version other than 3 was read for a name all the same).
+    if verdict(buf) != Verdict::Complete {
+        return None;
+    }
     let mut record = Reader(buf);
     if record.u8()? != HANDSHAKE {
         return None;
@@ -171,5 +176,11 @@ mod tests {
         }
         // An IP address is never sent as SNI; a hello without the extension has none.
         assert_eq!(server_name(&client_hello("10.1.2.3")), None);
+        // A record that is not TLS by its version (major 0, found by fuzzing) has no name,
+        // though the rest is a well-formed hello.
+        let mut foreign = client_hello("b.example.com");
+        foreign[1] = 0;
+        assert_eq!(verdict(&foreign), Verdict::NotTls);
+        assert_eq!(server_name(&foreign), None);
     }
 }
