@@ -291,3 +291,36 @@ async fn external_db_is_reached_by_host_name() {
         .await
         .unwrap();
 }
+
+/// Cluster mode (configuration from the controller): the DNS proxy is on by default, and a pod
+/// annotated `ambient.istio.io/dns-capture: "false"` is left to its own nameserver (here one
+/// that does not exist, so it gets no answer at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_mode_captures_dns_by_default_and_honours_the_annotation() {
+    let mut objects = tests::cluster::echo_app();
+    let mut c = tests::cluster::pod(
+        "default",
+        "c",
+        "sa-c",
+        "n1",
+        "10.244.1.3",
+        &[("app", "other")],
+    );
+    c["metadata"]["annotations"] = serde_json::json!({"ambient.istio.io/dns-capture": "false"});
+    objects.push(c);
+    let mesh = tests::cluster::ClusterMesh::start("dns-cluster", objects)
+        .await
+        .unwrap();
+    let (a, c) = (&mesh.pod("a").ns, &mesh.pod("c").ns);
+    let query = ["@10.96.0.53", "echo.default.svc.cluster.local"];
+    let answered = eventually(Duration::from_secs(20), || async move {
+        Ok(dig(a, &query).await == "10.96.0.10")
+    })
+    .await;
+    assert!(matches!(answered, Ok(true)), "a: {answered:?}");
+    let out = dig(c, &["+tries=1", query[0], query[1]]).await;
+    assert!(
+        !out.contains("10.96.0.10") && out.contains("no servers could be reached"),
+        "c was captured: {out}"
+    );
+}
