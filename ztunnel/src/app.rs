@@ -346,7 +346,11 @@ fn start_dns_proxy(
     tracing::info!(addr = %args.dns_proxy_addr, "DNS proxy listening (udp, tcp)");
     Ok([
         AbortOnDrop(tokio::spawn(server::serve_udp(udp, proxy.clone()))),
-        AbortOnDrop(tokio::spawn(server::serve_tcp(tcp, proxy))),
+        AbortOnDrop(tokio::spawn(server::serve_tcp(
+            tcp,
+            proxy,
+            server::TcpLimits::default(),
+        ))),
     ])
 }
 

@@ -8,8 +8,8 @@
 //!   15053 itself) is answered from the listening socket.
 //! - TCP: a transparent listener (the accepted socket's local address is the original
 //!   destination, and answers leave from it by construction); 2-byte length framing
-//!   (RFC 1035 4.2.2), queries answered in order, at most [`TCP_PER_CLIENT`] connections per
-//!   client address and [`TCP_MAX`] in all, closed after [`TCP_IDLE`] without a query.
+//!   (RFC 1035 4.2.2), queries answered in order; [`TcpLimits`]: at most 8 connections per
+//!   client address and 512 in all, closed after 10 s without a complete query.
 //!
 //! Each UDP query runs in its own task (forwarded ones are bounded by the forwarder).
 
@@ -27,12 +27,26 @@ use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 
-/// TCP connections at once from one client address.
-pub const TCP_PER_CLIENT: usize = 8;
-/// TCP connections at once in all.
-pub const TCP_MAX: usize = 512;
-/// A TCP connection is closed when no complete query arrives for this long.
-pub const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Bounds on the TCP side.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpLimits {
+    /// Connections at once from one client address (more are closed at once).
+    pub per_client: usize,
+    /// Connections at once in all.
+    pub total: usize,
+    /// A connection is closed when no complete query arrives for this long.
+    pub idle: Duration,
+}
+
+impl Default for TcpLimits {
+    fn default() -> Self {
+        TcpLimits {
+            per_client: 8,
+            total: 512,
+            idle: Duration::from_secs(10),
+        }
+    }
+}
 /// Reply sockets kept (one per nameserver address pods query; normally one or two).
 const REPLY_SOCKETS: usize = 64;
 
@@ -155,8 +169,8 @@ pub async fn serve_udp(socket: UdpSocket, proxy: Arc<DnsProxy>) {
 }
 
 /// Counts TCP connections, in all and per client.
-#[derive(Default)]
 struct TcpSlots {
+    limits: TcpLimits,
     per_client: Mutex<HashMap<IpAddr, usize>>,
 }
 
@@ -186,7 +200,7 @@ impl TcpSlots {
         let mut m = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
         let total: usize = m.values().sum();
         let mine = m.get(&client).copied().unwrap_or(0);
-        if total >= TCP_MAX || mine >= TCP_PER_CLIENT {
+        if total >= self.limits.total || mine >= self.limits.per_client {
             return None;
         }
         m.insert(client, mine + 1);
@@ -198,8 +212,11 @@ impl TcpSlots {
 }
 
 /// Serves TCP queries forever.
-pub async fn serve_tcp(listener: TcpListener, proxy: Arc<DnsProxy>) {
-    let slots = Arc::new(TcpSlots::default());
+pub async fn serve_tcp(listener: TcpListener, proxy: Arc<DnsProxy>, limits: TcpLimits) {
+    let slots = Arc::new(TcpSlots {
+        limits,
+        per_client: Mutex::new(HashMap::new()),
+    });
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -216,7 +233,7 @@ pub async fn serve_tcp(listener: TcpListener, proxy: Arc<DnsProxy>) {
         let proxy = proxy.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(e) = tcp_connection(stream, peer.ip(), &proxy).await {
+            if let Err(e) = tcp_connection(stream, peer.ip(), &proxy, limits.idle).await {
                 tracing::debug!(%peer, error = %e, "DNS proxy: TCP connection ended");
             }
         });
@@ -227,6 +244,7 @@ async fn tcp_connection(
     mut stream: tokio::net::TcpStream,
     client: IpAddr,
     proxy: &DnsProxy,
+    idle: Duration,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; 65535];
     loop {
@@ -235,7 +253,7 @@ async fn tcp_connection(
             stream.read_exact(&mut buf[..n]).await?;
             io::Result::Ok(n)
         };
-        let n = match tokio::time::timeout(TCP_IDLE, read).await {
+        let n = match tokio::time::timeout(idle, read).await {
             Ok(Ok(n)) => n,
             Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Ok(Err(e)) => return Err(e),

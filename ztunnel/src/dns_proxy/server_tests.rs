@@ -45,7 +45,7 @@ struct Running {
     registry: prometheus_client::registry::Registry,
 }
 
-async fn start() -> Running {
+async fn start(idle: Duration) -> Running {
     let snap = common::config::load_str(CONFIG, "t.yaml").expect("config");
     let store = Arc::new(ConfigStore::new(snap));
     let mut registry = prometheus_client::registry::Registry::default();
@@ -58,7 +58,11 @@ async fn start() -> Running {
         .expect("tcp listener");
     let tcp_addr = tcp.local_addr().expect("addr");
     tokio::spawn(serve_udp(udp, proxy.clone()));
-    tokio::spawn(serve_tcp(tcp, proxy));
+    let limits = TcpLimits {
+        idle,
+        ..TcpLimits::default()
+    };
+    tokio::spawn(serve_tcp(tcp, proxy, limits));
     Running {
         udp: udp_addr,
         tcp: tcp_addr,
@@ -106,7 +110,7 @@ fn first_a(m: &Message) -> Option<Ipv4Addr> {
 
 #[tokio::test]
 async fn udp_answers_mesh_names_forwards_the_rest_and_formerrs_garbage() {
-    let r = start().await;
+    let r = start(Duration::from_secs(10)).await;
     // The client (127.0.0.1) is workload `a` of namespace default: the short name works.
     let m = ask_udp(r.udp, &query("echo.", RecordType::A))
         .await
@@ -154,7 +158,7 @@ async fn udp_answers_mesh_names_forwards_the_rest_and_formerrs_garbage() {
 
 #[tokio::test]
 async fn tcp_answers_in_order_and_caps_connections_per_client() {
-    let r = start().await;
+    let r = start(Duration::from_secs(10)).await;
     let mut s = tokio::net::TcpStream::connect(r.tcp)
         .await
         .expect("connect");
@@ -172,9 +176,9 @@ async fn tcp_answers_in_order_and_caps_connections_per_client() {
         ResponseCode::NXDomain,
         "forwarded"
     );
-    // TCP_PER_CLIENT connections are served; one more is closed at once.
+    // `per_client` connections are served; one more is closed at once.
     let mut open = vec![s];
-    for _ in 1..TCP_PER_CLIENT {
+    for _ in 1..TcpLimits::default().per_client {
         let mut c = tokio::net::TcpStream::connect(r.tcp)
             .await
             .expect("connect");
@@ -185,9 +189,15 @@ async fn tcp_answers_in_order_and_caps_connections_per_client() {
     let mut extra = tokio::net::TcpStream::connect(r.tcp)
         .await
         .expect("connect");
+    let q = query("echo.", RecordType::A);
+    let _ = extra.write_all(&(q.len() as u16).to_be_bytes()).await;
+    let _ = extra.write_all(&q).await;
     let mut b = [0u8; 1];
     let closed = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut b)).await;
-    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "answered over the cap: {closed:?}"
+    );
     // Closing one frees its slot.
     drop(open.pop());
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -196,4 +206,32 @@ async fn tcp_answers_in_order_and_caps_connections_per_client() {
         .expect("connect");
     let m = ask_tcp(&mut again, &query("echo.", RecordType::A)).await;
     assert_eq!(first_a(&m), Some(Ipv4Addr::new(10, 96, 0, 10)));
+}
+
+#[tokio::test]
+async fn idle_and_half_sent_tcp_connections_are_closed() {
+    let r = start(Duration::from_millis(300)).await;
+    // Nothing sent: closed after the idle time, not before.
+    let mut idle = tokio::net::TcpStream::connect(r.tcp)
+        .await
+        .expect("connect");
+    let started = std::time::Instant::now();
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(3), idle.read(&mut b))
+        .await
+        .expect("closed within 3 s");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "closed too early"
+    );
+    // A length prefix promising more than ever arrives: closed too (slowloris).
+    let mut partial = tokio::net::TcpStream::connect(r.tcp)
+        .await
+        .expect("connect");
+    partial.write_all(&[0, 40, 1, 2, 3]).await.expect("write");
+    let n = tokio::time::timeout(Duration::from_secs(3), partial.read(&mut b))
+        .await
+        .expect("closed within 3 s");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
 }
