@@ -111,7 +111,14 @@ pub struct Workload {
     /// Pod labels (our extension; used by policy selectors, Sidecar selectors and subsets).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Pod annotations the node agent reads (our extension, local configuration only: the xDS
+    /// Workload has no such field), e.g. `ambient.istio.io/dns-capture: "false"`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
 }
+
+/// Istio's pod annotation opting a pod out of the DNS proxy.
+pub const DNS_CAPTURE_ANNOTATION: &str = "ambient.istio.io/dns-capture";
 
 fn default_namespace() -> String {
     "default".to_string()
@@ -148,6 +155,14 @@ impl Workload {
         } else {
             Some(&self.canonical_revision)
         }
+    }
+
+    /// Whether this pod's DNS queries go to the node agent's DNS proxy: yes unless annotated
+    /// `ambient.istio.io/dns-capture: "false"` (as Istio's).
+    pub fn dns_capture(&self) -> bool {
+        self.annotations
+            .get(DNS_CAPTURE_ANNOTATION)
+            .is_none_or(|v| !v.trim().eq_ignore_ascii_case("false"))
     }
 
     /// The owning workload name used in metrics (`workloadName`, else `name`).

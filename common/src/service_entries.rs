@@ -374,6 +374,7 @@ pub fn register(
                         authorization_policies: Vec::new(),
                         services: BTreeMap::new(),
                         labels: ep.labels.clone(),
+                        annotations: BTreeMap::new(),
                     };
                     workloads.push(Arc::new(w));
                     by_ip.insert(ip, workloads.len() - 1);

@@ -46,6 +46,8 @@ struct Index {
     service_by_cidr: Vec<(ipnet::IpNet, Arc<Service>)>,
     /// Lower-case hostname → the VIPs of the services with that hostname.
     addresses_by_host: HashMap<String, Vec<IpAddr>>,
+    /// Lower-case hostname → the services with that hostname (headless ones included).
+    services_by_host: HashMap<String, Vec<Arc<Service>>>,
 }
 
 /// A complete, immutable configuration. Mutating the public fields leaves the indices stale:
@@ -130,6 +132,11 @@ impl Snapshot {
                 .service_by_key
                 .entry(s.key())
                 .or_insert_with(|| s.clone());
+            index
+                .services_by_host
+                .entry(s.hostname.to_ascii_lowercase())
+                .or_default()
+                .push(s.clone());
             for vip in &s.vips {
                 if let Ok((_, ip)) = parse_network_address(vip) {
                     index.service_by_vip.entry(ip).or_insert_with(|| s.clone());
@@ -257,6 +264,17 @@ impl Snapshot {
     pub fn addresses_for_host(&self, host: &str) -> &[IpAddr] {
         self.index
             .addresses_by_host
+            .get(&host.to_ascii_lowercase())
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// Every service with hostname `host` (ASCII case-insensitive; a wildcard ServiceEntry
+    /// host is matched literally, `*.example.com`), in configuration order, headless ones
+    /// included. For a DNS proxy.
+    pub fn services_for_host(&self, host: &str) -> &[Arc<Service>] {
+        self.index
+            .services_by_host
             .get(&host.to_ascii_lowercase())
             .map(Vec::as_slice)
             .unwrap_or(&[])

@@ -17,6 +17,8 @@ pub struct Workload {
     pub node: String,
     pub hbone: bool,
     pub labels: BTreeMap<String, String>,
+    /// Pod annotations (e.g. `ambient.istio.io/dns-capture`).
+    pub annotations: BTreeMap<String, String>,
     /// `"<ns>/<hostname>" → {port: targetPort}`.
     pub services: BTreeMap<String, BTreeMap<u16, u16>>,
     /// False renders `status: Unhealthy` (excluded from service endpoints).
@@ -38,6 +40,7 @@ impl Workload {
             node: node.to_string(),
             hbone: true,
             labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
             services: BTreeMap::new(),
             healthy: true,
             waypoint: None,
@@ -78,6 +81,11 @@ impl Workload {
         self
     }
 
+    pub fn annotation(mut self, k: &str, v: &str) -> Self {
+        self.annotations.insert(k.to_string(), v.to_string());
+        self
+    }
+
     /// The SPIFFE identity of this workload.
     pub fn spiffe_id(&self) -> String {
         format!(
@@ -108,6 +116,16 @@ impl Workload {
                 .map(|(k, v)| format!("{}: {}", quote(k), quote(v)))
                 .collect();
             out.push_str(&labels.join(", "));
+            out.push('}');
+        }
+        if !self.annotations.is_empty() {
+            out.push_str(", annotations: {");
+            let annotations: Vec<String> = self
+                .annotations
+                .iter()
+                .map(|(k, v)| format!("{}: {}", quote(k), quote(v)))
+                .collect();
+            out.push_str(&annotations.join(", "));
             out.push('}');
         }
         if !self.services.is_empty() {

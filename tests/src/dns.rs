@@ -1,4 +1,5 @@
-//! A tiny authoritative DNS server for tests (UDP, inside a namespace): answers `A` queries for
+//! DNS for tests: a pod's resolv.conf ([`PodResolvConf`]), and a tiny authoritative DNS server
+//! (UDP, inside a namespace) that answers `A` queries for
 //! one name with an address the test can change, with a fixed TTL, and counts the queries it
 //! got. Other names get NXDOMAIN, other types an empty answer.
 
@@ -11,6 +12,39 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// A pod's `/etc/resolv.conf`: `ip netns exec` bind-mounts `/etc/netns/<ns>/resolv.conf` over
+/// it, so resolver clients run in the namespace (`getent`, `dig`) read this file. Removed on
+/// drop.
+pub struct PodResolvConf {
+    dir: std::path::PathBuf,
+}
+
+impl PodResolvConf {
+    /// A Kubernetes pod's resolver settings: `nameserver`, the search path of namespace `ns`
+    /// (`<ns>.svc.cluster.local svc.cluster.local cluster.local`) and `ndots:5`.
+    pub fn kubernetes(pod: &Netns, nameserver: Ipv4Addr, ns: &str) -> Result<PodResolvConf> {
+        PodResolvConf::write(
+            pod,
+            &format!(
+                "nameserver {nameserver}\nsearch {ns}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5 timeout:2 attempts:2\n"
+            ),
+        )
+    }
+
+    pub fn write(pod: &Netns, text: &str) -> Result<PodResolvConf> {
+        let dir = std::path::Path::new("/etc/netns").join(pod.name());
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(dir.join("resolv.conf"), text)?;
+        Ok(PodResolvConf { dir })
+    }
+}
+
+impl Drop for PodResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
 
 /// A running test DNS server; stops when dropped.
 pub struct DnsServer {

@@ -160,11 +160,15 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
     hbone.spawn_pruner(POOL_PRUNE_INTERVAL);
     let _pool_follow = AbortOnDrop(follow_pool(store.clone(), hbone.clone()));
     let (drain, drain_watch) = Drain::new();
-    let own_ports = vec![
+    let dns_proxy = args.dns_proxy_enabled();
+    let mut own_ports = vec![
         args.outbound_addr.port(),
         args.inbound_plaintext_addr.port(),
         args.inbound_addr.port(),
     ];
+    if dns_proxy {
+        own_ports.push(args.dns_proxy_addr.port());
+    }
     // Created on the main runtime: every DNS lookup runs here, whichever shard asks.
     let dns = Arc::new(crate::dns::DnsCache::from_resolv_conf(&args.resolv_conf));
     let _dns_refresher = AbortOnDrop(tokio::spawn(dns.clone().run_refresher()));
@@ -187,6 +191,16 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         move |snap, conn| proxy::revalidate::check(snap, &node, conn),
     );
 
+    // Bound before capture is installed: TPROXY needs the sockets to exist.
+    let _dns_tasks = if dns_proxy {
+        Some(start_dns_proxy(
+            &args,
+            store.clone(),
+            state.metrics.dns.clone(),
+        )?)
+    } else {
+        None
+    };
     let outbound = socket::transparent_listener(args.outbound_addr)?;
     let inbound_plain = socket::transparent_listener(args.inbound_plaintext_addr)?;
     let inbound = socket::transparent_listener(args.inbound_addr)?;
@@ -206,6 +220,10 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         ],
     )?;
 
+    let base = CaptureSpec {
+        dns_port: dns_proxy.then_some(args.dns_proxy_addr.port()),
+        ..CaptureSpec::empty()
+    };
     let (_capture, _capture_follow) = match args.capture {
         CaptureMode::Nft if CaptureSpec::follows_mesh(&args.capture_args) => {
             // Pods come from the configuration: capture what the first complete snapshot
@@ -215,9 +233,16 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
-            let task =
-                capture_follow::start(store.clone(), args.node.clone(), CaptureSpec::empty())
-                    .await?;
+            let task = capture_follow::start(store.clone(), args.node.clone(), base, true).await?;
+            (Some(CaptureGuard), Some(AbortOnDrop(task)))
+        }
+        CaptureMode::Nft if dns_proxy => {
+            // Pods from the command line; DNS opt-outs follow the configuration.
+            let spec = CaptureSpec {
+                dns_port: base.dns_port,
+                ..CaptureSpec::from_args(&args.capture_args)?
+            };
+            let task = capture_follow::start(store.clone(), args.node.clone(), spec, false).await?;
             (Some(CaptureGuard), Some(AbortOnDrop(task)))
         }
         CaptureMode::Nft => {
@@ -299,6 +324,34 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
     }
     tasks.abort_all();
     Ok(())
+}
+
+/// Binds the DNS proxy's UDP socket and TCP listener and serves them on this (the main)
+/// runtime; the tasks stop when the returned guards drop.
+fn start_dns_proxy(
+    args: &RunArgs,
+    store: Arc<ConfigStore>,
+    metrics: crate::dns_proxy::DnsMetrics,
+) -> anyhow::Result<[AbortOnDrop; 2]> {
+    use crate::dns_proxy::{forward::Forwarder, server, DnsProxy};
+    let udp = server::udp_socket(args.dns_proxy_addr)?;
+    let tcp = socket::transparent_listener(args.dns_proxy_addr)?;
+    let forwarder = Forwarder::from_resolv_conf(&args.resolv_conf, args.dns_max_in_flight);
+    let proxy = Arc::new(DnsProxy::new(
+        store,
+        args.dns_cluster_domain.clone(),
+        forwarder,
+        metrics,
+    ));
+    tracing::info!(addr = %args.dns_proxy_addr, "DNS proxy listening (udp, tcp)");
+    Ok([
+        AbortOnDrop(tokio::spawn(server::serve_udp(udp, proxy.clone()))),
+        AbortOnDrop(tokio::spawn(server::serve_tcp(
+            tcp,
+            proxy,
+            server::TcpLimits::default(),
+        ))),
+    ])
 }
 
 async fn rotate_certificates(

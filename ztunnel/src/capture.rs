@@ -28,6 +28,11 @@ pub struct CaptureSpec {
     pub outbound_port: u16,
     pub inbound_plaintext_port: u16,
     pub inbound_port: u16,
+    /// The DNS proxy's port: UDP and TCP to port 53 from pod interfaces go there (none: DNS
+    /// is not captured).
+    pub dns_port: Option<u16>,
+    /// Pod addresses whose DNS is not captured (`ambient.istio.io/dns-capture: "false"`).
+    pub dns_off: Vec<Ipv4Addr>,
 }
 
 /// Whether `i` can be a Linux interface name (and is safe to paste into an nft ruleset).
@@ -48,6 +53,8 @@ impl CaptureSpec {
             outbound_port: 15001,
             inbound_plaintext_port: 15006,
             inbound_port: 15008,
+            dns_port: None,
+            dns_off: Vec::new(),
         }
     }
 
@@ -135,19 +142,38 @@ impl CaptureSpec {
                 pairs.join(", ")
             ));
         }
+        if !self.dns_off.is_empty() {
+            let off: Vec<String> = self.dns_off.iter().map(ToString::to_string).collect();
+            r.push_str(&format!(
+                "  set dns_off {{ type ipv4_addr; elements = {{ {} }} }}\n",
+                off.join(", ")
+            ));
+        }
         r.push_str("  chain prerouting {\n    type filter hook prerouting priority mangle; policy accept;\n");
         // Anti-spoofing, before anything can divert the packet: a pod may send TCP only from
         // its own addresses (kernel-enforced, so a spoofed SYN never reaches 15001 and a
         // spoofed segment never reaches a transparent socket).
+        let dns = self.dns_port.filter(|_| !self.pod_ifaces.is_empty());
         if !paired.is_empty() {
             r.push_str(
                 "    iifname @paired_ifs meta nfproto ipv4 meta l4proto tcp iifname . ip saddr != @pod_srcs drop\n",
             );
+            // The DNS proxy tells pods apart by source address too.
+            if dns.is_some() {
+                r.push_str(
+                    "    iifname @paired_ifs meta nfproto ipv4 udp dport 53 iifname . ip saddr != @pod_srcs drop\n",
+                );
+            }
         }
         if !self.pod_ifaces.is_empty() {
             r.push_str(
                 "    iifname @pod_ifs meta nfproto ipv4 meta l4proto tcp fib saddr . iif oif missing drop\n",
             );
+            if dns.is_some() {
+                r.push_str(
+                    "    iifname @pod_ifs meta nfproto ipv4 udp dport 53 fib saddr . iif oif missing drop\n",
+                );
+            }
         }
         // Segments of connections a transparent socket already owns go to that socket.
         r.push_str(&format!(
@@ -169,6 +195,23 @@ impl CaptureSpec {
             ));
             // nft's tproxy fails open: if ztunnel is down, refuse rather than bypass it.
             r.push_str(&format!("    {from_outside}ip daddr @pod_ips {syn} drop\n"));
+        }
+        if let Some(port) = dns {
+            // DNS to any nameserver → the DNS proxy (UDP: every datagram; TCP: new
+            // connections, the rest follows through `socket transparent`). Pods opted out
+            // keep their own resolver. nft tproxy fails open: with ztunnel down, UDP DNS
+            // reaches the pod's nameserver directly (TCP falls to the drop below).
+            let except = if self.dns_off.is_empty() {
+                String::new()
+            } else {
+                "ip saddr != @dns_off ".to_string()
+            };
+            r.push_str(&format!(
+                "    iifname @pod_ifs meta nfproto ipv4 {except}udp dport 53 tproxy ip to 127.0.0.1:{port} {mark} accept\n"
+            ));
+            r.push_str(&format!(
+                "    iifname @pod_ifs meta nfproto ipv4 {except}tcp dport 53 {syn} tproxy ip to 127.0.0.1:{port} {mark} accept\n"
+            ));
         }
         if !self.pod_ifaces.is_empty() {
             // New connections only: the rest of a captured connection reaches ztunnel through
@@ -333,6 +376,39 @@ mod tests {
         })
         .unwrap_err();
         assert!(bad.to_string().contains("not an IPv4 address"), "{bad}");
+    }
+
+    #[test]
+    fn dns_is_captured_before_outbound_except_for_opted_out_pods() {
+        let mut spec = CaptureSpec::from_args(&CaptureArgs {
+            pod_ifaces: vec!["va=10.244.1.2".into(), "vc=10.244.1.3".into()],
+            pod_cidrs: vec![],
+        })
+        .unwrap();
+        assert!(!spec.ruleset().contains("dport 53"), "off unless asked");
+        spec.dns_port = Some(15053);
+        let r = spec.ruleset();
+        let udp = r
+            .find("iifname @pod_ifs meta nfproto ipv4 udp dport 53 tproxy ip to 127.0.0.1:15053 meta mark set")
+            .expect("udp rule");
+        let tcp = r
+            .find("iifname @pod_ifs meta nfproto ipv4 tcp dport 53 tcp flags & (syn | ack | fin | rst) == syn tproxy ip to 127.0.0.1:15053")
+            .expect("tcp rule");
+        let outbound = r.find("tproxy ip to 127.0.0.1:15001").unwrap();
+        let spoof = r
+            .find("udp dport 53 iifname . ip saddr != @pod_srcs drop")
+            .expect("udp source check");
+        assert!(spoof < udp && udp < outbound && tcp < outbound);
+        assert!(!r.contains("dns_off"));
+        spec.dns_off = vec!["10.244.1.3".parse().unwrap()];
+        let r = spec.ruleset();
+        assert!(r.contains("set dns_off { type ipv4_addr; elements = { 10.244.1.3 } }"));
+        assert!(r.contains("ip saddr != @dns_off udp dport 53 tproxy"));
+        assert!(r.contains("ip saddr != @dns_off tcp dport 53"));
+        // No pod interfaces: nothing to capture DNS from.
+        let mut none = CaptureSpec::empty();
+        none.dns_port = Some(15053);
+        assert!(!none.ruleset().contains("dport 53"));
     }
 
     #[test]

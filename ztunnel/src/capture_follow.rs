@@ -5,6 +5,10 @@
 //! unchanged) — and the nft table is replaced whenever that derivation changes: on every
 //! snapshot swap and every few seconds (a pod's route can appear after its IP is published).
 //!
+//! Pods named on the command line (the static form) are not re-derived, but the addresses
+//! whose DNS is not captured (`ambient.istio.io/dns-capture: "false"`) follow the snapshot in
+//! both forms.
+//!
 //! A workload whose address does not route through a directly attached interface (no route
 //! yet, or a route via a gateway, or loopback) is left out until it does: capturing on the
 //! node's uplink would capture other nodes' traffic. IPv6 workload addresses are not captured
@@ -32,6 +36,22 @@ pub fn local_mesh_ips(snap: &Snapshot, node: &str) -> Vec<Ipv4Addr> {
         .flat_map(|w| w.workload_ips.iter())
         .filter_map(|ip| match ip {
             IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
+/// This node's workload IPv4 addresses that opted out of DNS capture, sorted and unique.
+pub fn dns_opted_out(snap: &Snapshot, node: &str) -> Vec<Ipv4Addr> {
+    let mut ips: Vec<Ipv4Addr> = snap
+        .local_workloads(node)
+        .filter(|w| !w.dns_capture())
+        .flat_map(|w| w.workload_ips.iter())
+        .filter_map(|ip| match ip.to_canonical() {
+            IpAddr::V4(v4) => Some(v4),
             IpAddr::V6(_) => None,
         })
         .collect();
@@ -98,13 +118,15 @@ pub fn parse_route_get(json: &str) -> Option<String> {
 }
 
 /// Installs the spec for the current snapshot and keeps it current until the task is dropped.
-/// Returns once the first spec is installed.
+/// Returns once the first spec is installed. With `follow_pods` false, `base` names the pods
+/// and only the DNS opt-outs follow the snapshot.
 pub async fn start(
     store: Arc<ConfigStore>,
     node: String,
     base: CaptureSpec,
+    follow_pods: bool,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let first = derive_now(&store, &node, &base).await;
+    let first = derive_now(&store, &node, &base, follow_pods).await;
     capture::install(&first)?;
     let mut installed = first;
     let mut changes = store.subscribe();
@@ -114,7 +136,7 @@ pub async fn start(
                 r = changes.changed() => if r.is_err() { return },
                 _ = tokio::time::sleep(RESOLVE_PERIOD) => {}
             }
-            let next = derive_now(&store, &node, &base).await;
+            let next = derive_now(&store, &node, &base, follow_pods).await;
             if next == installed {
                 continue;
             }
@@ -126,13 +148,26 @@ pub async fn start(
     }))
 }
 
-async fn derive_now(store: &ConfigStore, node: &str, base: &CaptureSpec) -> CaptureSpec {
-    let ips = local_mesh_ips(&store.current(), node);
-    let base = base.clone();
-    // Route lookups run `ip`: keep them off the runtime's workers.
-    tokio::task::spawn_blocking(move || derive(&base, &ips, route_dev))
-        .await
-        .unwrap_or_else(|_| CaptureSpec::empty())
+async fn derive_now(
+    store: &ConfigStore,
+    node: &str,
+    base: &CaptureSpec,
+    follow_pods: bool,
+) -> CaptureSpec {
+    let snap = store.current();
+    let dns_off = dns_opted_out(&snap, node);
+    let mut spec = if follow_pods {
+        let ips = local_mesh_ips(&snap, node);
+        let base = base.clone();
+        // Route lookups run `ip`: keep them off the runtime's workers.
+        tokio::task::spawn_blocking(move || derive(&base, &ips, route_dev))
+            .await
+            .unwrap_or_else(|_| CaptureSpec::empty())
+    } else {
+        base.clone()
+    };
+    spec.dns_off = dns_off;
+    spec
 }
 
 #[cfg(test)]
@@ -186,6 +221,26 @@ services:
             .map(ToString::to_string)
             .collect();
         assert_eq!(ips, ["10.244.1.2", "10.244.1.5"]);
+    }
+
+    #[test]
+    fn pods_annotated_out_of_dns_capture_are_listed() {
+        let snap = common::config::load_str(
+            r#"
+workloads:
+- {uid: a, name: a, namespace: default, workloadIps: [10.244.1.2], protocol: HBONE, node: n1}
+- {uid: c, name: c, namespace: default, workloadIps: [10.244.1.3], protocol: HBONE, node: n1, annotations: {"ambient.istio.io/dns-capture": "false"}}
+- {uid: e, name: e, namespace: default, workloadIps: [10.244.1.4], protocol: HBONE, node: n1, annotations: {"ambient.istio.io/dns-capture": "true"}}
+- {uid: f, name: f, namespace: default, workloadIps: [10.244.2.3], protocol: HBONE, node: n2, annotations: {"ambient.istio.io/dns-capture": "False"}}
+"#,
+            "test.yaml",
+        )
+        .unwrap();
+        let off: Vec<String> = dns_opted_out(&snap, "n1")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(off, ["10.244.1.3"]);
     }
 
     #[test]

@@ -188,9 +188,32 @@ pub struct RunArgs {
     /// TLS handshakes in progress on 15008 (`reason="handshakes"`).
     #[arg(long, default_value_t = common::admission::Caps::default().handshakes)]
     pub max_concurrent_handshakes: usize,
-    /// The resolv.conf whose nameservers resolve DNS-resolution ServiceEntries.
+    /// The resolv.conf whose nameservers resolve DNS-resolution ServiceEntries (and answer
+    /// what the DNS proxy forwards).
     #[arg(long, env = "ZTUNNEL_RESOLV_CONF", default_value = "/etc/resolv.conf")]
     pub resolv_conf: std::path::PathBuf,
+    /// The DNS proxy: mesh pods' DNS (UDP/TCP port 53) is captured to `--dns-proxy-addr`,
+    /// mesh names are answered there, the rest forwarded to `--resolv-conf`'s nameservers.
+    /// Default: on with `--xds-address` (cluster mode, as Istio ambient's DNS capture), off
+    /// with `--config`. `--dns-proxy` alone means true.
+    #[arg(long, env = "ZTUNNEL_DNS_PROXY", num_args = 0..=1, default_missing_value = "true")]
+    pub dns_proxy: Option<bool>,
+    #[arg(long, default_value = "127.0.0.1:15053")]
+    pub dns_proxy_addr: SocketAddr,
+    /// The cluster's DNS domain for short names (`name` → `name.<ns>.svc.<domain>`); default:
+    /// the mesh's trust domain (`cluster.local`).
+    #[arg(long, env = "CLUSTER_DOMAIN")]
+    pub dns_cluster_domain: Option<String>,
+    /// Queries the DNS proxy forwards at once; more get SERVFAIL at once.
+    #[arg(long, default_value_t = crate::dns_proxy::forward::MAX_IN_FLIGHT)]
+    pub dns_max_in_flight: usize,
+}
+
+impl RunArgs {
+    /// Whether the DNS proxy runs (see `--dns-proxy`).
+    pub fn dns_proxy_enabled(&self) -> bool {
+        self.dns_proxy.unwrap_or(self.xds_address.is_some())
+    }
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {

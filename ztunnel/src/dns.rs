@@ -45,6 +45,24 @@ struct Entry {
     last_used: Instant,
 }
 
+/// The nameservers (address and port) `resolv_conf` names, in order, for the DNS proxy's
+/// forwarding; parsed as [`DnsCache::from_resolv_conf`] parses it.
+pub fn nameservers(resolv_conf: &Path) -> Result<Vec<std::net::SocketAddr>, String> {
+    let text = std::fs::read(resolv_conf)
+        .map_err(|e| format!("reading {}: {e}", resolv_conf.display()))?;
+    let (config, _) = hickory_resolver::system_conf::parse_resolv_conf(text)
+        .map_err(|e| format!("{}: {e}", resolv_conf.display()))?;
+    let mut out: Vec<std::net::SocketAddr> = Vec::new();
+    for ns in config.name_servers() {
+        let port = ns.connections.first().map_or(53, |c| c.port);
+        let addr = std::net::SocketAddr::new(ns.ip, port);
+        if !out.contains(&addr) {
+            out.push(addr);
+        }
+    }
+    Ok(out)
+}
+
 pub struct DnsCache {
     resolver: Result<TokioResolver, String>,
     runtime: tokio::runtime::Handle,
@@ -283,6 +301,24 @@ mod tests {
         assert!(matches!(err, DnsError::Lookup { .. }), "{err:?}");
         assert!(cache.entries().get("old.example.com").is_none());
         assert!(cache.cached("old.example.com").is_none());
+    }
+
+    #[test]
+    fn nameservers_come_from_resolv_conf_in_order() {
+        let dir = tempdir("ns");
+        let conf = dir.join("resolv.conf");
+        std::fs::write(
+            &conf,
+            "search default.svc.cluster.local\nnameserver 10.0.0.2\nnameserver 10.0.0.3\n",
+        )
+        .expect("write");
+        let got = nameservers(&conf).expect("parsed");
+        let want: Vec<std::net::SocketAddr> = vec![
+            "10.0.0.2:53".parse().expect("addr"),
+            "10.0.0.3:53".parse().expect("addr"),
+        ];
+        assert_eq!(got, want);
+        assert!(nameservers(Path::new("/nonexistent/resolv.conf")).is_err());
     }
 
     #[tokio::test]

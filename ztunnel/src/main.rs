@@ -7,6 +7,7 @@ mod capture;
 mod capture_follow;
 mod cli;
 mod dns;
+mod dns_proxy;
 mod metrics;
 mod proxy;
 mod socket;

@@ -95,6 +95,7 @@ pub struct Metrics {
     pub refused: Counter,
     pub revoked: Counter,
     pub shed: common::admission::ShedCounter,
+    pub dns: crate::dns_proxy::DnsMetrics,
 }
 
 impl Metrics {
@@ -151,7 +152,9 @@ impl Metrics {
             "Accepted connections closed at once because a listener was over a cap",
             shed.clone(),
         );
+        let dns = crate::dns_proxy::DnsMetrics::register(&mut registry);
         Metrics {
+            dns,
             shed,
             registry,
             opened,

@@ -168,10 +168,11 @@ pub fn workload_to_proto(w: &model::Workload) -> Result<wds::Workload, ConvertEr
         })
         .collect();
     let mut extensions = Vec::new();
-    if !w.labels.is_empty() || w.terminating {
+    if !w.labels.is_empty() || w.terminating || !w.annotations.is_empty() {
         let labels = WorkloadLabels {
             labels: w.labels.clone().into_iter().collect(),
             terminating: w.terminating,
+            annotations: w.annotations.clone().into_iter().collect(),
         };
         extensions.push(wds::Extension {
             name: LABELS_EXTENSION.to_string(),
@@ -257,6 +258,7 @@ pub fn workload_from_proto(p: wds::Workload) -> Result<model::Workload, ConvertE
         services.insert(key.clone(), ports);
     }
     let mut labels = BTreeMap::new();
+    let mut annotations = BTreeMap::new();
     let mut terminating = false;
     for (i, ext) in p.extensions.iter().enumerate() {
         if ext.name != LABELS_EXTENSION {
@@ -270,6 +272,7 @@ pub fn workload_from_proto(p: wds::Workload) -> Result<model::Workload, ConvertE
         let decoded = WorkloadLabels::decode(value)
             .map_err(|e| bad(format!("extensions[{i}]"), format!("bad labels: {e}")))?;
         labels.extend(decoded.labels);
+        annotations.extend(decoded.annotations);
         terminating |= decoded.terminating;
     }
     let waypoint = p
@@ -319,6 +322,7 @@ pub fn workload_from_proto(p: wds::Workload) -> Result<model::Workload, ConvertE
         authorization_policies: p.authorization_policies,
         services,
         labels,
+        annotations,
     })
 }
 

@@ -27,6 +27,7 @@ workloads:
   namespace: other
   trustDomain: example.org
   workloadIps: [10.244.2.9]
+  annotations: {"ambient.istio.io/dns-capture": "false"}
 services:
 - name: web
   namespace: default

@@ -394,6 +394,30 @@ fn a_class_held_by_another_controller_binds_nothing() {
 }
 
 #[test]
+fn dns_capture_annotation_reaches_the_workload_and_nothing_else_does() {
+    let mut index = fixture_index();
+    assert!(pod_wl(&index, "demoappv10-7c9d8f6b5-4kq2x")
+        .unwrap()
+        .dns_capture());
+    let mut pod = fixture_json("Pod", "demoappv10-7c9d8f6b5-4kq2x");
+    pod["metadata"]["name"] = "no-dns-0".into();
+    pod["metadata"]["annotations"] =
+        serde_json::json!({"ambient.istio.io/dns-capture": "false", "team": "x"});
+    pod["status"]["podIP"] = "10.244.1.41".into();
+    pod["status"]["podIPs"] = serde_json::json!([{"ip": "10.244.1.41"}]);
+    index.apply(obj(pod));
+    let w = pod_wl(&index, "no-dns-0").unwrap();
+    assert!(!w.dns_capture());
+    assert_eq!(
+        w.annotations,
+        BTreeMap::from([(
+            "ambient.istio.io/dns-capture".to_string(),
+            "false".to_string()
+        )])
+    );
+}
+
+#[test]
 fn waypoint_pods_are_hbone_and_never_bound() {
     let mut index = fixture_index();
     let mut ns = fixture_json("Namespace", "default");

@@ -232,6 +232,13 @@ pub(crate) fn pod_workload(index: &Index, pod: &PodInfo) -> (Option<Workload>, O
         authorization_policies: index.policies.selected(ns, &pod.labels),
         services,
         labels: pod.labels.clone(),
+        // Only what the node agent reads rides along (WDS stays small).
+        annotations: pod
+            .annotations
+            .iter()
+            .filter(|(k, _)| k.as_str() == common::model::DNS_CAPTURE_ANNOTATION)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     };
     (Some(workload), binding)
 }
@@ -291,6 +298,7 @@ pub(crate) fn slice_workloads(
                 authorization_policies: Vec::new(),
                 services,
                 labels: BTreeMap::new(),
+                annotations: BTreeMap::new(),
             };
             out.insert(uid, w);
         }

@@ -8,6 +8,7 @@ mod capture_rules;
 mod cluster_mesh;
 mod cluster_waypoint;
 mod config_reload;
+mod dns_proxy;
 mod egress;
 mod envoy_interop;
 mod hardening_authz;
