@@ -11,6 +11,7 @@ mod metrics;
 mod proxy;
 mod socket;
 mod state;
+mod time_wait;
 
 use clap::Parser;
 
