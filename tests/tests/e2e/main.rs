@@ -21,6 +21,7 @@ mod l4_security;
 mod l4_traffic;
 mod lifecycle;
 mod metrics;
+mod restart;
 mod waypoint;
 mod waypoint_protocols;
 mod waypoint_routing;
