@@ -525,3 +525,162 @@ async fn upgrade_runs_old_and_new_side_by_side_without_refusing_connections() {
     }
     eprintln!("upgrade: {} new connections, none failed", tally.ok());
 }
+
+/// TIME_WAIT sockets in a namespace: (all, those whose local address is not the namespace's:
+/// left by transparent sockets).
+fn time_wait(ns: &Netns) -> (usize, usize) {
+    let local = ns.exec(&["ip", "-4", "-o", "addr", "show"]).unwrap();
+    let local: Vec<&str> = local
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3)?.split('/').next())
+        .collect();
+    let tw = ns
+        .exec(&["ss", "-4", "-H", "-t", "-n", "state", "time-wait"])
+        .unwrap();
+    let all: Vec<&str> = tw.lines().filter(|l| !l.trim().is_empty()).collect();
+    let foreign = all
+        .iter()
+        .filter(|l| {
+            let src = l.split_whitespace().nth(2).unwrap_or("");
+            let ip = src.rsplit_once(':').map_or(src, |(ip, _)| ip);
+            !local.contains(&ip) && !ip.starts_with("127.")
+        })
+        .count();
+    (all.len(), foreign)
+}
+
+/// The TIME_WAIT trap of issue 9 item 13. After a connection-per-request load whose server
+/// closes first (HTTP/1.0 style), the client's node holds TIME_WAIT sockets of ztunnel's
+/// accepted `pod:port ⇄ destination` sockets (ztunnel closed towards the pod first). Once
+/// nothing captures those tuples (the operator removed the capture), TCP early demux attaches
+/// such a TIME_WAIT socket to the pod's forwarded SYN of a plain connection reusing the port,
+/// and `ip_forward` drops any packet carrying a socket: that port cannot reach the server for
+/// 60 s. `ztunnel capture remove` destroys those sockets with the rules; a restarted ztunnel
+/// (capture still installed) is not affected by them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_remove_after_a_kill_leaves_no_time_wait_trap() {
+    const CONNECTIONS: usize = 300;
+    let mut mesh = Mesh::two_nodes("restart-timewait", &standard_config())
+        .await
+        .unwrap();
+    // Answers one request per connection, then closes first.
+    let listener = mesh.pod("b").ns.tcp_listener(any(9100)).unwrap();
+    let _server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut req = [0u8; 64];
+                if let Ok(n) = s.read(&mut req).await {
+                    let _ = s.write_all(&req[..n]).await;
+                }
+            });
+        }
+    });
+    let a = mesh.pod("a").ns.handle();
+    let target = addr("10.244.2.2:9100");
+    let mut ports = Vec::new();
+    for i in 0..CONNECTIONS {
+        let mut s = a.connect(target).await.unwrap();
+        ports.push(s.local_addr().unwrap().port());
+        s.write_all(format!("request {i}").as_bytes())
+            .await
+            .unwrap();
+        let mut reply = Vec::new();
+        within(10, "reply and close", s.read_to_end(&mut reply))
+            .await
+            .unwrap();
+        assert_eq!(reply, format!("request {i}").as_bytes());
+    }
+    // Closing is asynchronous along the chain (server, n2, n1, client, and back).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for node in ["n1", "n2"] {
+        mesh.ztunnel_mut(node).kill9().await.unwrap();
+    }
+    let (n1, n2) = (mesh.node("n1").ns.handle(), mesh.node("n2").ns.handle());
+    let (n1_tw, n2_tw) = (time_wait(&n1), time_wait(&n2));
+    eprintln!(
+        "after {CONNECTIONS} connections and kill -9: TIME_WAIT (all, transparent) n1 {n1_tw:?}, n2 {n2_tw:?}"
+    );
+    assert!(
+        n1_tw.1 >= CONNECTIONS / 2,
+        "expected the load to leave transparent TIME_WAIT sockets on n1: {n1_tw:?}"
+    );
+
+    // The restart path: with the capture in place, TPROXY hands a SYN that meets one of
+    // those TIME_WAIT sockets to the new listener, so the reused ports work through the mesh.
+    let config = standard_config();
+    for node in ["n1", "n2"] {
+        let opts = mesh.opts_for(mesh.node(node), &config);
+        let log = mesh.dir.join(&format!("ztunnel-{node}-restarted.log"));
+        let ns = mesh.node(node).ns.handle();
+        let zt = ZtunnelProcess::start(&ns, &opts, &log).await.unwrap();
+        let slot = mesh.ztunnels.iter().position(|z| z.node == node).unwrap();
+        mesh.ztunnels[slot] = zt;
+    }
+    let reused = ports[ports.len() - 1];
+    let socket = a.tcp_socket().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket
+        .bind(std::net::SocketAddr::new(
+            Ipv4Addr::new(10, 244, 1, 2).into(),
+            reused,
+        ))
+        .unwrap();
+    let mut s = tokio::time::timeout(Duration::from_secs(3), socket.connect(target))
+        .await
+        .expect("through the restarted mesh from a port in TIME_WAIT on n1: timed out")
+        .unwrap();
+    s.write_all(b"mesh again").await.unwrap();
+    let mut reply = Vec::new();
+    within(
+        5,
+        "reply through the restarted mesh",
+        s.read_to_end(&mut reply),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply, b"mesh again");
+    mesh.ztunnels.clear();
+
+    // The operator takes the mesh off the node.
+    let bin = tests::ztunnel::ztunnel_bin().unwrap();
+    for ns in [&n1, &n2] {
+        ns.exec(&[bin.to_str().unwrap(), "capture", "remove"])
+            .unwrap();
+        assert!(CaptureState::read(ns).unwrap().is_clean());
+    }
+    let (n1_after, n2_after) = (time_wait(&n1), time_wait(&n2));
+    eprintln!(
+        "after capture remove: TIME_WAIT (all, transparent) n1 {n1_after:?}, n2 {n2_after:?}"
+    );
+    assert_eq!(
+        (n1_after.1, n2_after.1),
+        (0, 0),
+        "capture remove left transparent TIME_WAIT sockets"
+    );
+
+    // Plain connections from ports the load used reach the server at once.
+    // (Not the port just used through the restarted mesh: the client's own socket of that
+    // connection may still be closing.)
+    for &port in ports.iter().rev().skip(1).take(5) {
+        let socket = a.tcp_socket().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket
+            .bind(std::net::SocketAddr::new(
+                Ipv4Addr::new(10, 244, 1, 2).into(),
+                port,
+            ))
+            .unwrap();
+        let mut s = tokio::time::timeout(Duration::from_secs(3), socket.connect(target))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("plain connection from port {port} timed out: its SYN was dropped")
+            })
+            .unwrap();
+        s.write_all(b"plain").await.unwrap();
+        let mut reply = Vec::new();
+        within(5, "plain reply", s.read_to_end(&mut reply))
+            .await
+            .unwrap();
+        assert_eq!(reply, b"plain");
+    }
+}
