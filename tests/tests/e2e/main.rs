@@ -16,6 +16,7 @@ mod hardening_l4;
 mod hardening_limits;
 mod harness_selftest;
 mod hbone_server;
+mod ipv6;
 mod l4_routing;
 mod l4_security;
 mod l4_traffic;
