@@ -238,6 +238,16 @@ async fn upgrade_runs_old_and_new_side_by_side_without_refusing_connections() {
     let n1 = mesh.node("n1").ns.handle();
     let a = mesh.pod("a").ns.handle();
 
+    // Connections queued on the old listeners when they close move to the new ones.
+    let migrate = n1
+        .exec(&["sysctl", "-n", "net.ipv4.tcp_migrate_req"])
+        .unwrap();
+    assert_eq!(
+        migrate.trim(),
+        "1",
+        "ztunnel did not enable tcp_migrate_req"
+    );
+
     let mut live = a.connect(echo_vip()).await.unwrap();
     within(
         10,
