@@ -23,6 +23,7 @@ mod l4_traffic;
 mod lifecycle;
 mod metrics;
 mod restart;
+mod time_wait;
 mod waypoint;
 mod waypoint_protocols;
 mod waypoint_routing;
