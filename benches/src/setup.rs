@@ -60,15 +60,20 @@ pub async fn start_ztunnels(mesh: &mut Mesh, config: &MeshConfig) -> Result<()> 
     Ok(())
 }
 
-/// Stops the ztunnels and checks they took their capture rules with them.
+/// Stops the ztunnels and takes the mesh off both nodes: ztunnel leaves its capture rules
+/// installed when it exits (fail closed), so they are removed explicitly with `ztunnel capture
+/// remove`, as an operator would, before the next contender runs uncaptured.
 pub fn stop_ztunnels(mesh: &mut Mesh) -> Result<()> {
     mesh.ztunnels.clear();
+    let bin = tests::ztunnel::ztunnel_bin()?;
+    let bin = bin.to_str().context("non-UTF-8 ztunnel path")?;
     for name in ["n1", "n2"] {
         let ns = &mesh.node(name).ns;
+        ns.exec(&[bin, "capture", "remove"])
+            .with_context(|| format!("ztunnel capture remove on {name}"))?;
         let left = ns.exec_output(&["nft", "list", "table", "inet", "ztunnel"])?;
         if left.status.success() {
-            eprintln!("warning: ztunnel left its nft table on {name}; deleting it");
-            ns.exec(&["nft", "delete", "table", "inet", "ztunnel"])?;
+            bail!("ztunnel capture remove left the nft table on {name}");
         }
     }
     Ok(())

@@ -157,11 +157,41 @@ pub async fn serve(listener: TcpListener, handler: Handler) {
 /// Binds each address (so a port clash is a start-up error) and serves its handler on a
 /// dedicated `<name>` thread with its own single-thread runtime.
 pub fn spawn(name: &str, endpoints: Vec<(std::net::SocketAddr, Handler)>) -> std::io::Result<()> {
+    spawn_with(name, endpoints, false)
+}
+
+/// Like [`spawn`], with `SO_REUSEPORT` on every listener so that a second process of the same
+/// user can bind the same ports while this one still runs (a node agent upgraded in place);
+/// the kernel then spreads new connections over both until one closes its listeners.
+pub fn spawn_reuse_port(
+    name: &str,
+    endpoints: Vec<(std::net::SocketAddr, Handler)>,
+) -> std::io::Result<()> {
+    spawn_with(name, endpoints, true)
+}
+
+fn bind(addr: std::net::SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+fn spawn_with(
+    name: &str,
+    endpoints: Vec<(std::net::SocketAddr, Handler)>,
+    reuse_port: bool,
+) -> std::io::Result<()> {
     let mut bound = Vec::new();
     for (addr, handler) in endpoints {
-        let l = std::net::TcpListener::bind(addr)
+        let l = bind(addr, reuse_port)
             .map_err(|e| std::io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
-        l.set_nonblocking(true)?;
         bound.push((l, handler));
     }
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -223,7 +223,7 @@ async fn run() -> Result<()> {
         }
     }
 
-    step("Tearing down (ztunnels remove their rules; namespaces deleted)");
+    step("Tearing down (ztunnels stop; their capture rules, kept on exit to fail closed, go with the namespaces)");
     drop(ztunnels);
     drop(topo);
     println!("  done");

@@ -20,5 +20,6 @@ pub mod support;
 pub mod testdir;
 pub mod topology;
 pub mod tproxy;
+pub mod traffic;
 pub mod waypoint;
 pub mod ztunnel;

@@ -193,9 +193,54 @@ impl ZtunnelProcess {
         ZtunnelProcess::start_with_stdout(ns, opts, log, None).await
     }
 
+    /// Like [`ZtunnelProcess::start`] while another ztunnel still runs in `ns` (an upgrade in
+    /// place: both listen on the same ports with `SO_REUSEPORT`). `/healthz/ready` could be
+    /// answered by either process, so readiness is this process's own "ztunnel ready" log line.
+    pub async fn start_beside(
+        ns: &Netns,
+        opts: &ZtunnelOpts,
+        log: &Path,
+    ) -> Result<ZtunnelProcess> {
+        let mut zt = ZtunnelProcess::spawn(ns, opts, log, None)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while zt
+            .wait_log_line(&["ztunnel ready"], Duration::ZERO)
+            .await
+            .is_err()
+        {
+            if let Some(status) = zt.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!(
+                    "ztunnel exited during startup ({status}); log tail:\n{}",
+                    zt.log_tail(40)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "ztunnel beside another not ready after 30 s; log tail:\n{}",
+                    zt.log_tail(40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(zt)
+    }
+
     /// Like [`ZtunnelProcess::start`], with stdout going to `stdout` instead of the log file
     /// (stderr still goes there), e.g. a pipe nobody reads.
     pub async fn start_with_stdout(
+        ns: &Netns,
+        opts: &ZtunnelOpts,
+        log: &Path,
+        stdout: Option<Stdio>,
+    ) -> Result<ZtunnelProcess> {
+        let mut zt = ZtunnelProcess::spawn(ns, opts, log, stdout)?;
+        zt.wait_ready(Duration::from_secs(30))
+            .await
+            .with_context(|| format!("ztunnel on {} (args {:?})", opts.node, opts.args()))?;
+        Ok(zt)
+    }
+
+    fn spawn(
         ns: &Netns,
         opts: &ZtunnelOpts,
         log: &Path,
@@ -217,16 +262,18 @@ impl ZtunnelProcess {
         let child = cmd
             .spawn()
             .with_context(|| format!("spawning {} in {}", bin.display(), ns.name()))?;
-        let mut zt = ZtunnelProcess {
+        Ok(ZtunnelProcess {
             node: opts.node.clone(),
             ns: ns.handle(),
             child: Some(child),
             log: log.to_path_buf(),
-        };
-        zt.wait_ready(Duration::from_secs(30))
-            .await
-            .with_context(|| format!("ztunnel on {} (args {:?})", opts.node, opts.args()))?;
-        Ok(zt)
+        })
+    }
+
+    /// SIGKILL (no drain, no cleanup: a crash or an OOM kill) and waits for the process to go.
+    pub async fn kill9(&mut self) -> Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGKILL)?;
+        self.wait_exit(Duration::from_secs(10)).await.map(drop)
     }
 
     async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {

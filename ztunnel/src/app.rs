@@ -28,7 +28,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Removes the capture rules when the agent exits, however it exits.
+/// Removes the capture rules when the agent exits through `run` (a normal exit or an unwinding
+/// panic; never after SIGKILL). Only with `--remove-capture-on-exit` (node teardown): by
+/// default the rules outlive the process, so the node fails closed until the next ztunnel
+/// takes them over (see [`capture`]).
 struct CaptureGuard;
 
 impl Drop for CaptureGuard {
@@ -191,6 +194,9 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         move |snap, conn| proxy::revalidate::check(snap, &node, conn),
     );
 
+    if args.capture == CaptureMode::Nft {
+        socket::enable_request_migration();
+    }
     // Bound before capture is installed: TPROXY needs the sockets to exist.
     let _dns_tasks = if dns_proxy {
         Some(start_dns_proxy(
@@ -211,7 +217,8 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         ready: ready.clone(),
     });
     let [admin_h, metrics_h, ready_h] = admin::handlers(admin_state);
-    common::admin_http::spawn(
+    // SO_REUSEPORT like the data-plane listeners, so the next ztunnel can start beside this one.
+    common::admin_http::spawn_reuse_port(
         "ztunnel-admin",
         vec![
             (args.admin_addr, admin_h),
@@ -224,6 +231,14 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         dns_port: dns_proxy.then_some(args.dns_proxy_addr.port()),
         ..CaptureSpec::empty()
     };
+    // Built only when wanted: a guard built and discarded would remove the rules at once.
+    let guard = || {
+        if args.remove_capture_on_exit {
+            Some(CaptureGuard)
+        } else {
+            None
+        }
+    };
     let (_capture, _capture_follow) = match args.capture {
         CaptureMode::Nft if CaptureSpec::follows_mesh(&args.capture_args) => {
             // Pods come from the configuration: capture what the first complete snapshot
@@ -234,7 +249,7 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
                 }
             }
             let task = capture_follow::start(store.clone(), args.node.clone(), base, true).await?;
-            (Some(CaptureGuard), Some(AbortOnDrop(task)))
+            (guard(), Some(AbortOnDrop(task)))
         }
         CaptureMode::Nft if dns_proxy => {
             // Pods from the command line; DNS opt-outs follow the configuration.
@@ -243,12 +258,12 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
                 ..CaptureSpec::from_args(&args.capture_args)?
             };
             let task = capture_follow::start(store.clone(), args.node.clone(), spec, false).await?;
-            (Some(CaptureGuard), Some(AbortOnDrop(task)))
+            (guard(), Some(AbortOnDrop(task)))
         }
         CaptureMode::Nft => {
             let spec = CaptureSpec::from_args(&args.capture_args)?;
             capture::install(&spec)?;
-            (Some(CaptureGuard), None)
+            (guard(), None)
         }
         CaptureMode::None => (None, None),
     };
@@ -323,6 +338,11 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         tracing::info!("drained");
     }
     tasks.abort_all();
+    if args.capture == CaptureMode::Nft && !args.remove_capture_on_exit {
+        tracing::info!(
+            "capture rules stay installed (fail closed until the next ztunnel takes them over)"
+        );
+    }
     Ok(())
 }
 

@@ -1,6 +1,13 @@
 //! Traffic capture on the node: the nftables TPROXY ruleset and the policy routing for the
 //! TPROXY mark (see shared/TPROXY.md for the verified recipe). Installing is idempotent (the
-//! table is replaced in one nft transaction); removing restores the node as it was.
+//! table is replaced in one nft transaction, so a starting ztunnel takes over whatever a
+//! previous one left); removing restores the node as it was.
+//!
+//! The rules fail closed on their own: they outlive the process that installed them (ztunnel
+//! leaves them in place when it exits, however it exits), and while no ztunnel listens every
+//! packet they would have given it is dropped — new connections (`tproxy` finds no listener),
+//! the rest of connections the dead process owned, and IPv6, which is never captured. A mesh
+//! pod's TCP therefore never leaves the node in plaintext, whatever state ztunnel is in.
 
 use crate::cli::CaptureArgs;
 use anyhow::{bail, Context};
@@ -17,6 +24,8 @@ pub const ROUTE_TABLE: u32 = 100;
 /// 0x400 within 0xfff, see TPROXY.md pitfall 6).
 pub const SOCKET_MARK: u32 = 0x539;
 const TABLE: &str = "ztunnel";
+/// ICMPv6 a pod needs on its link (neighbour discovery and MLD), the only IPv6 it may send.
+const LINK_ICMPV6: &str = "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect, mld-listener-query, mld-listener-report, mld2-listener-report";
 
 /// What to capture.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +159,18 @@ impl CaptureSpec {
             ));
         }
         r.push_str("  chain prerouting {\n    type filter hook prerouting priority mangle; policy accept;\n");
+        if !self.pod_ifaces.is_empty() {
+            // IPv6 is not captured: a pod may use it on its link (neighbour discovery, MLD,
+            // never forwarded), nothing else. TCP is reset so a dual-stack client falls back to
+            // IPv4 at once instead of waiting for a timeout.
+            r.push_str(&format!(
+                "    iifname @pod_ifs meta nfproto ipv6 icmpv6 type {{ {LINK_ICMPV6} }} ip6 daddr {{ fe80::/10, ff02::/16 }} accept\n"
+            ));
+            r.push_str(
+                "    iifname @pod_ifs meta nfproto ipv6 meta l4proto tcp reject with tcp reset\n",
+            );
+            r.push_str("    iifname @pod_ifs meta nfproto ipv6 drop\n");
+        }
         // Anti-spoofing, before anything can divert the packet: a pod may send TCP only from
         // its own addresses (kernel-enforced, so a spoofed SYN never reaches 15001 and a
         // spoofed segment never reaches a transparent socket).
@@ -193,8 +214,12 @@ impl CaptureSpec {
                 "    {from_outside}ip daddr @pod_ips {syn} tproxy ip to 127.0.0.1:{pt} {mark} accept\n",
                 pt = self.inbound_plaintext_port
             ));
-            // nft's tproxy fails open: if ztunnel is down, refuse rather than bypass it.
-            r.push_str(&format!("    {from_outside}ip daddr @pod_ips {syn} drop\n"));
+            // nft's tproxy fails open: if ztunnel is down, refuse rather than bypass it. Any
+            // other TCP to a mesh pod belongs to a connection ztunnel owned (the socket rule
+            // above took those while it ran): stale once it is gone, never delivered.
+            r.push_str(&format!(
+                "    {from_outside}ip daddr @pod_ips meta l4proto tcp drop\n"
+            ));
         }
         if let Some(port) = dns {
             // DNS to any nameserver → the DNS proxy (UDP: every datagram; TCP: new
@@ -222,8 +247,24 @@ impl CaptureSpec {
                 self.outbound_port
             ));
             r.push_str(&format!("    iifname @pod_ifs {syn} drop\n"));
+            // Every other TCP segment a pod sends off the node belongs to a connection a
+            // transparent socket owns (its own, captured at the SYN; or ztunnel's connection to
+            // it from the client's address) and was taken by the socket rule. One that is left
+            // is a connection whose ztunnel is gone (killed, restarting): forwarding it would
+            // send the pod's bytes in plaintext. Replies to connections the node itself opened
+            // (kubelet probes) go to a local address and pass.
+            r.push_str("    iifname @pod_ifs meta l4proto tcp fib daddr type != local drop\n");
         }
-        r.push_str("  }\n}\n");
+        r.push_str("  }\n");
+        if !self.pod_ifaces.is_empty() {
+            // IPv6 into mesh pods: never delivered past the mesh either.
+            r.push_str(
+                "  chain forward {\n    type filter hook forward priority filter; policy accept;\n",
+            );
+            r.push_str("    meta nfproto ipv6 oifname @pod_ifs drop\n");
+            r.push_str("  }\n");
+        }
+        r.push_str("}\n");
         r
     }
 }
@@ -319,6 +360,17 @@ pub fn remove() -> anyhow::Result<()> {
         None,
     );
     tracing::info!("capture rules removed");
+    // Nothing captures the pods' 4-tuples now: ztunnel's TIME_WAIT sockets with those tuples
+    // would drop their forwarded SYNs (see crate::time_wait).
+    match crate::time_wait::forget_transparent() {
+        Ok(n) => tracing::info!(
+            sockets = n,
+            "destroyed TIME_WAIT sockets of transparent connections"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot destroy TIME_WAIT sockets of transparent connections; forwarded SYNs reusing their ports may be dropped for up to 60 s")
+        }
+    }
     Ok(())
 }
 
@@ -347,6 +399,58 @@ mod tests {
         ));
         // Fail closed: the drop rules follow the tproxy rules.
         assert!(r.find("tproxy ip to 127.0.0.1:15001").unwrap() < r.rfind("drop").unwrap());
+    }
+
+    /// Issue 9 item 13: a pod interface's IPv6 is never forwarded (only link-local ND/MLD is
+    /// let through, TCP is reset so dual-stack clients fall back to IPv4 at once), and IPv6
+    /// towards a pod interface is dropped, before any capture rule can matter.
+    #[test]
+    fn ipv6_of_mesh_pods_never_bypasses_the_mesh() {
+        let r = spec().ruleset();
+        let nd = r
+            .find("iifname @pod_ifs meta nfproto ipv6 icmpv6 type { nd-router-solicit")
+            .expect("link ICMPv6 allowed");
+        assert!(r.contains("mld2-listener-report } ip6 daddr { fe80::/10, ff02::/16 } accept"));
+        let reset = r
+            .find("iifname @pod_ifs meta nfproto ipv6 meta l4proto tcp reject with tcp reset\n")
+            .expect("IPv6 TCP reset");
+        let drop = r
+            .find("iifname @pod_ifs meta nfproto ipv6 drop\n")
+            .expect("all other IPv6 dropped");
+        let first_divert = r.find("socket transparent").unwrap();
+        assert!(nd < reset && reset < drop && drop < first_divert, "{r}");
+        let fwd = r.find("chain forward {").expect("forward chain");
+        assert!(r[fwd..].contains("type filter hook forward priority filter; policy accept;\n    meta nfproto ipv6 oifname @pod_ifs drop\n"), "{r}");
+        // No pod interfaces named: nothing to protect, no IPv6 rules at all.
+        let inbound_only = CaptureSpec::from_args(&CaptureArgs {
+            pod_ifaces: vec![],
+            pod_cidrs: vec!["10.244.1.2/32".parse().unwrap()],
+        })
+        .unwrap()
+        .ruleset();
+        assert!(!inbound_only.contains("ipv6"), "{inbound_only}");
+    }
+
+    /// Issue 9 item 13: once ztunnel is gone (kill -9), the segments of the connections it
+    /// owned are no longer taken by the socket rule; they must be dropped, not forwarded (that
+    /// would put a pod's bytes on the wire in plaintext). Node-originated connections' replies
+    /// (to a local address) still pass.
+    #[test]
+    fn segments_of_connections_a_dead_ztunnel_owned_are_dropped() {
+        let r = spec().ruleset();
+        let outbound = r.find("tproxy ip to 127.0.0.1:15001").unwrap();
+        let stale_out = r
+            .find("    iifname @pod_ifs meta l4proto tcp fib daddr type != local drop\n")
+            .expect("stale outbound segments dropped");
+        assert!(outbound < stale_out, "{r}");
+        let inbound = r.find("tproxy ip to 127.0.0.1:15006").unwrap();
+        let stale_in = r
+            .find("    iifname != @pod_ifs ip daddr @pod_ips meta l4proto tcp drop\n")
+            .expect("stale inbound segments (and SYNs nobody takes) dropped");
+        assert!(inbound < stale_in, "{r}");
+        // The socket rule, which keeps live connections working, comes before both.
+        let socket = r.find("socket transparent 1").unwrap();
+        assert!(socket < stale_in && socket < stale_out);
     }
 
     #[test]

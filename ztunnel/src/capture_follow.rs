@@ -11,8 +11,8 @@
 //!
 //! A workload whose address does not route through a directly attached interface (no route
 //! yet, or a route via a gateway, or loopback) is left out until it does: capturing on the
-//! node's uplink would capture other nodes' traffic. IPv6 workload addresses are not captured
-//! yet (see the hardening notes in ARCHITECTURE.md).
+//! node's uplink would capture other nodes' traffic. IPv6 workload addresses are not captured:
+//! the ruleset drops a captured pod interface's IPv6 ([`crate::capture`]).
 
 use crate::capture::{self, CaptureSpec};
 use common::config::ConfigStore;
@@ -141,11 +141,40 @@ pub async fn start(
                 continue;
             }
             match capture::install(&next) {
-                Ok(()) => installed = next,
+                Ok(()) => {
+                    forget_departed(&installed, &next);
+                    installed = next;
+                }
                 Err(e) => tracing::error!(error = %e, "updating the capture rules failed"),
             }
         }
     }))
+}
+
+/// The pods `before` captured and `after` does not: their TIME_WAIT sockets would drop their
+/// now uncaptured, forwarded SYNs (see [`crate::time_wait`]).
+fn departed(before: &CaptureSpec, after: &CaptureSpec) -> Vec<Ipv4Addr> {
+    before
+        .pod_sources
+        .iter()
+        .map(|(_, ip)| *ip)
+        .filter(|ip| !after.pod_sources.iter().any(|(_, a)| a == ip))
+        .collect()
+}
+
+fn forget_departed(before: &CaptureSpec, after: &CaptureSpec) {
+    let gone = departed(before, after);
+    if gone.is_empty() {
+        return;
+    }
+    match crate::time_wait::forget_involving(&gone) {
+        Ok(n) => {
+            tracing::info!(pods = ?gone, sockets = n, "no longer captured: destroyed their TIME_WAIT sockets")
+        }
+        Err(e) => {
+            tracing::warn!(pods = ?gone, error = %e, "cannot destroy TIME_WAIT sockets of pods no longer captured")
+        }
+    }
 }
 
 async fn derive_now(
@@ -265,6 +294,12 @@ workloads:
         let rules = spec.ruleset();
         assert!(rules.contains("\"va\" . 10.244.1.2"), "{rules}");
         assert!(!rules.contains("10.244.1.9"), "{rules}");
+        // A pod that leaves is "departed" (its TIME_WAIT sockets go), the others are not.
+        let fewer = derive(&base, &ips[1..], |ip| {
+            (ip == ips[1]).then(|| "vc".to_string())
+        });
+        assert_eq!(departed(&spec, &fewer), vec![ips[0]]);
+        assert!(departed(&fewer, &spec).is_empty());
         // A hostile interface name from the routing table is never pasted into nft.
         let bad = derive(&base, &ips[..1], |_| Some("x\"; flush ruleset".into()));
         assert!(bad.pod_ifaces.is_empty());

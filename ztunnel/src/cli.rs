@@ -71,7 +71,11 @@ pub enum CertCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum CaptureCommand {
+    /// Install (or atomically replace) the rules for the named pods.
     Install(CaptureArgs),
+    /// Uninstall the rules (node teardown): the table, the policy routing, and the TIME_WAIT
+    /// sockets ztunnel's transparent connections left behind (they would drop forwarded SYNs of
+    /// the same 4-tuple for up to 60 s once nothing captures them).
     Remove,
 }
 
@@ -156,9 +160,15 @@ pub struct RunArgs {
     pub metrics_addr: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
-    /// How long live connections may take to finish after SIGTERM.
-    #[arg(long, default_value = "5s", value_parser = common::duration::parse)]
+    /// How long live connections may take to finish after SIGTERM (the listeners close at
+    /// once, so new connections go to a successor ztunnel or are dropped, never bypass it).
+    #[arg(long, default_value = "30s", value_parser = common::duration::parse)]
     pub drain_timeout: Duration,
+    /// Remove the capture rules when this process exits (node teardown). By default they stay:
+    /// captured traffic is dropped while no ztunnel runs (fail closed), and the next ztunnel
+    /// takes the rules over; `ztunnel capture remove` uninstalls them.
+    #[arg(long)]
+    pub remove_capture_on_exit: bool,
     /// Lifetime of minted workload certificates (rotated at half-life).
     #[arg(long, default_value = "24h", value_parser = common::duration::parse_ttl)]
     pub cert_ttl: Duration,

@@ -12,6 +12,7 @@ mod metrics;
 mod proxy;
 mod socket;
 mod state;
+mod time_wait;
 
 use clap::Parser;
 

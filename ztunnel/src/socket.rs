@@ -9,9 +9,15 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// A listener with `IP_TRANSPARENT`, so TPROXY can hand it connections for any destination;
 /// `local_addr()` of each accepted socket is the original destination.
+///
+/// `SO_REUSEPORT`: a new ztunnel binds the same port while the old one still runs (upgrade in
+/// place); the kernel spreads new connections over both listeners until the old one closes
+/// its listener when it starts draining (see [`enable_request_migration`] for the connections
+/// queued on it at that moment). Only a process of the same user can join the group.
 pub fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
     s.set_ip_transparent(true).map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -23,6 +29,30 @@ pub fn transparent_listener(addr: SocketAddr) -> io::Result<TcpListener> {
         .map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
     s.listen(4096)?;
     TcpListener::from_std(s.into())
+}
+
+/// The sysctl that hands a closing listener's queued connections to another listener of its
+/// `SO_REUSEPORT` group (Linux ≥ 5.14).
+pub const MIGRATE_REQ_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Turns on `net.ipv4.tcp_migrate_req` in this network namespace: when the draining ztunnel
+/// closes its listeners, connections already in their SYN or accept queues move to the new
+/// ztunnel's listeners instead of being reset. Best effort: without it (older kernel, no
+/// permission) those few queued connections are reset, and the clients retry.
+pub fn enable_request_migration() {
+    match std::fs::read_to_string(MIGRATE_REQ_SYSCTL) {
+        Ok(v) if v.trim() == "1" => {}
+        Ok(_) => {
+            if let Err(e) = std::fs::write(MIGRATE_REQ_SYSCTL, "1") {
+                tracing::warn!(error = %e, "cannot enable net.ipv4.tcp_migrate_req; connections queued on a draining listener will be reset");
+            } else {
+                tracing::info!("enabled net.ipv4.tcp_migrate_req (queued connections move to the next ztunnel on drain)");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "net.ipv4.tcp_migrate_req unavailable (kernel < 5.14?); connections queued on a draining listener will be reset")
+        }
+    }
 }
 
 fn upstream_socket(dst: SocketAddr, mark: bool) -> io::Result<Socket> {

@@ -56,8 +56,13 @@ fn capture_install_is_idempotent() {
         ("tproxy ip to 127.0.0.1:15006", 1),
         ("tproxy ip to 127.0.0.1:15008", 1),
         ("socket transparent 1", 1),
-        (" drop", 3),
+        // rpf, inbound (nobody listens / stale), outbound SYN, outbound stale segment, pod
+        // IPv6 in prerouting and IPv6 towards pods in forward.
+        (" drop", 6),
         ("fib saddr . iif oif missing drop", 1),
+        ("fib daddr type != local drop", 1),
+        ("reject with tcp reset", 1),
+        ("chain forward", 1),
         ("set pod_ifs", 1),
         ("set pod_ips", 1),
     ] {

@@ -1,6 +1,7 @@
 //! The life of a ztunnel process around the traffic it carries: certificates rotating under live
 //! connections, and a SIGTERM that drains live connections, fails closed for new ones, and
-//! removes the capture rules on exit.
+//! leaves the capture rules installed on exit (fail closed until the next ztunnel; removed only
+//! with `--remove-capture-on-exit`). Restarts and upgrades are in `restart.rs`.
 
 use std::time::{Duration, Instant};
 use tests::apps::{echo_random, echo_roundtrip, echo_server, probe_echo, random_bytes, Outcome};
@@ -165,7 +166,7 @@ async fn mesh_draining(label: &str, node: &str, drain: Duration) -> Mesh {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_live_connections_then_removes_rules() {
+async fn sigterm_drains_live_connections_then_keeps_rules() {
     const DRAIN: Duration = Duration::from_secs(20);
     let mut mesh = mesh_draining("sigterm-drain", "n1", DRAIN).await;
     let server = echo_server(&mesh.pod("b").ns, any(9000)).unwrap();
@@ -266,12 +267,19 @@ async fn sigterm_drains_live_connections_then_removes_rules() {
         zt.log_tail(20)
     );
     eprintln!("ztunnel exited {:?} after SIGTERM", sigterm_at.elapsed());
-    // … and takes its capture rules with it.
+    // … and leaves its capture rules in place: with no ztunnel, the pod's traffic is dropped,
+    // never sent around the mesh.
     let after = CaptureState::read(&n1_ns).unwrap();
     assert!(
-        after.is_clean(),
-        "capture rules left behind after exit: {after:?}; log tail:\n{}",
+        after.is_installed_once(),
+        "capture rules not left installed after exit: {after:?}; log tail:\n{}",
         zt.log_tail(20)
+    );
+    assert_eq!(before.ruleset, after.ruleset, "the ruleset changed on exit");
+    let outcome = probe_echo(&a, addr("10.244.2.2:9000"), Duration::from_secs(2)).await;
+    assert!(
+        outcome.is_blocked(),
+        "new connection a → b with ztunnel gone: {outcome:?}"
     );
     let rec = &server
         .wait_records(1, Duration::from_secs(5))
@@ -287,7 +295,15 @@ async fn sigterm_drains_live_connections_then_removes_rules() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_connections_left_at_the_drain_deadline() {
     const DRAIN: Duration = Duration::from_secs(2);
-    let mut mesh = mesh_draining("drain-deadline", "n1", DRAIN).await;
+    // Also the operator's teardown path: this one removes its rules on exit.
+    let mut mesh = Mesh::two_nodes_with("drain-deadline", &standard_config(), |n, opts| {
+        if n.name == "n1" {
+            opts.extra_args
+                .extend(["--drain-timeout", "2s", "--remove-capture-on-exit"].map(String::from));
+        }
+    })
+    .await
+    .unwrap();
     let _server = echo_server(&mesh.pod("b").ns, any(9000)).unwrap();
     let n1_ns = mesh.node("n1").ns.handle();
     let mut live = mesh.pod("a").ns.connect(echo_vip()).await.unwrap();
@@ -307,7 +323,10 @@ async fn sigterm_closes_connections_left_at_the_drain_deadline() {
         "ztunnel exited {took:?} after SIGTERM with a live connection, before the {DRAIN:?} drain deadline"
     );
     let after = CaptureState::read(&n1_ns).unwrap();
-    assert!(after.is_clean(), "capture rules left behind: {after:?}");
+    assert!(
+        after.is_clean(),
+        "--remove-capture-on-exit left rules behind: {after:?}"
+    );
 
     // The client learns that its connection is gone (EOF or reset), it does not hang.
     let mut buf = [0u8; 64];
@@ -379,7 +398,10 @@ async fn sigterm_on_destination_node_drains_live_tunnels() {
     assert!(status.success(), "exit status {status}");
     eprintln!("n2 exited {:?} after SIGTERM", sigterm_at.elapsed());
     let after = CaptureState::read(&n2_ns).unwrap();
-    assert!(after.is_clean(), "capture rules left behind: {after:?}");
+    assert!(
+        after.is_installed_once(),
+        "capture rules not left installed: {after:?}"
+    );
     let rec = &server
         .wait_records(1, Duration::from_secs(5))
         .await
