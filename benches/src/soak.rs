@@ -64,7 +64,15 @@ const PARTIAL_HELLO: &[u8] = &[
 ];
 
 pub async fn run(quick: bool) -> Result<()> {
-    let plan = if quick { Plan::quick() } else { Plan::full() };
+    let mut plan = if quick { Plan::quick() } else { Plan::full() };
+    // Overrides for investigating one phase: SOAK_HELD=0 skips the held connections.
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+    if let Some(n) = env("SOAK_HELD") {
+        plan.held = n;
+    }
+    if let Some(n) = env("SOAK_SLOWLORIS") {
+        plan.slowloris = n;
+    }
     raise_nofile_limit(65536)?;
     tests::ztunnel::ztunnel_bin().context(
         "build ztunnel in the same profile: cargo build --release -p benches -p ztunnel",

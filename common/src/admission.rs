@@ -21,6 +21,9 @@ pub struct Caps {
     pub per_source: usize,
     /// TLS handshakes in progress (listeners that terminate TLS).
     pub handshakes: usize,
+    /// TLS handshakes in progress from one source IP: one source stalling handshakes
+    /// (slowloris) cannot take every place and lock other peers out of new connections.
+    pub handshakes_per_source: usize,
 }
 
 impl Default for Caps {
@@ -29,6 +32,7 @@ impl Default for Caps {
             connections: 100_000,
             per_source: 10_000,
             handshakes: 1_024,
+            handshakes_per_source: 64,
         }
     }
 }
@@ -40,6 +44,7 @@ pub enum ShedReason {
     connections,
     per_source,
     handshakes,
+    handshakes_per_source,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -58,6 +63,7 @@ pub struct Admission {
     live: AtomicUsize,
     per_source: Mutex<HashMap<IpAddr, usize>>,
     handshakes: AtomicUsize,
+    handshakes_by_source: Mutex<HashMap<IpAddr, usize>>,
     shed: ShedCounter,
     epoch: Instant,
     /// Milliseconds since `epoch` of the last shedding log line.
@@ -72,7 +78,10 @@ pub struct ConnPermit {
 }
 
 /// Holds one handshake's place; released on drop (when the handshake ends either way).
-pub struct HandshakePermit(Arc<Admission>);
+pub struct HandshakePermit {
+    admission: Arc<Admission>,
+    source: IpAddr,
+}
 
 impl Admission {
     pub fn new(listener: &'static str, caps: Caps, shed: ShedCounter) -> Arc<Self> {
@@ -82,6 +91,7 @@ impl Admission {
             live: AtomicUsize::new(0),
             per_source: Mutex::new(HashMap::new()),
             handshakes: AtomicUsize::new(0),
+            handshakes_by_source: Mutex::new(HashMap::new()),
             shed,
             epoch: Instant::now(),
             last_log_ms: AtomicU64::new(0),
@@ -123,15 +133,28 @@ impl Admission {
 
     /// A place for one TLS handshake, or the connection is shed.
     pub fn handshake(self: &Arc<Self>, source: IpAddr) -> Result<HandshakePermit, ShedReason> {
+        {
+            let mut per = lock(&self.handshakes_by_source);
+            let n = per.entry(source).or_insert(0);
+            if *n >= self.caps.handshakes_per_source {
+                drop(per);
+                return Err(self.shed(ShedReason::handshakes_per_source, source));
+            }
+            *n += 1;
+        }
         if self.handshakes.fetch_add(1, Ordering::AcqRel) >= self.caps.handshakes {
             self.handshakes.fetch_sub(1, Ordering::AcqRel);
+            release_source(&self.handshakes_by_source, source);
             return Err(self.shed(ShedReason::handshakes, source));
         }
-        Ok(HandshakePermit(self.clone()))
+        Ok(HandshakePermit {
+            admission: self.clone(),
+            source,
+        })
     }
 
     fn lock_sources(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
-        self.per_source.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.per_source)
     }
 
     fn shed(&self, reason: ShedReason, source: IpAddr) -> ShedReason {
@@ -156,6 +179,7 @@ impl Admission {
                 ShedReason::connections => self.caps.connections,
                 ShedReason::per_source => self.caps.per_source,
                 ShedReason::handshakes => self.caps.handshakes,
+                ShedReason::handshakes_per_source => self.caps.handshakes_per_source,
             };
             tracing::warn!(
                 listener = self.listener,
@@ -177,25 +201,34 @@ impl ConnPermit {
     }
 }
 
+fn lock(m: &Mutex<HashMap<IpAddr, usize>>) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Gives back one place of `source` in a per-source count (forgetting sources at zero).
+fn release_source(m: &Mutex<HashMap<IpAddr, usize>>, source: IpAddr) {
+    let mut per = lock(m);
+    if let Some(n) = per.get_mut(&source) {
+        *n -= 1;
+        if *n == 0 {
+            per.remove(&source);
+        }
+    }
+}
+
 impl Drop for ConnPermit {
     fn drop(&mut self) {
         let a = &self.admission;
-        {
-            let mut per = a.lock_sources();
-            if let Some(n) = per.get_mut(&self.source) {
-                *n -= 1;
-                if *n == 0 {
-                    per.remove(&self.source);
-                }
-            }
-        }
+        release_source(&a.per_source, self.source);
         a.live.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl Drop for HandshakePermit {
     fn drop(&mut self) {
-        self.0.handshakes.fetch_sub(1, Ordering::AcqRel);
+        let a = &self.admission;
+        release_source(&a.handshakes_by_source, self.source);
+        a.handshakes.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -222,6 +255,7 @@ mod tests {
             connections: 3,
             per_source: 2,
             handshakes: 1,
+            handshakes_per_source: 10,
         };
         let a = Admission::new("test", caps, shed.clone());
         let p1 = a.admit(ip("10.0.0.1")).unwrap();
@@ -243,5 +277,38 @@ mod tests {
         drop(h);
         assert!(a.handshake(ip("10.0.0.9")).is_ok());
         assert_eq!(shed_count(&shed, ShedReason::handshakes), 1);
+    }
+
+    #[test]
+    fn one_source_cannot_take_every_handshake_place() {
+        let shed = ShedCounter::default();
+        let caps = Caps {
+            connections: 100,
+            per_source: 100,
+            handshakes: 3,
+            handshakes_per_source: 2,
+        };
+        let a = Admission::new("test", caps, shed.clone());
+        let attacker: Vec<_> = (0..2)
+            .map(|_| a.handshake(ip("10.0.0.66")).unwrap())
+            .collect();
+        assert_eq!(
+            a.handshake(ip("10.0.0.66")).err(),
+            Some(ShedReason::handshakes_per_source)
+        );
+        // Another peer still gets a place.
+        let peer = a.handshake(ip("10.0.0.7")).unwrap();
+        // The global cap still holds, and a place refused by it is not left counted.
+        assert_eq!(
+            a.handshake(ip("10.0.0.8")).err(),
+            Some(ShedReason::handshakes)
+        );
+        drop(peer);
+        assert!(a.handshake(ip("10.0.0.8")).is_ok());
+        drop(attacker);
+        assert!(lock(&a.handshakes_by_source)
+            .get(&ip("10.0.0.66"))
+            .is_none());
+        assert_eq!(shed_count(&shed, ShedReason::handshakes_per_source), 1);
     }
 }

@@ -125,6 +125,10 @@ pub struct RunArgs {
     /// TLS handshakes in progress (`reason="handshakes"`).
     #[arg(long, default_value_t = common::admission::Caps::default().handshakes)]
     pub max_concurrent_handshakes: usize,
+    /// TLS handshakes in progress from one source IP (`reason="handshakes_per_source"`): a
+    /// peer stalling handshakes cannot lock every other peer out of new connections.
+    #[arg(long, default_value_t = common::admission::Caps::default().handshakes_per_source)]
+    pub max_concurrent_handshakes_per_source: usize,
 }
 
 /// Everything the request path reads.
@@ -316,6 +320,7 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
             connections: args.max_connections,
             per_source: args.max_connections_per_source,
             handshakes: args.max_concurrent_handshakes,
+            handshakes_per_source: args.max_concurrent_handshakes_per_source,
         },
         state.metrics.shed.clone(),
     );

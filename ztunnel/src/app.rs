@@ -276,6 +276,7 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         connections: args.max_connections,
         per_source: args.max_connections_per_source,
         handshakes: args.max_concurrent_handshakes,
+        handshakes_per_source: args.max_concurrent_handshakes_per_source,
     };
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(proxy::serve(

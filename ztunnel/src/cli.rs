@@ -198,6 +198,10 @@ pub struct RunArgs {
     /// TLS handshakes in progress on 15008 (`reason="handshakes"`).
     #[arg(long, default_value_t = common::admission::Caps::default().handshakes)]
     pub max_concurrent_handshakes: usize,
+    /// TLS handshakes in progress from one source IP (`reason="handshakes_per_source"`): a
+    /// peer stalling handshakes cannot lock every other peer out of new connections.
+    #[arg(long, default_value_t = common::admission::Caps::default().handshakes_per_source)]
+    pub max_concurrent_handshakes_per_source: usize,
     /// The resolv.conf whose nameservers resolve DNS-resolution ServiceEntries (and answer
     /// what the DNS proxy forwards).
     #[arg(long, env = "ZTUNNEL_RESOLV_CONF", default_value = "/etc/resolv.conf")]

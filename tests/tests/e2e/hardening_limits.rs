@@ -88,6 +88,50 @@ async fn handshakes_over_the_cap_are_shed_and_counted() {
     assert!(matches!(outcome, Outcome::Echoed), "{outcome:?}");
 }
 
+/// A peer stalling handshakes (slowloris) takes at most its own share of the handshake
+/// places: another peer still opens its HBONE connection (before, one source could hold
+/// every place for as long as the handshake deadline, over and over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_stalling_handshakes_does_not_lock_others_out() {
+    let mesh = two_nodes_with_args(
+        "limits-hs-source",
+        &[
+            "--max-concurrent-handshakes",
+            "4",
+            "--max-concurrent-handshakes-per-source",
+            "2",
+            "--handshake-timeout",
+            "20s",
+        ],
+    )
+    .await;
+    let _b = echo_server(&mesh.pod("b").ns, tests::support::any(9000)).unwrap();
+    // The attacker: node n1's own address, six silent TLS connections to n2's HBONE port.
+    let n1 = &mesh.node("n1").ns;
+    let hbone_b = addr("10.244.2.2:15008");
+    let mut silent = Vec::new();
+    for _ in 0..6 {
+        if let Ok(s) = n1.connect(hbone_b).await {
+            silent.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Pod a's first connection needs a new HBONE connection (a handshake) from its own IP.
+    let outcome = probe_echo(&mesh.pod("a").ns, echo_vip(), Duration::from_secs(10)).await;
+    assert!(matches!(outcome, Outcome::Echoed), "{outcome:?}");
+    let m = mesh.ztunnel("n2").metrics().await.unwrap();
+    let per_source = sum_metric(
+        &m,
+        "ztunnel_connections_shed_total",
+        &[("listener", "inbound"), ("reason", "handshakes_per_source")],
+    );
+    assert_eq!(
+        per_source, 4.0,
+        "all but two of the attacker's six were shed"
+    );
+    drop(silent);
+}
+
 /// A pod may hold only so many connections through one listener; the next is shed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_per_source_cap_are_shed_and_counted() {
