@@ -7,6 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 secs="${1:-15}"
 sanitizer="${FUZZ_SANITIZER:-none}"
+# FUZZ_DEV=1: unoptimized build (compiles in about half the time; for short smoke runs).
+build_flags=()
+[ "${FUZZ_DEV:-0}" = 1 ] && build_flags+=(--dev)
 export RUSTC_BOOTSTRAP=1
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
   echo "installing: cargo-fuzz (crates.io)"
@@ -14,7 +17,7 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
     CARGO_PROFILE_RELEASE_OPT_LEVEL=1 cargo install --quiet --locked cargo-fuzz
 fi
 targets=$(cargo fuzz list)
-cargo fuzz build -s "$sanitizer"
+cargo fuzz build "${build_flags[@]}" -s "$sanitizer"
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 for t in $targets; do
@@ -22,7 +25,7 @@ for t in $targets; do
   echo "fuzz: $t for ${secs}s"
   # -rss_limit_mb: a target's memory must stay bounded; -timeout: no input may take 10 s.
   status=0
-  cargo fuzz run -s "$sanitizer" "$t" "$scratch/$t" "corpus/$t" -- \
+  cargo fuzz run "${build_flags[@]}" -s "$sanitizer" "$t" "$scratch/$t" "corpus/$t" -- \
     -max_total_time="$secs" -rss_limit_mb=1024 -timeout=10 -print_final_stats=1 \
     >"$scratch/$t.log" 2>&1 || status=$?
   grep -E "^stat::(number_of_executed_units|peak_rss_mb|new_units_added)" "$scratch/$t.log" \
