@@ -16,6 +16,7 @@ pub mod http_apps;
 pub mod l7mesh;
 pub mod mesh;
 pub mod netns;
+pub mod scenarios;
 pub mod support;
 pub mod testdir;
 pub mod topology;

@@ -12,18 +12,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tests::cluster::{namespace, pod, ClusterMesh};
 use tests::http_apps::{empty_body, http_server, request, Http1Client, HttpMode, HttpServer};
+use tests::scenarios::scenario;
 use tests::support::{any, within};
 use tests::topology::Topology;
 use tests::waypoint::{WaypointOpts, WaypointProcess};
 
-const SCENARIOS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/scenarios");
 const DEMOAPP_VIP: &str = "10.96.0.30";
 const WAYPOINT_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
-
-fn scenario(name: &str) -> String {
-    let path = format!("{SCENARIOS}/{name}");
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
-}
 
 /// n1: client `a` (10.244.1.2) and waypoint pod `wp-b` (.3); n2: waypoint pod `wp-a`
 /// (10.244.2.2), demoapp v1.0 (.3, .4) and v1.1 (.5).

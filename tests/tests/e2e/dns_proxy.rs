@@ -13,6 +13,7 @@ use tests::config::MeshConfig;
 use tests::dns::{dns_server, DnsServer, PodResolvConf};
 use tests::mesh::{standard_config, Mesh};
 use tests::netns::Netns;
+use tests::scenarios::{scenario, EXTERNAL_DB_ENDPOINTS};
 use tests::support::{addr, any, eventually};
 
 /// The nameserver the pods' resolv.conf names (nothing listens there).
@@ -20,31 +21,6 @@ const KUBE_DNS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
 /// The name only the upstream (the test DNS server on n2) knows, and its address.
 const OUTSIDE: &str = "www.example.com";
 const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
-
-fn scenario(name: &str) -> String {
-    let path = format!(
-        "{}/../../shared/scenarios/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading scenario {path}: {e}"))
-}
-
-/// The README's pattern for `external-db` (as in the egress suite): a headless, selector-less
-/// Service and an Endpoints object naming the database (pod `d`, not in the mesh).
-const EXTERNAL_DB_ENDPOINTS: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: external-db, namespace: default}
-spec:
-  clusterIP: None
-  clusterIPs: [None]
-  ports: [{port: 3306, protocol: TCP, targetPort: 3306}]
----
-apiVersion: v1
-kind: Endpoints
-metadata: {name: external-db, namespace: default}
-subsets: [{addresses: [{ip: 10.244.2.3}], ports: [{port: 3306, protocol: TCP}]}]
-"#;
 
 struct DnsMesh {
     mesh: Mesh,

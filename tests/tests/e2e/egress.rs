@@ -12,32 +12,8 @@ use tests::apps::{echo_server, probe_echo, Outcome};
 use tests::config::Service;
 use tests::dns::dns_server;
 use tests::mesh::{echo_vip, standard_config, Mesh};
+use tests::scenarios::{scenario, EXTERNAL_DB_ENDPOINTS};
 use tests::support::{addr, any, eventually};
-
-fn scenario(name: &str) -> String {
-    let path = format!(
-        "{}/../../shared/scenarios/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading scenario {path}: {e}"))
-}
-
-/// The README's pattern for `external-db`: a headless, selector-less Service and an Endpoints
-/// object naming the database's address (here pod `d`, which is not in the mesh).
-const EXTERNAL_DB_ENDPOINTS: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: external-db, namespace: default}
-spec:
-  clusterIP: None
-  clusterIPs: [None]
-  ports: [{port: 3306, protocol: TCP, targetPort: 3306}]
----
-apiVersion: v1
-kind: Endpoints
-metadata: {name: external-db, namespace: default}
-subsets: [{addresses: [{ip: 10.244.2.3}], ports: [{port: 3306, protocol: TCP}]}]
-"#;
 
 /// A STATIC entry with its own VIP whose endpoint (pod `d`) listens on another port, and a
 /// NONE entry for the node network on port 7000.

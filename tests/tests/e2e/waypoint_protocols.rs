@@ -14,6 +14,7 @@ use tests::http_apps::{
 };
 use tests::l7mesh::{L7Mesh, PodSpec};
 use tests::netns::Netns;
+use tests::scenarios::scenario;
 use tests::support::{any, within};
 use tests::waypoint::field;
 use tokio::io::AsyncReadExt;
@@ -21,12 +22,6 @@ use tokio::task::JoinHandle;
 
 const ECHO_HOST: &str = "echo.default.svc.cluster.local";
 const DEMO_HOST: &str = "demoapp.default.svc.cluster.local";
-const SCENARIOS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/scenarios");
-
-fn scenario(name: &str) -> String {
-    let path = format!("{SCENARIOS}/{name}");
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
-}
 
 async fn client(mesh: &L7Mesh) -> Http1Client {
     within(

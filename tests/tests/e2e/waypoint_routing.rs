@@ -12,10 +12,10 @@ use tests::http_apps::{
     HttpReply, HttpServer,
 };
 use tests::l7mesh::L7Mesh;
+use tests::scenarios::scenario;
 use tests::support::within;
 use tests::waypoint::field;
 
-const SCENARIOS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/scenarios");
 const HOST: &str = "demoapp.default.svc.cluster.local";
 const V10: [&str; 3] = ["demo-v10-0", "demo-v10-1", "demo-v10-2"];
 const V11: [&str; 2] = ["demo-v11-0", "demo-v11-1"];
@@ -57,11 +57,6 @@ spec:
     labels:
       version: v1.1
 "#;
-
-fn scenario(name: &str) -> String {
-    let path = format!("{SCENARIOS}/{name}");
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
-}
 
 /// The documents of a multi-document YAML file whose text contains `kind: <kind>`.
 fn documents_of_kind(yaml: &str, kind: &str) -> Vec<String> {
