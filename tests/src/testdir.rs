@@ -1,5 +1,6 @@
 //! A per-test scratch directory under the system temp dir: removed when the test passes, kept
-//! (and its path printed) when the test panics, so logs and captures can be inspected.
+//! (and its path printed) when the test panics or `KEEP_TEST_DIR=1` is set, so logs and
+//! captures can be inspected.
 
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -36,7 +37,7 @@ impl TestDir {
 
 impl Drop for TestDir {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("KEEP_TEST_DIR").is_some() {
             eprintln!("test files kept in {}", self.path.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.path);
