@@ -124,6 +124,11 @@ pub async fn run(quick: bool) -> Result<()> {
     }
     // 2. Slowloris, on a fresh ztunnel pair (RSS of phase 1's connections is not its own).
     setup::stop_ztunnels(&mut mesh)?;
+    for node in ["n1", "n2"] {
+        // Phase 1's logs stay beside phase 2's (KEEP_TEST_DIR=1 keeps them).
+        let log = mesh.dir.join(&format!("ztunnel-{node}.log"));
+        let _ = std::fs::rename(&log, mesh.dir.join(&format!("ztunnel-{node}-held.log")));
+    }
     setup::start_ztunnels(&mut mesh, &config).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pids = setup::ztunnel_pids(&mesh)?;
