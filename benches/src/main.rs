@@ -39,6 +39,21 @@ const USAGE: &str = "usage: benches [--l7 | --soak] [--quick]
   --quick   short smoke run (seconds instead of a minute or two)";
 
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--slowloris-attacker") {
+        // The soak's attacker process (see soak.rs): <target> <connections> <seconds>.
+        let [_, target, n, secs] = args.as_slice() else {
+            bail!("--slowloris-attacker <target> <connections> <seconds>");
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        return rt.block_on(soak::attacker_main(
+            target.parse()?,
+            n.parse()?,
+            secs.parse()?,
+        ));
+    }
     let mut quick = false;
     let mut l7 = false;
     let mut soak = false;

@@ -9,7 +9,8 @@
 //!    n2's HBONE port, each sending the start of a TLS ClientHello and then nothing; whatever
 //!    the server closes is reopened, for the whole phase. Meanwhile legitimate connections
 //!    (pod a → echo service: connect, 64-byte echo, close) are timed and compared with the same
-//!    measurement before the attack. Targets: n2's ztunnel RSS ≤ 64 MB, legitimate p99 ≤ 2× the
+//!    measurement before the attack (the attacker is a process of its own in n1's namespace).
+//!    Targets: n2's ztunnel RSS ≤ 64 MB, legitimate p99 ≤ 2× the
 //!    p99 measured before.
 
 use crate::load::{self, Sockets, MODE_ECHO};
@@ -138,16 +139,22 @@ pub async fn run(quick: bool) -> Result<()> {
     );
     let before = legit_latency(&sockets, plan.legit_concurrency, plan.attack).await?;
     let rss_before = procfs::rss_bytes(pids[1])?;
+    // The attacker runs as a process of its own inside node n1's namespace, so its sockets
+    // and tasks do not share this process (and its runtime) with the timed client.
+    let attack_secs = plan.attack.as_secs() + 2;
+    let attacker = std::process::Command::new("ip")
+        .args(["netns", "exec", mesh.node("n1").ns.name()])
+        .arg(std::env::current_exe()?)
+        .args([
+            "--slowloris-attacker",
+            HBONE_TARGET,
+            &plan.slowloris.to_string(),
+            &attack_secs.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting the attacker process")?;
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let stats = Arc::new(AttackStats::default());
-    let attacker = mesh.node("n1").ns.handle();
-    let attack = tokio::spawn(slowloris(
-        attacker,
-        HBONE_TARGET.parse()?,
-        plan.slowloris,
-        stop.clone(),
-        stats.clone(),
-    ));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_peak = Arc::new(AtomicU64::new(rss_before));
     let sampler = {
@@ -162,17 +169,12 @@ pub async fn run(quick: bool) -> Result<()> {
         })
     };
     let during = legit_latency(&sockets, plan.legit_concurrency, plan.attack).await?;
-    let held_open = stats.open.load(Ordering::Relaxed);
     stop_tx.send_replace(true);
-    let _ = attack.await;
     let _ = sampler.await;
+    let out = tokio::task::spawn_blocking(move || attacker.wait_with_output()).await??;
+    println!("  attack: {}", String::from_utf8_lossy(&out.stdout).trim());
     let p99_before = before.quantile_us(0.99);
     let p99_during = during.quantile_us(0.99);
-    println!(
-        "  attack: {} connections opened, {} closed by ztunnel and reopened, {held_open} open at the end",
-        stats.opened.load(Ordering::Relaxed),
-        stats.closed.load(Ordering::Relaxed),
-    );
     println!(
         "  legitimate connect+echo: p50 {:.0} µs → {:.0} µs, p99 {p99_before:.0} µs → {p99_during:.0} µs ({:.2}× , target ≤ 2×); {} → {} samples, {} failed during",
         before.quantile_us(0.5),
@@ -314,26 +316,21 @@ struct AttackStats {
     open: AtomicUsize,
 }
 
-/// Keeps `n` half-open TLS handshakes to `target` from namespace `ns` until `stop`. The
-/// attacker's tasks sleep on their sockets (no polling), so they do not slow the legitimate
-/// client sharing this process.
-async fn slowloris(
-    ns: tests::netns::Netns,
-    target: SocketAddr,
-    n: usize,
-    stop: tokio::sync::watch::Receiver<bool>,
-    stats: Arc<AttackStats>,
-) {
-    let sockets = Sockets::new(&ns);
-    let _ = sockets.prefill(n);
+/// The attacker process (`benches --slowloris-attacker <target> <n> <secs>`, started inside a
+/// namespace by [`run`]): keeps `n` half-open TLS handshakes to `target` for `secs`, reopening
+/// whatever the server closes, then prints what it did.
+pub async fn attacker_main(target: SocketAddr, n: usize, secs: u64) -> Result<()> {
+    raise_nofile_limit(65536)?;
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let stats = Arc::new(AttackStats::default());
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
-        let (sockets, mut stop, stats) = (sockets.clone(), stop.clone(), stats.clone());
+        let (mut stop, stats) = (stop.clone(), stats.clone());
         tasks.spawn(async move {
             // Spread the opening over the first second, as a flood would.
             tokio::time::sleep(Duration::from_micros(200 * i as u64)).await;
             while !*stop.borrow() {
-                let Ok(mut s) = sockets.connect(target).await else {
+                let Ok(mut s) = TcpStream::connect(target).await else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
@@ -341,7 +338,7 @@ async fn slowloris(
                 stats.open.fetch_add(1, Ordering::Relaxed);
                 let _ = s.write_all(PARTIAL_HELLO).await;
                 let mut b = [0u8; 256];
-                // Held until the server closes it (or the phase ends); then reopened.
+                // Held until the server closes it (or the attack ends); then reopened.
                 let closed_by_server = loop {
                     tokio::select! {
                         r = s.read(&mut b) => if !matches!(r, Ok(n) if n > 0) { break true },
@@ -355,5 +352,14 @@ async fn slowloris(
             }
         });
     }
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let held = stats.open.load(Ordering::Relaxed);
+    stop_tx.send_replace(true);
     while tasks.join_next().await.is_some() {}
+    println!(
+        "{} connections opened, {} closed by ztunnel and reopened, {held} open at the end",
+        stats.opened.load(Ordering::Relaxed),
+        stats.closed.load(Ordering::Relaxed),
+    );
+    Ok(())
 }
