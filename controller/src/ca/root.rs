@@ -7,7 +7,7 @@
 //! reconciled by the lease holder only.
 
 use crate::gateway_class::waypoint_form;
-use crate::waypoint::gateway::{gateway_class_resource, gateway_resource};
+use crate::waypoint::gateway::{class_controller, gateway_class_resource, gateway_resource};
 use common::identity::ca::{
     CaError, MeshCa, CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, ROOT_CERT_FILE,
 };
@@ -146,15 +146,19 @@ pub async fn publish_root(
     );
     let _tasks = [ns_task, cm_task, gw_task, class_task].map(AbortOnDrop);
     let mut failed = false;
+    let mut gateway_api_waited = false;
     loop {
         if *leader.borrow_and_update() {
-            // Gateway API may not be installed: its watches never become ready then, and the
-            // root still goes to the ambient namespaces.
             let _ = tokio::join!(namespaces.wait_until_ready(), configmaps.wait_until_ready());
-            let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                tokio::join!(gateways.wait_until_ready(), classes.wait_until_ready())
-            })
-            .await;
+            // Gateway API may not be installed: its watches never become ready then, and the
+            // root still goes to the ambient namespaces. Waited for once, not on every pass.
+            if !gateway_api_waited {
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    tokio::join!(gateways.wait_until_ready(), classes.wait_until_ready())
+                })
+                .await;
+                gateway_api_waited = true;
+            }
             let mut targets = waypoint_namespaces(&gateways, &classes);
             targets.extend(
                 namespaces
@@ -189,12 +193,7 @@ fn waypoint_namespaces(
     let controller_of = |class: &str| {
         classes
             .get(&ObjectRef::new_with(class, gateway_class_resource()))
-            .and_then(|c| {
-                c.data
-                    .pointer("/spec/controllerName")
-                    .and_then(|v| v.as_str())
-                    .map(str::to_string)
-            })
+            .and_then(|c| class_controller(&c))
     };
     gateways
         .state()

@@ -472,10 +472,16 @@ impl Index {
             .map(|(k, g)| (k.clone(), g.clone()))
             .collect();
         for (key, mut info) in gws {
-            info.form = crate::gateway_class::waypoint_form(class, controller.as_deref());
-            // Also re-derives the early form's service-account bindings.
-            self.set_gateway(key.clone(), Some(info));
-            self.waypoint_changed(&key);
+            let form = crate::gateway_class::waypoint_form(class, controller.as_deref());
+            if info.form != form {
+                // Also re-derives the early form's service-account bindings, and marks the
+                // waypoint's users.
+                info.form = form;
+                self.set_gateway(key, Some(info));
+            } else {
+                // The class's labels (`istio.io/waypoint-for`) may have changed.
+                self.waypoint_changed(&key);
+            }
         }
     }
 

@@ -38,6 +38,15 @@ pub fn gateway_class_resource() -> ApiResource {
     )
 }
 
+/// `spec.controllerName` of a GatewayClass object.
+pub fn class_controller(c: &kube::api::DynamicObject) -> Option<String> {
+    c.data
+        .get("spec")
+        .and_then(|s| s.get("controllerName"))
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+}
+
 /// A Gateway, only the fields we read.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct Gateway {

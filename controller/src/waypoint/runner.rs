@@ -4,8 +4,8 @@
 //! re-checks every Gateway and finds our objects whose Gateway is gone.
 
 use super::gateway::{
-    gateway_class_resource, gateway_resource, Gateway, CONTROLLER_NAME, EARLY_CLASS,
-    GATEWAY_NAME_LABEL, MANAGED_LABEL, MANAGED_VALUE, WAYPOINT_CLASS,
+    class_controller, gateway_class_resource, gateway_resource, Gateway, CONTROLLER_NAME,
+    EARLY_CLASS, GATEWAY_NAME_LABEL, MANAGED_LABEL, MANAGED_VALUE, WAYPOINT_CLASS,
 };
 use super::params::WaypointConfig;
 use super::queue::{Key, Queue};
@@ -59,14 +59,6 @@ fn class_key(name: &str) -> Key {
 
 fn class_name(key: &Key) -> Option<&str> {
     key.0.is_empty().then_some(key.1.as_str())
-}
-
-fn class_controller(c: &DynamicObject) -> Option<String> {
-    c.data
-        .get("spec")
-        .and_then(|s| s.get("controllerName"))
-        .and_then(|v| v.as_str())
-        .map(str::to_string)
 }
 
 /// Marks a GatewayClass of ours `Accepted` (as Gateway API asks of the controller that owns a
