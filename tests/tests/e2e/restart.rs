@@ -26,12 +26,9 @@ fn mesh_ips(node: &str) -> Vec<Ipv4Addr> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_traffic_leaks_nothing_and_a_restart_serves() {
-    let config = standard_config();
-    let mut mesh = Mesh::two_nodes("restart-kill9", &config).await.unwrap();
-    let _server = echo_server(&mesh.pod("b").ns, any(9000)).unwrap();
-    let watches: Vec<(String, LeakWatch)> = ["n1", "n2"]
+/// On each node's uplink, a plaintext-leak counter and a packet capture.
+fn watch_uplinks(mesh: &Mesh) -> (Vec<(String, LeakWatch)>, Vec<Capture>) {
+    let watches = ["n1", "n2"]
         .iter()
         .map(|n| {
             (
@@ -40,7 +37,7 @@ async fn kill_9_mid_traffic_leaks_nothing_and_a_restart_serves() {
             )
         })
         .collect();
-    let caps: Vec<Capture> = ["n1", "n2"]
+    let caps = ["n1", "n2"]
         .iter()
         .map(|n| {
             let node = mesh.node(n);
@@ -48,6 +45,15 @@ async fn kill_9_mid_traffic_leaks_nothing_and_a_restart_serves() {
             Capture::start(&node.ns, &node.link_if, &file).unwrap()
         })
         .collect();
+    (watches, caps)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_traffic_leaks_nothing_and_a_restart_serves() {
+    let config = standard_config();
+    let mut mesh = Mesh::two_nodes("restart-kill9", &config).await.unwrap();
+    let _server = echo_server(&mesh.pod("b").ns, any(9000)).unwrap();
+    let (watches, caps) = watch_uplinks(&mesh);
     // The pod IP target is reachable in plaintext if anything bypassed the capture (n2 admits
     // plaintext); the VIP only through a ztunnel.
     let load = Load::start(
@@ -152,23 +158,7 @@ async fn a_connection_outliving_its_ztunnel_never_leaks() {
     within(10, "hello through the mesh", server.read_exact(&mut buf))
         .await
         .unwrap();
-    let watches: Vec<(String, LeakWatch)> = ["n1", "n2"]
-        .iter()
-        .map(|n| {
-            (
-                n.to_string(),
-                LeakWatch::install(mesh.node(n), &mesh_ips(n)),
-            )
-        })
-        .collect();
-    let caps: Vec<Capture> = ["n1", "n2"]
-        .iter()
-        .map(|n| {
-            let node = mesh.node(n);
-            let file = mesh.dir.join(&format!("{n}-{}.pcap", node.link_if));
-            Capture::start(&node.ns, &node.link_if, &file).unwrap()
-        })
-        .collect();
+    let (watches, caps) = watch_uplinks(&mesh);
     for node in ["n1", "n2"] {
         // Orphaned sockets in FIN_WAIT2 live this long (default 60 s).
         mesh.node(node)
