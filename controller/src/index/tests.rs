@@ -311,9 +311,9 @@ fn selectorless_headless_service_gets_workloads_for_its_addresses() {
     assert_eq!(w.services[EXTERNAL_DB], BTreeMap::from([(3306, 3306)]));
 }
 
-#[test]
-fn early_form_gateway_binds_the_workloads_of_its_service_account() {
-    let mut index = fixture_index();
+/// A pod `productpage-v1-abc` running as `bookinfo-productpage`, the service account the
+/// fixture's early-form Gateway names.
+fn productpage_pod() -> serde_json::Value {
     let mut pod = fixture_json("Pod", "proxy-6d4c8b7f9-jx5tw");
     pod["metadata"]["name"] = "productpage-v1-abc".into();
     pod["metadata"]["annotations"] = serde_json::json!({});
@@ -321,7 +321,13 @@ fn early_form_gateway_binds_the_workloads_of_its_service_account() {
     pod["spec"]["serviceAccountName"] = "bookinfo-productpage".into();
     pod["status"]["podIP"] = "10.244.1.40".into();
     pod["status"]["podIPs"] = serde_json::json!([{"ip": "10.244.1.40"}]);
-    index.apply(obj(pod));
+    pod
+}
+
+#[test]
+fn early_form_gateway_binds_the_workloads_of_its_service_account() {
+    let mut index = fixture_index();
+    index.apply(obj(productpage_pod()));
     let w = pod_wl(&index, "productpage-v1-abc").unwrap();
     let wp = w
         .waypoint
@@ -363,14 +369,7 @@ fn early_form_gateway_binds_the_workloads_of_its_service_account() {
 #[test]
 fn a_class_held_by_another_controller_binds_nothing() {
     let mut index = fixture_index();
-    let mut pod = fixture_json("Pod", "proxy-6d4c8b7f9-jx5tw");
-    pod["metadata"]["name"] = "productpage-v1-abc".into();
-    pod["metadata"]["annotations"] = serde_json::json!({});
-    pod["metadata"]["labels"] = serde_json::json!({"app": "productpage"});
-    pod["spec"]["serviceAccountName"] = "bookinfo-productpage".into();
-    pod["status"]["podIP"] = "10.244.1.40".into();
-    pod["status"]["podIPs"] = serde_json::json!([{"ip": "10.244.1.40"}]);
-    index.apply(obj(pod));
+    index.apply(obj(productpage_pod()));
     assert!(pod_wl(&index, "productpage-v1-abc")
         .unwrap()
         .waypoint
