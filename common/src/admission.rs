@@ -115,15 +115,9 @@ impl Admission {
             self.live.fetch_sub(1, Ordering::AcqRel);
             return Err(self.shed(ShedReason::connections, source));
         }
-        {
-            let mut per = self.lock_sources();
-            let n = per.entry(source).or_insert(0);
-            if *n >= self.caps.per_source {
-                drop(per);
-                self.live.fetch_sub(1, Ordering::AcqRel);
-                return Err(self.shed(ShedReason::per_source, source));
-            }
-            *n += 1;
+        if !take_source(&self.per_source, source, self.caps.per_source) {
+            self.live.fetch_sub(1, Ordering::AcqRel);
+            return Err(self.shed(ShedReason::per_source, source));
         }
         Ok(ConnPermit {
             admission: self.clone(),
@@ -133,14 +127,12 @@ impl Admission {
 
     /// A place for one TLS handshake, or the connection is shed.
     pub fn handshake(self: &Arc<Self>, source: IpAddr) -> Result<HandshakePermit, ShedReason> {
-        {
-            let mut per = lock(&self.handshakes_by_source);
-            let n = per.entry(source).or_insert(0);
-            if *n >= self.caps.handshakes_per_source {
-                drop(per);
-                return Err(self.shed(ShedReason::handshakes_per_source, source));
-            }
-            *n += 1;
+        if !take_source(
+            &self.handshakes_by_source,
+            source,
+            self.caps.handshakes_per_source,
+        ) {
+            return Err(self.shed(ShedReason::handshakes_per_source, source));
         }
         if self.handshakes.fetch_add(1, Ordering::AcqRel) >= self.caps.handshakes {
             self.handshakes.fetch_sub(1, Ordering::AcqRel);
@@ -151,10 +143,6 @@ impl Admission {
             admission: self.clone(),
             source,
         })
-    }
-
-    fn lock_sources(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
-        lock(&self.per_source)
     }
 
     fn shed(&self, reason: ShedReason, source: IpAddr) -> ShedReason {
@@ -203,6 +191,20 @@ impl ConnPermit {
 
 fn lock(m: &Mutex<HashMap<IpAddr, usize>>) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Takes one place of `source` in a per-source count unless it already holds `cap`.
+fn take_source(m: &Mutex<HashMap<IpAddr, usize>>, source: IpAddr, cap: usize) -> bool {
+    let mut per = lock(m);
+    let n = per.entry(source).or_insert(0);
+    if *n >= cap {
+        if *n == 0 {
+            per.remove(&source);
+        }
+        return false;
+    }
+    *n += 1;
+    true
 }
 
 /// Gives back one place of `source` in a per-source count (forgetting sources at zero).
