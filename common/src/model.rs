@@ -131,6 +131,42 @@ fn default_trust_domain() -> String {
 }
 
 impl Workload {
+    /// An endpoint outside the mesh (a ServiceEntry's, or an address a DNS-resolved entry
+    /// resolved to): plain TCP, on no node, healthy; `workload_type` says where it came from.
+    pub fn outside_mesh(
+        uid: String,
+        name: &str,
+        namespace: &str,
+        ip: IpAddr,
+        workload_type: &str,
+    ) -> Workload {
+        Workload {
+            uid,
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+            service_account: default_service_account(),
+            trust_domain: default_trust_domain(),
+            workload_ips: vec![ip],
+            protocol: Protocol::Tcp,
+            node: String::new(),
+            network: String::new(),
+            cluster_id: String::new(),
+            hostname: String::new(),
+            workload_name: name.to_string(),
+            workload_type: workload_type.to_string(),
+            canonical_name: String::new(),
+            canonical_revision: String::new(),
+            waypoint: None,
+            status: HealthStatus::Healthy,
+            terminating: false,
+            locality: None,
+            authorization_policies: Vec::new(),
+            services: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+        }
+    }
+
     /// The SPIFFE identity certificates for this workload carry.
     pub fn identity(&self) -> Identity {
         Identity::new(&self.trust_domain, &self.namespace, &self.service_account)

@@ -18,7 +18,7 @@
 //! used yet.
 
 use crate::l7::service_entry::{Location, Resolution, ServiceEntry, ServicePort};
-use crate::model::{HealthStatus, Protocol, Service, Workload};
+use crate::model::{Service, Workload};
 use crate::snapshot::{parse_network_address, selector_matches};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -50,6 +50,9 @@ pub struct DnsTarget {
     pub hostname: String,
     /// Service port → port to connect to on the resolved addresses.
     pub ports: BTreeMap<u16, u16>,
+    /// The endpoint's labels (DestinationRule subsets select by them).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 impl DnsTarget {
@@ -180,6 +183,7 @@ fn plan(
                     .iter()
                     .map(|p| (p.number, endpoint_port(p, &ep.ports)))
                     .collect(),
+                labels: ep.labels.clone(),
             })
         })
         .collect();
@@ -220,6 +224,7 @@ fn plan(
                     .iter()
                     .map(|p| (p.number, endpoint_port(p, &BTreeMap::new())))
                     .collect(),
+                labels: BTreeMap::new(),
             }]
         } else {
             endpoint_names.clone()
@@ -241,7 +246,7 @@ fn plan(
             ports: ports.clone(),
             subject_alt_names: spec.subject_alt_names.clone(),
             app_protocols: app_protocols.clone(),
-            labels: BTreeMap::new(),
+            labels: se.labels.clone(),
             waypoint: None,
             load_balancer: None,
             ip_families: None,
@@ -348,34 +353,19 @@ pub fn register(
                 Some(&i) => i,
                 None => {
                     let ep = &se.spec.endpoints[e];
-                    let w = Workload {
-                        uid: format!("{kind}/{}/{}/{ip}", se.namespace, se.name),
-                        name: se.name.clone(),
-                        namespace: se.namespace.clone(),
-                        service_account: ep
-                            .service_account
-                            .clone()
-                            .unwrap_or_else(|| "default".to_string()),
-                        trust_domain: trust_domain.to_string(),
-                        workload_ips: vec![ip],
-                        protocol: Protocol::Tcp,
-                        node: String::new(),
-                        network: ep.network.clone().unwrap_or_default(),
-                        cluster_id: String::new(),
-                        hostname: String::new(),
-                        workload_name: se.name.clone(),
-                        workload_type: kind.to_ascii_lowercase(),
-                        canonical_name: String::new(),
-                        canonical_revision: String::new(),
-                        waypoint: None,
-                        status: HealthStatus::Healthy,
-                        terminating: false,
-                        locality: None,
-                        authorization_policies: Vec::new(),
-                        services: BTreeMap::new(),
-                        labels: ep.labels.clone(),
-                        annotations: BTreeMap::new(),
-                    };
+                    let mut w = Workload::outside_mesh(
+                        format!("{kind}/{}/{}/{ip}", se.namespace, se.name),
+                        &se.name,
+                        &se.namespace,
+                        ip,
+                        &kind.to_ascii_lowercase(),
+                    );
+                    if let Some(sa) = &ep.service_account {
+                        w.service_account = sa.clone();
+                    }
+                    w.trust_domain = trust_domain.to_string();
+                    w.network = ep.network.clone().unwrap_or_default();
+                    w.labels = ep.labels.clone();
                     workloads.push(Arc::new(w));
                     by_ip.insert(ip, workloads.len() - 1);
                     workloads.len() - 1

@@ -400,6 +400,23 @@ impl ZtunnelProcess {
         admin::get_ok(&self.ns, ADMIN_PORT, "/config_dump").await
     }
 
+    /// The first VIP of the service with hostname `host` (e.g. a ServiceEntry host's
+    /// automatic VIP), as `/config_dump` shows it.
+    pub async fn service_vip(&self, host: &str) -> Result<std::net::IpAddr> {
+        let dump = self.config_dump().await?;
+        let json: serde_json::Value = serde_json::from_str(&dump)?;
+        let vip = json
+            .pointer("/config/services")
+            .and_then(|s| s.as_array())
+            .into_iter()
+            .flatten()
+            .find(|s| s["hostname"] == host)
+            .and_then(|s| s["vips"][0].as_str())
+            .with_context(|| format!("no VIP for {host} in {dump}"))?;
+        let ip = vip.rsplit('/').next().unwrap_or(vip);
+        ip.parse().with_context(|| format!("VIP {vip:?} of {host}"))
+    }
+
     /// `hbonePool.connectionsOpened` of `/config_dump`: TLS connections the outbound HBONE
     /// pool has opened so far.
     pub async fn hbone_connections_opened(&self) -> Result<u64> {

@@ -129,6 +129,10 @@ pub struct RunArgs {
     /// peer stalling handshakes cannot lock every other peer out of new connections.
     #[arg(long, default_value_t = common::admission::Caps::default().handshakes_per_source)]
     pub max_concurrent_handshakes_per_source: usize,
+    /// The resolv.conf whose nameservers resolve the DNS-resolution ServiceEntries bound to
+    /// this waypoint.
+    #[arg(long, env = "WAYPOINT_RESOLV_CONF", default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
 }
 
 /// Everything the request path reads.
@@ -155,6 +159,8 @@ pub struct State {
     pub mirror_slots: Arc<tokio::sync::Semaphore>,
     /// L4 connections this waypoint authorized, re-checked on every snapshot swap.
     pub live: Arc<common::revalidate::Registry<crate::tcp::Authorized>>,
+    /// Answers for DNS-resolution ServiceEntries (lookups run on the main runtime).
+    pub dns: Arc<common::dns_cache::DnsCache>,
     active: AtomicUsize,
 }
 
@@ -264,6 +270,11 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
     let live = common::revalidate::Registry::with_counter(metrics.revoked.clone());
     let _revalidator =
         common::revalidate::spawn_revalidator(config.clone(), live.clone(), crate::tcp::check);
+    // Created on the main runtime: every DNS lookup runs here, whichever shard asks.
+    let dns = Arc::new(common::dns_cache::DnsCache::from_resolv_conf(
+        &args.resolv_conf,
+    ));
+    let _dns_refresher = common::task::AbortOnDrop(tokio::spawn(dns.clone().run_refresher()));
     let state = Arc::new_cyclic(|me| State {
         live,
         config: config.clone(),
@@ -288,6 +299,7 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         limits: Default::default(),
         me: me.clone(),
         mirror_slots: Arc::new(tokio::sync::Semaphore::new(crate::pipeline::MAX_MIRRORS)),
+        dns,
         active: AtomicUsize::new(0),
     });
     let _housekeeping = common::task::AbortOnDrop(crate::housekeeping::spawn(&state));

@@ -271,7 +271,10 @@ pub async fn run(
         ),
     };
     let cluster = match resolved {
-        Ok(c) => c,
+        Ok(c) => match route::with_dns_endpoints(state, c).await {
+            Ok(c) => c,
+            Err(r) => return reply(r),
+        },
         Err(r) => return reply(r),
     };
     log.upstream_cluster = cluster.name.clone();
@@ -397,7 +400,10 @@ pub async fn run(
                 &ctx.service,
                 ctx.port,
             ) {
-                Ok(mc) => spawn_mirror(state, ctx, snap, mc, &parts, replay, &authority),
+                Ok(mc) => match route::with_dns_endpoints(state, mc).await {
+                    Ok(mc) => spawn_mirror(state, ctx, snap, mc, &parts, replay, &authority),
+                    Err(r) => tracing::debug!(reason = %r.body, "mirror destination unavailable"),
+                },
                 Err(r) => tracing::debug!(reason = %r.body, "mirror destination unavailable"),
             }
         }

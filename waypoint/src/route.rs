@@ -8,10 +8,10 @@ use common::l7::destination_rule::EffectivePolicy;
 use common::l7::route::{Destination, WeightedDestination};
 use common::l7::select::{self, Candidate, PickInput, Picker};
 use common::l7::LbPolicy;
-use common::model::{Service, Workload};
+use common::model::{Protocol, Service, Workload};
 use common::snapshot::{Endpoint, Snapshot};
 use http::StatusCode;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,6 +44,10 @@ pub struct Cluster {
     pub name: String,
     pub endpoints: Vec<Endpoint>,
     pub policy: EffectivePolicy,
+    /// The service port.
+    pub port: u16,
+    /// The subset's labels, when a subset was chosen.
+    pub subset_labels: Option<BTreeMap<String, String>>,
 }
 
 /// The endpoint picked for one attempt.
@@ -175,7 +179,59 @@ pub fn cluster_for(
         name,
         endpoints,
         policy,
+        port,
+        subset_labels: labels,
     })
+}
+
+/// A DNS-resolution ServiceEntry has no endpoints in the registry: they are the addresses its
+/// names resolve to (a fresh cached answer, else a lookup; refreshed in the background, see
+/// [`common::dns_cache`]), as endpoints outside the mesh carrying the entry endpoint's labels
+/// (so subsets select among them). Other clusters are returned as they are.
+pub async fn with_dns_endpoints(
+    state: &State,
+    mut cluster: Cluster,
+) -> Result<Cluster, LocalReply> {
+    let dns_resolved = cluster
+        .service
+        .service_entry
+        .as_ref()
+        .is_some_and(|i| !i.dns.is_empty());
+    if !dns_resolved || !cluster.endpoints.is_empty() {
+        return Ok(cluster);
+    }
+    let svc = cluster.service.clone();
+    let resolved = common::dns_cache::entry_addresses(&state.dns, &svc, cluster.port)
+        .await
+        .map_err(|e| {
+            LocalReply::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UH",
+                format!("no healthy upstream for {}: {e}", cluster.name),
+            )
+        })?;
+    let endpoints: Vec<Endpoint> = resolved
+        .iter()
+        .map(|r| {
+            let mut w = Workload::outside_mesh(
+                format!("dns/{}/{}", svc.hostname, r.addr.ip()),
+                &r.target.hostname,
+                &svc.namespace,
+                r.addr.ip(),
+                "dns",
+            );
+            w.labels = r.target.labels.clone();
+            Endpoint {
+                workload: Arc::new(w),
+                target_port: r.addr.port(),
+            }
+        })
+        .collect();
+    cluster.endpoints = select::subset_endpoints(&endpoints, cluster.subset_labels.as_ref())
+        .into_iter()
+        .cloned()
+        .collect();
+    Ok(cluster)
 }
 
 /// Picks a weighted destination of a route.
@@ -331,6 +387,7 @@ fn pick(addr: SocketAddr, ep: &Endpoint, cluster: &Cluster) -> Pick {
         target: Target {
             addr,
             identity: ep.workload.identity(),
+            tunnel: ep.workload.protocol == Protocol::Hbone,
             service: cluster.service.hostname.clone(),
         },
         endpoint: ep.workload.clone(),

@@ -1,17 +1,14 @@
 //! L4 through the waypoint: a tunnelled stream that is not HTTP goes, bytes unchanged, to one
-//! endpoint of the service over a new HBONE stream with the waypoint's identity, chosen by the
+//! endpoint of the service over a new HBONE stream with the waypoint's identity (plain TCP to
+//! an endpoint outside the mesh), chosen by the
 //! VirtualService's `tls` routes (by the ClientHello's server name) or `tcp` routes.
 
 use crate::app::State;
 use crate::route;
-use common::hbone::client::{ConnectRequest, PoolKey};
-use common::hbone::io::TunnelIo;
-use common::hbone::{forwarded_value, headers, HBONE_PORT};
 use common::l7::destination_rule::HashKey;
 use common::l7::select::fnv1a64;
 use common::l7::{L4Info, LbPolicy};
 use common::model::Service;
-use http::{HeaderMap, HeaderValue};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -64,18 +61,22 @@ where
         })
         .and_then(|r| route::pick_destination(&r.destinations))
         .map(|d| d.destination.clone());
-    let decision = route::cluster_for(&snap, &state.identity.namespace, dest.as_ref(), &svc, port)
-        .and_then(|c| {
-            // Of the consistent-hash keys only the source IP exists below HTTP (Istio gives
-            // the TCP proxy that hash policy too); the others fall back to the picker's default.
-            let hash = match &c.policy.load_balancer {
-                LbPolicy::ConsistentHash(HashKey::SourceIp) => {
-                    Some(fnv1a64(client.ip().to_canonical().to_string().as_bytes()))
-                }
-                _ => None,
-            };
-            route::pick_endpoint(state, &c, hash, &[], conn.target).map(|p| (c, p))
-        });
+    let cluster =
+        match route::cluster_for(&snap, &state.identity.namespace, dest.as_ref(), &svc, port) {
+            Ok(c) => route::with_dns_endpoints(state, c).await,
+            Err(r) => Err(r),
+        };
+    let decision = cluster.and_then(|c| {
+        // Of the consistent-hash keys only the source IP exists below HTTP (Istio gives
+        // the TCP proxy that hash policy too); the others fall back to the picker's default.
+        let hash = match &c.policy.load_balancer {
+            LbPolicy::ConsistentHash(HashKey::SourceIp) => {
+                Some(fnv1a64(client.ip().to_canonical().to_string().as_bytes()))
+            }
+            _ => None,
+        };
+        route::pick_endpoint(state, &c, hash, &[], conn.target).map(|p| (c, p))
+    });
     let (cluster, pick) = match decision {
         Ok(v) => v,
         Err(reply) => {
@@ -131,20 +132,6 @@ where
         target: pick.target,
         cluster: cluster.name,
     };
-    let key = PoolKey {
-        src: state.identity.clone(),
-        src_ip: None,
-        dst: SocketAddr::new(decision.target.addr.ip(), HBONE_PORT),
-        expected: vec![decision.target.identity.clone()],
-    };
-    let mut hdrs = HeaderMap::new();
-    if let Ok(v) = HeaderValue::from_str(&forwarded_value(client, Some(&service.hostname))) {
-        hdrs.insert(headers::FORWARDED, v);
-    }
-    let req = ConnectRequest {
-        authority: decision.target.addr.to_string(),
-        headers: hdrs,
-    };
     // Circuit breaking and connect timeout as for HTTP/1.1: one `maxConnections` slot per
     // connection (up to `http1MaxPendingRequests` may wait), `connectTimeout` for the tunnel.
     let pool = &cluster.policy.connection_pool;
@@ -161,12 +148,14 @@ where
         return;
     };
     let start = std::time::Instant::now();
-    let connected = tokio::time::timeout(pool.connect_timeout.0, state.hbone.connect(&key, &req))
-        .await
-        .unwrap_or_else(|_| Err(common::hbone::HboneError::Timeout(pool.connect_timeout.0)));
+    let connected = tokio::time::timeout(
+        pool.connect_timeout.0,
+        crate::upstream::open(&state.hbone, &state.identity, &decision.target, client),
+    )
+    .await
+    .unwrap_or_else(|_| Err(format!("connect timeout {:?}", pool.connect_timeout.0)));
     match connected {
-        Ok((stream, _lease)) => {
-            let mut up = TunnelIo::new(stream);
+        Ok((mut up, _lease)) => {
             let r = tokio::select! {
                 r = tokio::io::copy_bidirectional(&mut io, &mut up) => r,
                 why = revoked.wait() => Err(std::io::Error::new(

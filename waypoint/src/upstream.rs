@@ -1,6 +1,8 @@
 //! The upstream leg: HTTP connections to endpoints, each carried by its own HBONE CONNECT
-//! stream to the endpoint's node ztunnel (15008) with the waypoint's identity. HTTP/1.1
-//! connections are kept alive and reused; h2c connections multiplex requests.
+//! stream to the endpoint's node ztunnel (15008) with the waypoint's identity, or, for an
+//! endpoint outside the mesh (a ServiceEntry's, MESH_EXTERNAL or DNS-resolved), a plain TCP
+//! connection from the waypoint (an egress waypoint, as Istio's). HTTP/1.1 connections are
+//! kept alive and reused; h2c connections multiplex requests.
 
 use crate::body::{self, Body};
 use common::hbone::client::{ConnectRequest, HboneClient, PoolKey, StreamLease};
@@ -15,6 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// The HTTP version spoken to an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -141,7 +144,7 @@ impl Sender {
 
 struct Pooled {
     sender: Sender,
-    _lease: Arc<StreamLease>,
+    _lease: Option<Arc<StreamLease>>,
     /// Requests this connection has carried (DestinationRule `maxRequestsPerConnection`).
     requests: u32,
     idle_since: std::time::Instant,
@@ -154,8 +157,51 @@ pub struct Target {
     pub addr: SocketAddr,
     /// The identity the endpoint's ztunnel presents (the endpoint workload's).
     pub identity: Identity,
+    /// Reached over HBONE (a mesh workload); else plain TCP from the waypoint (an endpoint
+    /// outside the mesh).
+    pub tunnel: bool,
     /// Hostname of the service the request was for (`forwarded: …;host=`).
     pub service: String,
+}
+
+/// A byte stream to an endpoint: an HBONE stream or a plain TCP connection.
+pub trait EndpointIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> EndpointIo for T {}
+
+/// Opens a byte stream to `target`: an HBONE CONNECT stream to its node's ztunnel (the client
+/// address in `forwarded`, the waypoint's identity, the endpoint's identity verified), or a
+/// plain TCP connection from the waypoint to an endpoint outside the mesh. The lease keeps the
+/// HBONE connection's slot while the stream lives.
+pub async fn open(
+    hbone: &HboneClient,
+    identity: &Identity,
+    target: &Target,
+    client: SocketAddr,
+) -> Result<(Box<dyn EndpointIo>, Option<StreamLease>), String> {
+    if !target.tunnel {
+        let s = tokio::net::TcpStream::connect(target.addr)
+            .await
+            .map_err(|e| format!("connect {}: {e}", target.addr))?;
+        let _ = s.set_nodelay(true);
+        common::sockopt::keepalive(&s);
+        return Ok((Box::new(s), None));
+    }
+    let key = PoolKey {
+        src: identity.clone(),
+        src_ip: None,
+        dst: SocketAddr::new(target.addr.ip(), HBONE_PORT),
+        expected: vec![target.identity.clone()],
+    };
+    let mut hdrs = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&forwarded_value(client, Some(&target.service))) {
+        hdrs.insert(headers::FORWARDED, v);
+    }
+    let req = ConnectRequest {
+        authority: target.addr.to_string(),
+        headers: hdrs,
+    };
+    let (stream, lease) = hbone.connect(&key, &req).await.map_err(|e| e.to_string())?;
+    Ok((Box::new(TunnelIo::new(stream)), Some(lease)))
 }
 
 /// (shard, endpoint, protocol, original client IP).
@@ -238,26 +284,10 @@ impl Upstreams {
         proto: UpstreamProtocol,
         client: SocketAddr,
     ) -> Result<Pooled, UpstreamError> {
-        let key = PoolKey {
-            src: self.identity.clone(),
-            src_ip: None,
-            dst: SocketAddr::new(target.addr.ip(), HBONE_PORT),
-            expected: vec![target.identity.clone()],
-        };
-        let mut hdrs = HeaderMap::new();
-        if let Ok(v) = HeaderValue::from_str(&forwarded_value(client, Some(&target.service))) {
-            hdrs.insert(headers::FORWARDED, v);
-        }
-        let req = ConnectRequest {
-            authority: target.addr.to_string(),
-            headers: hdrs,
-        };
-        let (stream, lease) = self
-            .hbone
-            .connect(&key, &req)
+        let (io, lease) = open(&self.hbone, &self.identity, target, client)
             .await
-            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
-        let io = TokioIo::new(TunnelIo::new(stream));
+            .map_err(UpstreamError::Connect)?;
+        let io = TokioIo::new(io);
         let sender = match proto {
             UpstreamProtocol::Http1 => {
                 let (send, conn) = hyper::client::conn::http1::Builder::new()
@@ -282,7 +312,7 @@ impl Upstreams {
         };
         Ok(Pooled {
             sender,
-            _lease: Arc::new(lease),
+            _lease: lease.map(Arc::new),
             requests: 0,
             idle_since: std::time::Instant::now(),
         })

@@ -173,7 +173,9 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         own_ports.push(args.dns_proxy_addr.port());
     }
     // Created on the main runtime: every DNS lookup runs here, whichever shard asks.
-    let dns = Arc::new(crate::dns::DnsCache::from_resolv_conf(&args.resolv_conf));
+    let dns = Arc::new(common::dns_cache::DnsCache::from_resolv_conf(
+        &args.resolv_conf,
+    ));
     let _dns_refresher = AbortOnDrop(tokio::spawn(dns.clone().run_refresher()));
     let state = Arc::new(ProxyState::new(
         args.node.clone(),

@@ -6,7 +6,6 @@ mod app;
 mod capture;
 mod capture_follow;
 mod cli;
-mod dns;
 mod dns_proxy;
 mod metrics;
 mod proxy;

@@ -1,10 +1,10 @@
 //! The state every proxy listener reads: the config snapshot store, certificates, the HBONE
 //! connection pool, metrics, the drain signal and the count of live connections.
 
-use crate::dns::DnsCache;
 use crate::metrics::Metrics;
 use crate::proxy::revalidate::Authorized;
 use common::config::watch::ConfigStore;
+use common::dns_cache::DnsCache;
 use common::drain::DrainWatch;
 use common::hbone::client::HboneClient;
 use common::hbone::H2Settings;

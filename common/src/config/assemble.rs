@@ -221,6 +221,55 @@ mod tests {
         );
     }
 
+    /// A ServiceEntry from the feed binds to the waypoint the controller named in its
+    /// annotation (labels are the controller's to judge: one naming a Gateway the proxy cannot
+    /// see does not bind, and does not fail closed either).
+    #[test]
+    fn feed_entries_bind_to_the_waypoint_the_controller_named() {
+        let mut wp = workload("wp", "10.0.0.9", HealthStatus::Healthy);
+        wp.services.insert(
+            "default/wp.default.svc.cluster.local".into(),
+            [(15006, 15006)].into(),
+        );
+        let wp_svc: Service = serde_json::from_value(serde_json::json!({
+            "name": "wp", "namespace": "default", "hostname": "wp.default.svc.cluster.local",
+            "vips": ["/10.96.0.9"], "ports": {"15006": 15006},
+        }))
+        .expect("service");
+        let entry = |name: &str, host: &str, annotations: serde_json::Value| {
+            serde_json::json!({
+                "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+                "metadata": {"name": name, "namespace": "default", "annotations": annotations,
+                             "labels": {"istio.io/use-waypoint": "elsewhere"}},
+                "spec": {"hosts": [host], "resolution": "DNS",
+                         "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}]}
+            })
+        };
+        let bound = entry(
+            "bound",
+            "api.example.com",
+            serde_json::json!({crate::config::waypoints::BOUND_WAYPOINT_ANNOTATION:
+                "{\"destination\": \"/10.96.0.9\", \"hboneMtlsPort\": 15006}"}),
+        );
+        let unbound = entry("unbound", "other.example.com", serde_json::json!({}));
+        let snap = assemble(Parts {
+            workloads: vec![wp],
+            services: vec![wp_svc],
+            documents: vec![("a".into(), bound), ("b".into(), unbound)],
+            ..Default::default()
+        })
+        .expect("assembles");
+        assert!(snap.rejected.is_empty(), "{:?}", snap.rejected);
+        let host = |h: &str| snap.services.iter().find(|s| s.hostname == h).expect(h);
+        let gw = host("api.example.com").waypoint.as_ref().expect("bound");
+        assert_eq!(gw.destination, "/10.96.0.9");
+        assert_eq!(
+            gw.identity.as_ref().map(|i| i.to_string()).as_deref(),
+            Some("spiffe://cluster.local/ns/default/sa/default")
+        );
+        assert!(host("other.example.com").waypoint.is_none());
+    }
+
     #[test]
     fn config_policies_shadow_wire_policies_of_the_same_name() {
         let wire: Authorization = serde_json::from_value(serde_json::json!({

@@ -23,6 +23,8 @@ pub(crate) struct Headless {
     pub name: String,
     pub ports: Vec<ServicePort>,
     pub document: usize,
+    /// `metadata.labels` (`istio.io/use-waypoint`).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// An `Endpoints` object: addresses and named ports.
@@ -94,6 +96,7 @@ pub(super) fn note_service(doc: &Document, value: &Value, out: &mut Collected) {
         name,
         ports,
         document: doc.index,
+        labels: super::l7::metadata_labels(value),
     });
 }
 
@@ -226,6 +229,8 @@ pub(crate) fn headless_entries(
                 namespace: h.namespace.clone(),
                 spec,
                 document: h.document,
+                labels: h.labels.clone(),
+                annotations: BTreeMap::new(),
             }))
         })
         .collect()

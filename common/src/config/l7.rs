@@ -13,6 +13,7 @@ use crate::l7::spec::Resource;
 use crate::l7::{self, L7Config, Named};
 use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Whether `(group, kind)` is loaded here rather than by [`super::istio`].
@@ -48,8 +49,28 @@ fn identity(value: &Value) -> (Option<String>, String) {
     (name, namespace)
 }
 
+/// `metadata.labels` of a document (string values only).
+pub(super) fn metadata_labels(value: &Value) -> BTreeMap<String, String> {
+    metadata_map(value, "labels")
+}
+
+/// `metadata.<field>` of a document as a string map (string values only).
+fn metadata_map(value: &Value, field: &str) -> BTreeMap<String, String> {
+    value
+        .get("metadata")
+        .and_then(|m| m.get(field))
+        .and_then(Value::as_mapping)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn parse<S: DeserializeOwned + Default>(
     doc: &Document,
+    value: &Value,
     name: String,
     namespace: String,
 ) -> Result<Named<S>, (Option<String>, String)> {
@@ -58,6 +79,8 @@ fn parse<S: DeserializeOwned + Default>(
             name,
             namespace,
             document: doc.index,
+            labels: metadata_labels(value),
+            annotations: metadata_map(value, "annotations"),
             spec: r.spec.unwrap_or_default(),
         }),
         Err(e) => Err(split_yaml_error(&super::yaml_message(&e, doc))),
@@ -101,9 +124,9 @@ pub(super) fn load(
     };
     let (n, ns) = (name.clone(), namespace.clone());
     let parsed = match kind {
-        "VirtualService" => parse(doc, n, ns).map(|r| out.l7.virtual_services.push(r)),
-        "DestinationRule" => parse(doc, n, ns).map(|r| out.l7.destination_rules.push(r)),
-        _ => parse(doc, n, ns).map(|r| out.l7.service_entries.push(r)),
+        "VirtualService" => parse(doc, value, n, ns).map(|r| out.l7.virtual_services.push(r)),
+        "DestinationRule" => parse(doc, value, n, ns).map(|r| out.l7.destination_rules.push(r)),
+        _ => parse(doc, value, n, ns).map(|r| out.l7.service_entries.push(r)),
     };
     let Err((field, message)) = parsed else {
         return;
@@ -118,6 +141,8 @@ pub(super) fn load(
             name,
             namespace,
             document: doc.index,
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
             spec: host.to_string(),
         });
     }

@@ -144,17 +144,19 @@ pub(super) fn finish(c: Collected, source: &str) -> Result<Snapshot, ConfigError
     let plain_workloads: Vec<&crate::model::Workload> =
         workloads.iter().map(|(w, _, _)| w).collect();
     let mut rejected = c.rejected;
-    let mut resolved_services = Vec::with_capacity(services.len());
-    for (s, origin) in &services {
-        let mut s = s.clone();
-        match super::waypoints::bind(&mut s, &gateways, &namespace_waypoints, &plain_workloads) {
+    // A service's (or its namespace's) `use-waypoint` label. The binding is rejected, not the
+    // file; the service fails closed (its traffic must not skip the waypoint, where its
+    // policies may live).
+    let bind = |s: &mut Service,
+                origin: &Origin,
+                rejected: &mut Vec<ConfigError>|
+     -> Result<(), ConfigError> {
+        match super::waypoints::bind(s, &gateways, &namespace_waypoints, &plain_workloads) {
             Ok(()) => {
                 if let Some(gw) = s.waypoint.as_mut() {
                     resolve(gw, origin)?;
                 }
             }
-            // The binding is rejected, not the file; the service fails closed (its traffic must
-            // not skip the waypoint, where its policies may live).
             Err(m) => {
                 s.waypoint = Some(super::waypoints::unresolved());
                 rejected.push(err(
@@ -167,6 +169,12 @@ pub(super) fn finish(c: Collected, source: &str) -> Result<Snapshot, ConfigError
                 ));
             }
         }
+        Ok(())
+    };
+    let mut resolved_services = Vec::with_capacity(services.len());
+    for (s, origin) in &services {
+        let mut s = s.clone();
+        bind(&mut s, origin, &mut rejected)?;
         resolved_services.push(Arc::new(s));
     }
 
@@ -211,6 +219,7 @@ pub(super) fn finish(c: Collected, source: &str) -> Result<Snapshot, ConfigError
     let (mut resolved_workloads, mut resolved_services) = (resolved_workloads, resolved_services);
     let headless =
         super::kube::headless_entries(&c.headless, &c.endpoints, crate::l7::DEFAULT_DOMAIN_SUFFIX);
+    let registered_from = resolved_services.len();
     let entry_rejections = crate::service_entries::register(
         &l7.service_entries,
         &headless,
@@ -218,6 +227,37 @@ pub(super) fn finish(c: Collected, source: &str) -> Result<Snapshot, ConfigError
         &mut resolved_services,
         &mesh.trust_domain,
     );
+    // Their hosts bind to waypoints like Kubernetes services (the entry's own label, else its
+    // namespace's), so an egress waypoint sees their traffic.
+    // From the control plane, the controller's decision (an annotation) replaces the labels.
+    for s in &mut resolved_services[registered_from..] {
+        let entry = entry_of(&l7.service_entries, &headless, s);
+        let kind = if s.service_entry.is_some() {
+            "ServiceEntry"
+        } else {
+            "Service"
+        };
+        let origin = Origin {
+            doc: entry.map_or(0, |e| e.document),
+            resource: format!("{kind} {}/{}", s.namespace, s.name),
+            field: String::new(),
+        };
+        let s = Arc::make_mut(s);
+        if !from_xds {
+            bind(s, &origin, &mut rejected)?;
+            continue;
+        }
+        let bound = entry.and_then(|e| {
+            e.annotations
+                .get(super::waypoints::BOUND_WAYPOINT_ANNOTATION)
+        });
+        if let Some(text) = bound {
+            let mut gw = serde_json::from_str::<GatewayAddress>(text)
+                .unwrap_or_else(|_| super::waypoints::unresolved());
+            resolve(&mut gw, &origin)?;
+            s.waypoint = Some(gw);
+        }
+    }
     if !entry_rejections.is_empty() {
         l7.service_entries.retain(|se| {
             !entry_rejections.iter().any(|r| {
@@ -250,6 +290,21 @@ pub(super) fn finish(c: Collected, source: &str) -> Result<Snapshot, ConfigError
     snapshot.l7 = Arc::new(l7);
     snapshot.rejected = rejected;
     Ok(snapshot.indexed())
+}
+
+/// The entry (or headless Service) that registered `s`.
+fn entry_of<'e>(
+    entries: &'e [Arc<crate::l7::service_entry::ServiceEntry>],
+    headless: &'e [Arc<crate::l7::service_entry::ServiceEntry>],
+    s: &Service,
+) -> Option<&'e Arc<crate::l7::service_entry::ServiceEntry>> {
+    let list = if s.service_entry.is_some() {
+        entries
+    } else {
+        headless
+    };
+    list.iter()
+        .find(|e| e.namespace == s.namespace && e.name == s.name)
 }
 
 /// The identity behind a waypoint address: the workload with that IP, or the single identity

@@ -1,4 +1,5 @@
-//! Waypoints enabled the Kubernetes way: a `Gateway` with `gatewayClassName: istio-mesh`, its
+//! Waypoints enabled the Kubernetes way: a `Gateway` with `gatewayClassName: istio-waypoint`
+//! (or the early `istio-mesh`), its
 //! waypoint pods labelled `gateway.networking.k8s.io/gateway-name: <gateway>`, and services
 //! (or their namespace, through a `Namespace` document) labelled
 //! `istio.io/use-waypoint: <gateway>`. Such services get their `waypoint` filled in with a
@@ -11,20 +12,35 @@ use crate::model::{GatewayAddress, Service, Workload};
 use std::collections::{BTreeMap, BTreeSet};
 
 pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+/// On a ServiceEntry the control plane sends: the waypoint it bound the entry to, as a
+/// [`GatewayAddress`] in JSON (`{"destination": "/<VIP>", "hboneMtlsPort": 15008}`). The
+/// controller decides bindings (labels, namespaces, Gateways and their classes are in the
+/// cluster, not in the feed), sets this on bound entries and strips it from the others; it is
+/// only read from the control plane's feed, never from a local file.
+pub const BOUND_WAYPOINT_ANNOTATION: &str = "ambient-controller/waypoint";
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// The early waypoint class of the seed's YAML.
 pub const WAYPOINT_CLASS: &str = "istio-mesh";
+/// Istio's waypoint class.
+pub const ISTIO_WAYPOINT_CLASS: &str = "istio-waypoint";
 const WAYPOINT_HBONE_PORT: u16 = 15006;
 
 fn str_at<'v>(v: &'v serde_json::Value, path: &[&str]) -> Option<&'v str> {
     path.iter().try_fold(v, |v, k| v.get(k))?.as_str()
 }
 
-/// `(namespace, name)` of every `istio-mesh` Gateway among the kept Kubernetes resources.
+/// `(namespace, name)` of every waypoint Gateway (`istio-waypoint` or `istio-mesh`) among the
+/// kept Kubernetes resources.
 pub fn waypoint_gateways(resources: &[serde_json::Value]) -> BTreeSet<(String, String)> {
     resources
         .iter()
         .filter(|r| str_at(r, &["kind"]) == Some("Gateway"))
-        .filter(|r| str_at(r, &["spec", "gatewayClassName"]) == Some(WAYPOINT_CLASS))
+        .filter(|r| {
+            matches!(
+                str_at(r, &["spec", "gatewayClassName"]),
+                Some(WAYPOINT_CLASS | ISTIO_WAYPOINT_CLASS)
+            )
+        })
         .filter_map(|r| {
             let name = str_at(r, &["metadata", "name"])?;
             let ns = str_at(r, &["metadata", "namespace"]).unwrap_or("default");
@@ -69,7 +85,7 @@ pub fn bind(
     }
     if !gateways.contains(&(service.namespace.clone(), gw.clone())) {
         return Err(format!(
-            "labels.{USE_WAYPOINT_LABEL}: no Gateway {}/{gw} with gatewayClassName {WAYPOINT_CLASS}",
+            "labels.{USE_WAYPOINT_LABEL}: no Gateway {}/{gw} with gatewayClassName {ISTIO_WAYPOINT_CLASS} or {WAYPOINT_CLASS}",
             service.namespace
         ));
     }
@@ -168,5 +184,71 @@ services:
         );
         let snap = crate::config::load_str(&text, "t.yaml").unwrap();
         assert!(snap.services.iter().all(|s| s.waypoint.is_some()));
+    }
+
+    const ENTRIES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext, namespace: default, labels: {istio.io/use-waypoint: productpage}}
+spec: {hosts: [api.example.com], ports: [{number: 80, name: http, protocol: HTTP}], resolution: DNS}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: plain, namespace: default}
+spec: {hosts: [db.example.com], ports: [{number: 5432, name: tcp}], resolution: STATIC, endpoints: [{address: 192.0.2.7}]}
+"#;
+
+    fn entry<'s>(snap: &'s crate::snapshot::Snapshot, host: &str) -> &'s crate::model::Service {
+        snap.services
+            .iter()
+            .find(|s| s.hostname == host)
+            .unwrap_or_else(|| panic!("no service for {host}"))
+    }
+
+    /// A ServiceEntry's own `use-waypoint` label binds its hosts; an `istio-waypoint` Gateway
+    /// counts as well as the early `istio-mesh` one.
+    #[test]
+    fn service_entry_label_binds_its_hosts_to_the_waypoint() {
+        let gateway = gateway_doc().replace("istio-mesh", "istio-waypoint");
+        assert!(gateway.contains("istio-waypoint"));
+        let text = format!("{CONFIG}---\n{gateway}---\n{ENTRIES}");
+        let snap = crate::config::load_str(&text, "t.yaml").unwrap();
+        assert!(snap.rejected.is_empty(), "{:?}", snap.rejected);
+        let wp = entry(&snap, "api.example.com").waypoint.as_ref();
+        let wp = wp.expect("the labelled entry is bound");
+        assert_eq!(wp.destination, "/10.244.2.9");
+        assert!(wp.identity.is_some());
+        assert!(entry(&snap, "db.example.com").waypoint.is_none());
+    }
+
+    /// The namespace's label binds every entry of the namespace; an entry naming a Gateway that
+    /// does not exist is rejected alone and fails closed.
+    #[test]
+    fn namespace_label_binds_entries_and_a_missing_gateway_fails_closed() {
+        let text = format!(
+            "{CONFIG}---\n{}---\n{ENTRIES}---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {{istio.io/use-waypoint: productpage}}}}\n",
+            gateway_doc()
+        );
+        let snap = crate::config::load_str(&text, "t.yaml").unwrap();
+        let db = entry(&snap, "db.example.com").waypoint.as_ref();
+        assert_eq!(
+            db.expect("bound through the namespace").destination,
+            "/10.244.2.9"
+        );
+
+        let text = format!(
+            "{CONFIG}---\n{}---\n{}",
+            gateway_doc(),
+            ENTRIES.replace("use-waypoint: productpage", "use-waypoint: egress")
+        );
+        let snap = crate::config::load_str(&text, "t.yaml").unwrap();
+        let errs: Vec<String> = snap.rejected.iter().map(|e| e.to_string()).collect();
+        assert!(
+            errs.iter().any(|e| e.contains("ServiceEntry default/ext")
+                && e.contains("no Gateway default/egress")),
+            "{errs:?}"
+        );
+        let wp = entry(&snap, "api.example.com").waypoint.as_ref();
+        assert!(wp.expect("fail closed").identity.is_none());
     }
 }

@@ -25,6 +25,10 @@ pub struct Named<S> {
     pub namespace: String,
     /// 1-based document index in its file (0 when not from a file).
     pub document: usize,
+    /// `metadata.labels` (a ServiceEntry's `istio.io/use-waypoint` binds it to a waypoint).
+    pub labels: BTreeMap<String, String>,
+    /// `metadata.annotations`.
+    pub annotations: BTreeMap<String, String>,
     pub spec: S,
 }
 
@@ -239,6 +243,8 @@ pub fn compile(res: Resources, domain: &str) -> (L7Config, Vec<Rejected>) {
                 namespace: se.namespace,
                 spec: se.spec,
                 document: se.document,
+                labels: se.labels,
+                annotations: se.annotations,
             })),
             Err(e) => rejected.push(reject("ServiceEntry", &se, e)),
         }

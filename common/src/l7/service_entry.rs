@@ -94,6 +94,12 @@ pub struct ServiceEntry {
     pub name: String,
     pub namespace: String,
     pub spec: ServiceEntrySpec,
+    /// `metadata.labels` (`istio.io/use-waypoint` binds the entry's hosts to a waypoint).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// `metadata.annotations` (from the controller: the waypoint it bound the entry to).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
     /// 1-based document index in its file (0 when not from a file), for rejections.
     #[serde(skip)]
     pub document: usize,
@@ -288,6 +294,8 @@ mod tests {
             namespace: "default".into(),
             spec: serde_yaml_ng::from_str("{hosts: [a.example.com, \"*.svc.example.com\"]}")
                 .expect("spec"),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
             document: 0,
         };
         assert!(se.covers("a.example.com"));

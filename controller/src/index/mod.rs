@@ -17,6 +17,7 @@
 //! [`waypoints`] (Gateways and `istio.io/use-waypoint` binding), [`policies`] (Istio security
 //! and L7 kinds through common's compilers).
 
+pub mod entries;
 pub mod membership;
 pub mod objects;
 pub mod policies;
@@ -28,6 +29,8 @@ pub mod workloads;
 mod tests;
 #[cfg(test)]
 mod tests_changes;
+#[cfg(test)]
+mod tests_entries;
 
 use common::config::waypoints::GATEWAY_NAME_LABEL;
 use common::model::{Authorization, Locality, Service, Workload};
@@ -128,6 +131,7 @@ impl Changes {
 pub(crate) enum Dep {
     Pod(Key),
     Service(Key),
+    ServiceEntry(Key),
 }
 
 /// The current outputs.
@@ -155,6 +159,8 @@ struct Dirty {
     services: BTreeSet<Key>,
     /// EndpointSlices whose selector-less endpoints (non-pod workloads) must be recomputed.
     slices: BTreeSet<Key>,
+    /// ServiceEntries whose waypoint binding must be recomputed.
+    service_entries: BTreeSet<Key>,
 }
 
 /// The index. See the module documentation.
@@ -452,6 +458,9 @@ impl Index {
                 .services
                 .extend(svcs.iter().map(|s| (ns.to_string(), s.clone())));
         }
+        self.dirty
+            .service_entries
+            .extend(self.policies.keys_in(Kind::ServiceEntry, ns));
     }
 
     fn node_changed(&mut self, node: &str) {
@@ -492,6 +501,7 @@ impl Index {
                 match dep {
                     Dep::Pod(k) => self.dirty.pods.insert(k.clone()),
                     Dep::Service(k) => self.dirty.services.insert(k.clone()),
+                    Dep::ServiceEntry(k) => self.dirty.service_entries.insert(k.clone()),
                 };
             }
         }
@@ -651,8 +661,15 @@ impl Index {
     }
 
     fn policy_effect(&mut self, kind: Kind, key: &Key, effect: policies::Effect) {
-        for (k, v) in effect.configs {
-            put(&mut self.out.configs, &mut self.changed.configs, k, v);
+        if kind == Kind::ServiceEntry {
+            // Sent with its waypoint binding (see `entries`).
+            if !effect.configs.is_empty() {
+                self.dirty.service_entries.insert(key.clone());
+            }
+        } else {
+            for (k, v) in effect.configs {
+                put(&mut self.out.configs, &mut self.changed.configs, k, v);
+            }
         }
         if kind == Kind::AuthorizationPolicy {
             let akey = format!("{}/{}", key.0, key.1);
@@ -686,6 +703,9 @@ impl Index {
         }
         for key in std::mem::take(&mut self.dirty.slices) {
             self.refresh_slice(&key);
+        }
+        for key in std::mem::take(&mut self.dirty.service_entries) {
+            self.refresh_service_entry(&key);
         }
     }
 
@@ -729,6 +749,23 @@ impl Index {
             &mut self.changed.services,
             skey,
             service,
+        );
+    }
+
+    fn refresh_service_entry(&mut self, key: &Key) {
+        let (value, binding) = match self.policies.object(Kind::ServiceEntry, key) {
+            Some(v) => {
+                let (v, b) = entries::with_binding(self, key, v);
+                (Some(v), b)
+            }
+            None => (None, None),
+        };
+        self.record_binding(Dep::ServiceEntry(key.clone()), binding);
+        put(
+            &mut self.out.configs,
+            &mut self.changed.configs,
+            policies::config_key(Kind::ServiceEntry, key),
+            value,
         );
     }
 

@@ -47,7 +47,7 @@ pub struct Policies {
     rejections: BTreeMap<String, String>,
 }
 
-fn config_key(kind: Kind, key: &Key) -> String {
+pub(crate) fn config_key(kind: Kind, key: &Key) -> String {
     format!("{kind}/{}/{}", key.0, key.1)
 }
 
@@ -89,6 +89,20 @@ impl Policies {
 
     pub(crate) fn rejections(&self) -> &BTreeMap<String, String> {
         &self.rejections
+    }
+
+    /// The stored object `kind` `key`, as the API server sent it.
+    pub(crate) fn object(&self, kind: Kind, key: &Key) -> Option<&Value> {
+        self.objects.get(&(kind, key.clone()))
+    }
+
+    /// Keys of the stored objects of `kind` in namespace `ns`.
+    pub(crate) fn keys_in(&self, kind: Kind, ns: &str) -> Vec<Key> {
+        self.objects
+            .keys()
+            .filter(|(k, (n, _))| *k == kind && n == ns)
+            .map(|(_, key)| key.clone())
+            .collect()
     }
 
     /// The mesh settings document put in front of every compile.

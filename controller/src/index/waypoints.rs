@@ -310,6 +310,7 @@ impl Index {
             let (object, what) = match dep {
                 Dep::Pod((ns, n)) => (format!("Pod {ns}/{n}"), "workload"),
                 Dep::Service((ns, n)) => (format!("Service {ns}/{n}"), "service"),
+                Dep::ServiceEntry((ns, n)) => (format!("ServiceEntry {ns}/{n}"), "service"),
             };
             let gw = format!("{}/{}", b.gateway.0, b.gateway.1);
             let message = match (self.waypoint(&b.gateway), b.bound) {
@@ -344,7 +345,7 @@ impl Index {
 /// A waypoint binding that needs attention.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WaypointStatus {
-    /// `Service <ns>/<name>` or `Pod <ns>/<name>`.
+    /// `Service <ns>/<name>`, `ServiceEntry <ns>/<name>` or `Pod <ns>/<name>`.
     pub object: String,
     /// `<ns>/<gateway>`.
     pub waypoint: String,

@@ -235,21 +235,12 @@ async fn sidecar_egress_hosts_narrow_registry_only() {
 
 /// The auto-allocated VIP of `host` as ztunnel's `/config_dump` shows it.
 async fn vip_of(mesh: &Mesh, host: &str) -> SocketAddr {
-    let dump = mesh.ztunnel("n1").config_dump().await.unwrap();
-    let json: serde_json::Value = serde_json::from_str(&dump).unwrap();
-    let services = json
-        .pointer("/config/services")
-        .and_then(|s| s.as_array())
-        .cloned()
-        .unwrap_or_default();
-    let vip = services
-        .iter()
-        .find(|s| s["hostname"] == host)
-        .and_then(|s| s["vips"][0].as_str())
-        .unwrap_or_else(|| panic!("no VIP for {host} in {dump}"));
-    let ip: Ipv4Addr = vip.trim_start_matches('/').parse().unwrap();
-    assert_eq!(&ip.octets()[..2], &[240, 240], "auto VIP range");
-    SocketAddr::new(ip.into(), 443)
+    let ip = mesh.ztunnel("n1").service_vip(host).await.unwrap();
+    let std::net::IpAddr::V4(v4) = ip else {
+        panic!("{host}: automatic VIPs are IPv4, got {ip}")
+    };
+    assert_eq!(&v4.octets()[..2], &[240, 240], "auto VIP range");
+    SocketAddr::new(ip, 443)
 }
 
 /// The scenario's DNS entry for www.googleapis.com, resolved by a DNS server on node n2 that

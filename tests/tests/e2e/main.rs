@@ -10,6 +10,7 @@ mod cluster_waypoint;
 mod config_reload;
 mod dns_proxy;
 mod egress;
+mod egress_waypoint;
 mod envoy_interop;
 mod hardening_authz;
 mod hardening_config;

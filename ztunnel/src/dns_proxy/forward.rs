@@ -56,7 +56,7 @@ impl Forwarder {
     /// [`crate::dns`]). A file that cannot be read leaves no upstream: forwarded queries get
     /// SERVFAIL, answers the proxy gives itself still work.
     pub fn from_resolv_conf(resolv_conf: &Path, max_in_flight: usize) -> Forwarder {
-        let upstreams = crate::dns::nameservers(resolv_conf);
+        let upstreams = common::dns_cache::nameservers(resolv_conf);
         match &upstreams {
             Ok(u) => tracing::info!(upstreams = ?u, "DNS proxy forwards to"),
             Err(e) => tracing::warn!(error = %e, "DNS proxy has no upstream resolver"),

@@ -12,7 +12,6 @@ use common::copy::{copy_tcp_h2, copy_tcp_tcp, CopyResult};
 use common::hbone::client::{ConnectRequest, PoolKey};
 use common::hbone::{forwarded_value, headers, HBONE_PORT};
 use common::identity::Identity;
-use common::l7::service_entry::Resolution;
 use common::model::{Service, Workload};
 use http::{HeaderMap, HeaderValue};
 use std::net::SocketAddr;
@@ -203,40 +202,16 @@ pub async fn handle(
     log.emit();
 }
 
-/// The address a DNS-resolved ServiceEntry connection goes to: the names of the entry in
-/// order (DNS: the addresses of every name that resolves; DNS_ROUND_ROBIN: the first name that
-/// resolves), then round robin over them.
+/// The address a DNS-resolved ServiceEntry connection goes to: round robin over
+/// [`common::dns_cache::entry_addresses`].
 async fn resolve_target(
     state: &ProxyState,
     svc: &Service,
     port: u16,
 ) -> Result<SocketAddr, String> {
-    let Some(info) = &svc.service_entry else {
-        return Err(format!("service {} is not a ServiceEntry", svc.hostname));
-    };
-    let mut candidates: Vec<SocketAddr> = Vec::new();
-    let mut errors = Vec::new();
-    for target in &info.dns {
-        match state.dns.resolve(&target.hostname).await {
-            Ok(addrs) => {
-                let p = target.target_port(port);
-                candidates.extend(addrs.iter().map(|ip| SocketAddr::new(*ip, p)));
-                if info.resolution == Resolution::DnsRoundRobin {
-                    break;
-                }
-            }
-            Err(e) => errors.push(e.to_string()),
-        }
-    }
-    if candidates.is_empty() {
-        return Err(if errors.is_empty() {
-            format!("service {} has no name to resolve", svc.hostname)
-        } else {
-            errors.join("; ")
-        });
-    }
+    let candidates = common::dns_cache::entry_addresses(&state.dns, svc, port).await?;
     let i = state.next_index(&svc.key(), port, candidates.len());
-    Ok(candidates[i % candidates.len()])
+    Ok(candidates[i % candidates.len()].addr)
 }
 
 /// The identities a destination may present: the workload's, plus its service's SANs.

@@ -1,5 +1,7 @@
-//! Name resolution for DNS-resolved ServiceEntries: one cache shared by every shard, filled
-//! with the node's resolver (`/etc/resolv.conf`, or the file `--resolv-conf` names).
+//! Name resolution for DNS-resolved ServiceEntries, used by ztunnel (connections it sends
+//! straight to the entry) and the waypoint (entries bound to it): one cache per process shared
+//! by every shard, filled with the host's resolver (`/etc/resolv.conf`, or the file
+//! `--resolv-conf` names).
 //!
 //! - A connection uses a cached answer while it is fresh and never waits for DNS then; only a
 //!   name with no fresh answer is looked up on the connection path.
@@ -10,11 +12,14 @@
 //! - Lookups run on the runtime the cache was created on (the main thread's), whichever shard
 //!   asked: the resolver's sockets belong to one reactor.
 
+use crate::l7::service_entry::Resolution;
+use crate::model::Service;
+use crate::service_entries::DnsTarget;
 use hickory_resolver::config::ResolverOpts;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::TokioResolver;
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -61,6 +66,53 @@ pub fn nameservers(resolv_conf: &Path) -> Result<Vec<std::net::SocketAddr>, Stri
         }
     }
     Ok(out)
+}
+
+/// One address a DNS-resolved ServiceEntry's name resolved to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved<'s> {
+    /// The address with the target port of the service port asked for.
+    pub addr: SocketAddr,
+    /// The name it came from.
+    pub target: &'s DnsTarget,
+}
+
+/// The addresses a connection to port `port` of the DNS-resolved ServiceEntry service `svc`
+/// may go to: the entry's names in order (DNS: the addresses of every name that resolves;
+/// DNS_ROUND_ROBIN: those of the first name that resolves), each with its target port.
+pub async fn entry_addresses<'s>(
+    cache: &Arc<DnsCache>,
+    svc: &'s Service,
+    port: u16,
+) -> Result<Vec<Resolved<'s>>, String> {
+    let Some(info) = &svc.service_entry else {
+        return Err(format!("service {} is not a ServiceEntry", svc.hostname));
+    };
+    let mut candidates = Vec::new();
+    let mut errors = Vec::new();
+    for target in &info.dns {
+        match cache.resolve(&target.hostname).await {
+            Ok(addrs) => {
+                let p = target.target_port(port);
+                candidates.extend(addrs.iter().map(|ip| Resolved {
+                    addr: SocketAddr::new(*ip, p),
+                    target,
+                }));
+                if info.resolution == Resolution::DnsRoundRobin {
+                    break;
+                }
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    if candidates.is_empty() {
+        return Err(if errors.is_empty() {
+            format!("service {} has no name to resolve", svc.hostname)
+        } else {
+            errors.join("; ")
+        });
+    }
+    Ok(candidates)
 }
 
 pub struct DnsCache {
