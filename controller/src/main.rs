@@ -237,8 +237,25 @@ async fn main() -> anyhow::Result<()> {
     let xds = XdsServer::with_metrics(XdsConfig::default(), xds_authn, xds_metrics);
     let (tx, rx) = tokio::sync::mpsc::channel(8192);
     let (synced_tx, mut synced) = tokio::sync::watch::channel(false);
+    let (verdicts_tx, verdicts) = tokio::sync::watch::channel(Default::default());
+    tokio::spawn(controller::events::run(
+        client.clone(),
+        controller::events::EventsConfig {
+            instance: replica_name(&args),
+            ..Default::default()
+        },
+        election.is_leader.clone(),
+        verdicts,
+        xds.nack_reports(1024),
+    ));
     tokio::spawn(controller::watch::run_watchers(client.clone(), tx));
-    tokio::spawn(controller::feed::feed(rx, index, xds.clone(), synced_tx));
+    tokio::spawn(controller::feed::feed_with_verdicts(
+        rx,
+        index,
+        xds.clone(),
+        synced_tx,
+        verdicts_tx,
+    ));
     synced
         .wait_for(|s| *s)
         .await

@@ -429,6 +429,11 @@ impl Index {
         self.policies.rejections()
     }
 
+    /// The Istio object keyed `<Kind>/<ns>/<name>` (as in [`Index::rejections`]), verbatim.
+    pub fn istio_object(&self, key: &str) -> Option<&serde_json::Value> {
+        self.policies.object(key)
+    }
+
     /// The uid of a pod's workload.
     pub fn pod_uid(&self, namespace: &str, name: &str) -> String {
         format!("{}//Pod/{namespace}/{name}", self.cfg.cluster_id)

@@ -91,6 +91,15 @@ impl Policies {
         &self.rejections
     }
 
+    /// The object behind a rejection key `<Kind>/<ns>/<name>`, as last applied.
+    pub(crate) fn object(&self, key: &str) -> Option<&Value> {
+        let mut parts = key.splitn(3, '/');
+        let (kind, ns, name) = (parts.next()?, parts.next()?, parts.next()?);
+        let (kind, _) = Kind::ISTIO.iter().find(|(k, _)| k.as_str() == kind)?;
+        self.objects
+            .get(&(*kind, (ns.to_string(), name.to_string())))
+    }
+
     /// The mesh settings document put in front of every compile.
     fn mesh_document(&self) -> String {
         format!(
