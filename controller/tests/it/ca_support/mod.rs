@@ -112,7 +112,7 @@ impl CaServer {
         let client = api.client();
         let (pods, run_pods) = pod_reflector(client.clone());
         let pod_task = tokio::spawn(run_pods);
-        pods.0.wait_until_ready().await.expect("pods synced");
+        pods.wait_until_ready().await;
         let authn = Arc::new(TokenReviewAuthenticator::new(client, cfg.audiences.clone()));
         let svc = CertificateService::new(ca.clone(), authn, Arc::new(pods), &cfg).into_server();
         let identity = serving_identity(&ca, &["localhost".to_string()], Duration::from_secs(3600))
