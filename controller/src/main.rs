@@ -192,10 +192,20 @@ async fn main() -> anyhow::Result<()> {
         &replica_name(&args),
         leader::LEASE_SECONDS,
     );
-    tokio::spawn(root::publish_root(
+    // Every replica follows the CA Secret (a rotated or plugged-in CA signs at once); replaced
+    // roots stay in the bundle for the longest certificate lifetime.
+    let (following, follow_task) = controller::ca::follow::follow_secret(
+        client.clone(),
+        &ca_cfg.namespace,
+        &ca_cfg.secret_name,
+        ca.clone(),
+        ca_cfg.max_ttl,
+    );
+    tokio::spawn(follow_task);
+    tokio::spawn(root::publish_roots(
         client.clone(),
         args.namespace.clone(),
-        ca.root_pem().to_string(),
+        following.roots.clone(),
         election.is_leader.clone(),
     ));
     if args.install_crds {
@@ -220,7 +230,8 @@ async fn main() -> anyhow::Result<()> {
     let (pods, pods_task) = pod_reflector(client.clone());
     tokio::spawn(pods_task);
     let certificates =
-        CertificateService::new(ca.clone(), authn.clone(), Arc::new(pods), &ca_cfg).into_server();
+        CertificateService::following(following.ca.clone(), authn.clone(), Arc::new(pods), &ca_cfg)
+            .into_server();
 
     let index = Index::new(IndexConfig {
         trust_domain: args.trust_domain.clone(),
@@ -270,7 +281,7 @@ async fn main() -> anyhow::Result<()> {
         let names = serving_names(&args.service_name, &args.namespace, &args.serving_sans);
         let ttl = Duration::from_secs(30 * 24 * 3600);
         let serving = ServingCert::new(&ca, &names, ttl).context("serving certificate")?;
-        serving.spawn_rotation(ca.clone(), names, ttl);
+        serving.spawn_rotation_following(following.ca.clone(), names, ttl);
         Some(serving.server_config()?)
     };
     let listener = tokio::net::TcpListener::bind(args.xds_addr)

@@ -46,6 +46,10 @@ fn issue(ca: &MeshCa, names: &[String], ttl: Duration) -> Result<CertifiedKey, S
     Ok(CertifiedKey::new(chain, any_supported_type(&key)?))
 }
 
+/// How long after a CA change the serving certificate moves to the new CA: time for the
+/// root ConfigMaps, and the kubelet's copies of them in the proxies' pods, to carry the new root.
+pub const ROOT_PROPAGATION: Duration = Duration::from_secs(300);
+
 impl ServingCert {
     /// Issues the first certificate for `names` (DNS names or IP addresses) valid for `ttl`.
     pub fn new(ca: &MeshCa, names: &[String], ttl: Duration) -> Result<Arc<Self>, ServingError> {
@@ -56,12 +60,37 @@ impl ServingCert {
 
     /// Re-issues at half of `ttl`, forever (retrying a failure after a minute).
     pub fn spawn_rotation(self: &Arc<Self>, ca: Arc<MeshCa>, names: Vec<String>, ttl: Duration) {
+        self.spawn_rotation_following(tokio::sync::watch::channel(ca).1, names, ttl)
+    }
+
+    /// [`ServingCert::spawn_rotation`] with the latest CA `ca` holds. After a CA change the
+    /// certificate is re-issued by the new CA [`ROOT_PROPAGATION`] later (not at once: proxies
+    /// must first see the new root in their mounted bundle; the replaced root stays in the
+    /// bundle far longer, see [`crate::ca::follow`]).
+    pub fn spawn_rotation_following(
+        self: &Arc<Self>,
+        mut ca: tokio::sync::watch::Receiver<Arc<MeshCa>>,
+        names: Vec<String>,
+        ttl: Duration,
+    ) {
         let me = self.clone();
         tokio::spawn(async move {
             let mut wait = ttl / 2;
+            let mut ca_open = true;
             loop {
-                tokio::time::sleep(wait).await;
-                match issue(&ca, &names, ttl) {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    r = ca.changed(), if ca_open => {
+                        if r.is_err() {
+                            ca_open = false;
+                        } else {
+                            wait = ROOT_PROPAGATION.min(ttl / 2);
+                        }
+                        continue;
+                    }
+                }
+                let current = ca.borrow_and_update().clone();
+                match issue(&current, &names, ttl) {
                     Ok(k) => {
                         me.current.store(Arc::new(k));
                         tracing::info!("serving certificate renewed");
