@@ -281,7 +281,12 @@ async fn main() -> anyhow::Result<()> {
         let names = serving_names(&args.service_name, &args.namespace, &args.serving_sans);
         let ttl = Duration::from_secs(30 * 24 * 3600);
         let serving = ServingCert::new(&ca, &names, ttl).context("serving certificate")?;
-        serving.spawn_rotation_following(following.ca.clone(), names, ttl);
+        serving.spawn_rotation_following(
+            following.ca.clone(),
+            names,
+            ttl,
+            controller::serving::ROOT_PROPAGATION,
+        );
         Some(serving.server_config()?)
     };
     let listener = tokio::net::TcpListener::bind(args.xds_addr)
