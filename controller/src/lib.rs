@@ -6,10 +6,12 @@
 //! Data flow: [`watch`] (kube-runtime watchers) → [`index`] (sans-IO translation, change feed)
 //! → [`feed`] + [`publish`] (changes as xDS resources) → [`xds`] (delta ADS server).
 //! [`waypoint`]: the Lease holder's waypoint controller (Gateway → Deployment, Service, HPA…).
+//! [`events`]: the Lease holder's Kubernetes Events about rejected and NACKed Istio objects.
 
 pub mod auth;
 pub mod ca;
 pub mod crds;
+pub mod events;
 pub mod feed;
 pub mod gateway_class;
 pub mod index;

@@ -192,10 +192,20 @@ async fn main() -> anyhow::Result<()> {
         &replica_name(&args),
         leader::LEASE_SECONDS,
     );
-    tokio::spawn(root::publish_root(
+    // Every replica follows the CA Secret (a rotated or plugged-in CA signs at once); replaced
+    // roots stay in the bundle for the longest certificate lifetime.
+    let (following, follow_task) = controller::ca::follow::follow_secret(
+        client.clone(),
+        &ca_cfg.namespace,
+        &ca_cfg.secret_name,
+        ca.clone(),
+        ca_cfg.max_ttl,
+    );
+    tokio::spawn(follow_task);
+    tokio::spawn(root::publish_roots(
         client.clone(),
         args.namespace.clone(),
-        ca.root_pem().to_string(),
+        following.roots.clone(),
         election.is_leader.clone(),
     ));
     if args.install_crds {
@@ -220,7 +230,8 @@ async fn main() -> anyhow::Result<()> {
     let (pods, pods_task) = pod_reflector(client.clone());
     tokio::spawn(pods_task);
     let certificates =
-        CertificateService::new(ca.clone(), authn.clone(), Arc::new(pods), &ca_cfg).into_server();
+        CertificateService::following(following.ca.clone(), authn.clone(), Arc::new(pods), &ca_cfg)
+            .into_server();
 
     let index = Index::new(IndexConfig {
         trust_domain: args.trust_domain.clone(),
@@ -237,8 +248,25 @@ async fn main() -> anyhow::Result<()> {
     let xds = XdsServer::with_metrics(XdsConfig::default(), xds_authn, xds_metrics);
     let (tx, rx) = tokio::sync::mpsc::channel(8192);
     let (synced_tx, mut synced) = tokio::sync::watch::channel(false);
+    let (verdicts_tx, verdicts) = tokio::sync::watch::channel(Default::default());
+    tokio::spawn(controller::events::run(
+        client.clone(),
+        controller::events::EventsConfig {
+            instance: replica_name(&args),
+            ..Default::default()
+        },
+        election.is_leader.clone(),
+        verdicts,
+        xds.nack_reports(1024),
+    ));
     tokio::spawn(controller::watch::run_watchers(client.clone(), tx));
-    tokio::spawn(controller::feed::feed(rx, index, xds.clone(), synced_tx));
+    tokio::spawn(controller::feed::feed_with_verdicts(
+        rx,
+        index,
+        xds.clone(),
+        synced_tx,
+        verdicts_tx,
+    ));
     synced
         .wait_for(|s| *s)
         .await
@@ -253,7 +281,12 @@ async fn main() -> anyhow::Result<()> {
         let names = serving_names(&args.service_name, &args.namespace, &args.serving_sans);
         let ttl = Duration::from_secs(30 * 24 * 3600);
         let serving = ServingCert::new(&ca, &names, ttl).context("serving certificate")?;
-        serving.spawn_rotation(ca.clone(), names, ttl);
+        serving.spawn_rotation_following(
+            following.ca.clone(),
+            names,
+            ttl,
+            controller::serving::ROOT_PROPAGATION,
+        );
         Some(serving.server_config()?)
     };
     let listener = tokio::net::TcpListener::bind(args.xds_addr)

@@ -46,6 +46,10 @@ fn issue(ca: &MeshCa, names: &[String], ttl: Duration) -> Result<CertifiedKey, S
     Ok(CertifiedKey::new(chain, any_supported_type(&key)?))
 }
 
+/// How long after a CA change the serving certificate moves to the new CA: time for the
+/// root ConfigMaps, and the kubelet's copies of them in the proxies' pods, to carry the new root.
+pub const ROOT_PROPAGATION: Duration = Duration::from_secs(300);
+
 impl ServingCert {
     /// Issues the first certificate for `names` (DNS names or IP addresses) valid for `ttl`.
     pub fn new(ca: &MeshCa, names: &[String], ttl: Duration) -> Result<Arc<Self>, ServingError> {
@@ -56,12 +60,44 @@ impl ServingCert {
 
     /// Re-issues at half of `ttl`, forever (retrying a failure after a minute).
     pub fn spawn_rotation(self: &Arc<Self>, ca: Arc<MeshCa>, names: Vec<String>, ttl: Duration) {
+        self.spawn_rotation_following(
+            tokio::sync::watch::channel(ca).1,
+            names,
+            ttl,
+            ROOT_PROPAGATION,
+        )
+    }
+
+    /// [`ServingCert::spawn_rotation`] with the latest CA `ca` holds. After a CA change the
+    /// certificate is re-issued by the new CA `propagation` later ([`ROOT_PROPAGATION`]; not
+    /// at once: proxies
+    /// must first see the new root in their mounted bundle; the replaced root stays in the
+    /// bundle far longer, see [`crate::ca::follow`]).
+    pub fn spawn_rotation_following(
+        self: &Arc<Self>,
+        mut ca: tokio::sync::watch::Receiver<Arc<MeshCa>>,
+        names: Vec<String>,
+        ttl: Duration,
+        propagation: Duration,
+    ) {
         let me = self.clone();
         tokio::spawn(async move {
             let mut wait = ttl / 2;
+            let mut ca_open = true;
             loop {
-                tokio::time::sleep(wait).await;
-                match issue(&ca, &names, ttl) {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    r = ca.changed(), if ca_open => {
+                        if r.is_err() {
+                            ca_open = false;
+                        } else {
+                            wait = propagation.min(ttl / 2);
+                        }
+                        continue;
+                    }
+                }
+                let current = ca.borrow_and_update().clone();
+                match issue(&current, &names, ttl) {
                     Ok(k) => {
                         me.current.store(Arc::new(k));
                         tracing::info!("serving certificate renewed");
@@ -95,6 +131,47 @@ mod tests {
     use rustls::client::danger::ServerCertVerifier;
     use rustls::client::WebPkiServerVerifier;
     use rustls::pki_types::{ServerName, UnixTime};
+
+    fn issuer_is(serving: &ServingCert, ca: &MeshCa) -> bool {
+        let key = serving.current.load_full();
+        let Some(leaf) = key.cert.first() else {
+            return false;
+        };
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else {
+            return false;
+        };
+        let Ok((_, root)) = x509_parser::parse_x509_certificate(ca.root_der().as_ref()) else {
+            return false;
+        };
+        cert.verify_signature(Some(root.public_key())).is_ok()
+    }
+
+    #[tokio::test]
+    async fn serving_certificate_moves_to_a_new_ca_after_the_propagation_delay() {
+        let a = Arc::new(MeshCa::generate("cluster.local").unwrap());
+        let b = Arc::new(MeshCa::generate("cluster.local").unwrap());
+        let names = vec!["localhost".to_string()];
+        let ttl = Duration::from_secs(3600);
+        let serving = ServingCert::new(&a, &names, ttl).unwrap();
+        let (tx, rx) = tokio::sync::watch::channel(a.clone());
+        serving.spawn_rotation_following(rx, names, ttl, Duration::from_millis(300));
+        assert!(issuer_is(&serving, &a));
+        tx.send_replace(b.clone());
+        // Not at once: proxies need the new root first.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            issuer_is(&serving, &a),
+            "still the old CA right after the change"
+        );
+        let start = std::time::Instant::now();
+        while !issuer_is(&serving, &b) {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "never moved to the new CA"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 
     /// Istio's ztunnel checks the control plane's certificate with rustls' webpki verification:
     /// chain to `XDS_ROOT_CA`/`CA_ROOT_CA`, and the host of `XDS_ADDRESS` (a DNS name or an IP

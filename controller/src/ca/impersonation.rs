@@ -2,13 +2,15 @@
 //! caller whose service account is a trusted node account (ztunnel) may obtain a workload's
 //! certificate only when its own pod exists with the uid and service account its token names,
 //! and a pod running as the requested identity is scheduled on that pod's node. Anyone else may
-//! only obtain its own identity. Pods are looked up in a [`PodDirectory`] (a reflector cache),
-//! never by a live API call per request.
+//! only obtain its own identity. Pods are looked up in a [`PodDirectory`] (a watch-fed
+//! [`PodIndex`]: O(1) per request), never by a live API call per request.
 
+use super::pod_index::PodIndex;
 use crate::auth::CallerIdentity;
 use common::identity::Identity;
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher::Event;
+use std::sync::{Arc, RwLock};
 use tonic::Status;
 
 /// The message istiod answers failed impersonation with.
@@ -42,50 +44,104 @@ fn facts(pod: &Pod) -> PodFacts {
     }
 }
 
-/// A [`PodDirectory`] over a kube-runtime reflector store of pods.
+/// A [`PodDirectory`] over a [`PodIndex`] kept by a pod watch ([`pod_reflector`]): a lookup
+/// is a hash lookup, not a scan of the pods.
 #[derive(Clone)]
-pub struct ReflectorPods(pub Store<Pod>);
+pub struct ReflectorPods {
+    index: Arc<RwLock<PodIndex>>,
+    /// True once the first list completed.
+    listed: Arc<tokio::sync::watch::Sender<bool>>,
+}
 
-impl PodDirectory for ReflectorPods {
-    fn pod(&self, namespace: &str, name: &str) -> Option<PodFacts> {
-        self.0
-            .get(&ObjectRef::new(name).within(namespace))
-            .map(|p| facts(&p))
-    }
-
-    fn runs_on_node(&self, node: &str, namespace: &str, service_account: &str) -> bool {
-        self.0.state().iter().any(|p| {
-            p.metadata.namespace.as_deref() == Some(namespace) && {
-                let f = facts(p);
-                f.node_name == node && f.service_account == service_account
-            }
-        })
+impl Default for ReflectorPods {
+    fn default() -> Self {
+        ReflectorPods {
+            index: Arc::default(),
+            listed: Arc::new(tokio::sync::watch::channel(false).0),
+        }
     }
 }
 
-/// A pod reflector over all namespaces: the store to look pods up in, and the future that keeps
+impl ReflectorPods {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, PodIndex> {
+        self.index.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, PodIndex> {
+        self.index.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until the first list of pods has been applied.
+    pub async fn wait_until_ready(&self) {
+        let mut rx = self.listed.subscribe();
+        // The sender lives as long as `self`: this cannot fail while we wait.
+        let _ = rx.wait_for(|l| *l).await;
+    }
+
+    /// Applies one pod watch event.
+    pub fn handle(&self, ev: &Event<Pod>) {
+        let key = |p: &Pod| {
+            (
+                p.metadata.namespace.clone().unwrap_or_default(),
+                p.metadata.name.clone().unwrap_or_default(),
+            )
+        };
+        let mut index = self.write();
+        match ev {
+            Event::Init => index.list_start(),
+            Event::InitApply(p) => {
+                let (ns, name) = key(p);
+                index.list_apply(&ns, &name, facts(p));
+            }
+            Event::InitDone => {
+                index.list_done();
+                self.listed.send_replace(true);
+            }
+            Event::Apply(p) => {
+                let (ns, name) = key(p);
+                index.apply(&ns, &name, facts(p));
+            }
+            Event::Delete(p) => {
+                let (ns, name) = key(p);
+                index.delete(&ns, &name);
+            }
+        }
+    }
+}
+
+impl PodDirectory for ReflectorPods {
+    fn pod(&self, namespace: &str, name: &str) -> Option<PodFacts> {
+        self.read().pod(namespace, name).cloned()
+    }
+
+    fn runs_on_node(&self, node: &str, namespace: &str, service_account: &str) -> bool {
+        self.read().runs_on_node(node, namespace, service_account)
+    }
+}
+
+/// A pod watch over all namespaces: the directory to look pods up in, and the future that keeps
 /// it filled (run it on a task; it retries with backoff on API errors).
 pub fn pod_reflector(
     client: kube::Client,
 ) -> (ReflectorPods, impl std::future::Future<Output = ()> + Send) {
     use futures_util::StreamExt;
-    use kube::runtime::{reflector, watcher, WatchStreamExt};
-    let (reader, writer) = reflector::store();
+    use kube::runtime::{watcher, WatchStreamExt};
+    let pods = ReflectorPods::default();
     let api: kube::Api<Pod> = kube::Api::all(client);
-    let stream = reflector(
-        writer,
-        watcher(api, watcher::Config::default()).default_backoff(),
-    );
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    let writer = pods.clone();
     let fut = async move {
         stream
-            .for_each(|ev| async move {
-                if let Err(e) = ev {
-                    tracing::warn!(error = %e, "pod watch error");
+            .for_each(|ev| {
+                match ev {
+                    Ok(ev) => writer.handle(&ev),
+                    Err(e) => tracing::warn!(error = %e, "pod watch error"),
                 }
+                std::future::ready(())
             })
             .await;
     };
-    (ReflectorPods(reader), fut)
+    (pods, fut)
 }
 
 /// A trusted node account, `namespace/service-account`.
@@ -192,7 +248,6 @@ fn impersonation_denial(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kube::runtime::watcher::Event;
 
     fn pod(ns: &str, name: &str, uid: &str, sa: &str, node: &str) -> Pod {
         serde_json::from_value(serde_json::json!({
@@ -203,13 +258,13 @@ mod tests {
     }
 
     fn directory(pods: Vec<Pod>) -> ReflectorPods {
-        let (reader, mut writer) = kube::runtime::reflector::store();
-        writer.apply_watcher_event(&Event::Init);
+        let d = ReflectorPods::default();
+        d.handle(&Event::Init);
         for p in pods {
-            writer.apply_watcher_event(&Event::InitApply(p));
+            d.handle(&Event::InitApply(p));
         }
-        writer.apply_watcher_event(&Event::InitDone);
-        ReflectorPods(reader)
+        d.handle(&Event::InitDone);
+        d
     }
 
     fn ztunnel_caller(uid: &str) -> CallerIdentity {
@@ -253,6 +308,31 @@ mod tests {
                 .code(),
             tonic::Code::InvalidArgument
         );
+    }
+
+    #[test]
+    fn watch_events_move_what_the_node_agent_may_ask_for() {
+        let pods = directory(vec![pod(
+            "istio-system",
+            "ztunnel-1",
+            "zt-uid",
+            "ztunnel",
+            "node-a",
+        )]);
+        let (accounts, td) = (default_node_accounts(), "cluster.local");
+        let web = Identity::new(td, "app", "web");
+        let caller = ztunnel_caller("zt-uid");
+        // Created unscheduled, then scheduled onto the caller's node.
+        pods.handle(&Event::Apply(pod("app", "web-1", "w1", "web", "")));
+        assert!(authorize(&caller, &web, td, &accounts, &pods).is_err());
+        pods.handle(&Event::Apply(pod("app", "web-1", "w1", "web", "node-a")));
+        authorize(&caller, &web, td, &accounts, &pods).unwrap();
+        // Recreated on another node: refused again; deleted: still refused.
+        pods.handle(&Event::Apply(pod("app", "web-1", "w2", "web", "node-b")));
+        assert!(authorize(&caller, &web, td, &accounts, &pods).is_err());
+        pods.handle(&Event::Delete(pod("app", "web-1", "w2", "web", "node-b")));
+        assert!(authorize(&caller, &web, td, &accounts, &pods).is_err());
+        assert!(pods.pod("app", "web-1").is_none());
     }
 
     #[test]

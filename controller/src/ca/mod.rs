@@ -1,10 +1,12 @@
 //! The certificate authority of the control plane: Istio's certificate service
 //! ([`server`]) over the mesh CA whose material lives in a Kubernetes Secret ([`root`]),
-//! caller authentication by TokenReview ([`authn`]), node-agent impersonation rules
-//! ([`impersonation`]), root ConfigMap publishing by the lease holder ([`crate::leader`]).
+//! following that Secret without a restart ([`follow`]), caller authentication by TokenReview ([`authn`]), node-agent impersonation rules
+//! ([`impersonation`], over the [`pod_index`] of pods by node and identity), root ConfigMap publishing by the lease holder ([`crate::leader`]).
 
 pub mod authn;
+pub mod follow;
 pub mod impersonation;
+pub mod pod_index;
 pub mod root;
 pub mod server;
 

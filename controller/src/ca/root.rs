@@ -117,8 +117,21 @@ pub async fn publish_root(
     client: kube::Client,
     own_namespace: String,
     root_pem: String,
+    leader: watch::Receiver<bool>,
+) {
+    let (_keep, roots) = watch::channel(root_pem);
+    publish_roots(client, own_namespace, roots, leader).await
+}
+
+/// [`publish_root`] of the bundle `roots` holds: a new bundle (the CA Secret changed, see
+/// [`super::follow`]) is written everywhere at once.
+pub async fn publish_roots(
+    client: kube::Client,
+    own_namespace: String,
+    mut roots: watch::Receiver<String>,
     mut leader: watch::Receiver<bool>,
 ) {
+    let mut roots_open = true;
     let wake = Arc::new(Notify::new());
     let (namespaces, ns_task) = spawn_reflector::<Namespace>(
         Api::all(client.clone()),
@@ -168,6 +181,7 @@ pub async fn publish_root(
                     .filter_map(|n| n.metadata.name.clone()),
             );
             targets.push(own_namespace.clone());
+            let root_pem = roots.borrow_and_update().clone();
             failed = !reconcile(&client, targets, &root_pem, &configmaps).await;
         }
         let retry = async {
@@ -179,6 +193,7 @@ pub async fn publish_root(
         };
         tokio::select! {
             r = leader.changed() => if r.is_err() { return },
+            r = roots.changed(), if roots_open => if r.is_err() { roots_open = false },
             _ = wake.notified() => {}
             _ = retry => {}
         }

@@ -22,7 +22,8 @@ pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 
 /// The certificate service.
 pub struct CertificateService<A, P> {
-    ca: Arc<MeshCa>,
+    /// The CA to sign with (replaced when its Secret changes, see [`super::follow`]).
+    ca: tokio::sync::watch::Receiver<Arc<MeshCa>>,
     authn: Arc<A>,
     pods: Arc<P>,
     node_accounts: Vec<NodeAccount>,
@@ -31,7 +32,18 @@ pub struct CertificateService<A, P> {
 }
 
 impl<A: Authenticator, P: PodDirectory> CertificateService<A, P> {
+    /// A service signing with `ca`, always.
     pub fn new(ca: Arc<MeshCa>, authn: Arc<A>, pods: Arc<P>, cfg: &CaConfig) -> Self {
+        Self::following(tokio::sync::watch::channel(ca).1, authn, pods, cfg)
+    }
+
+    /// A service signing with the latest CA `ca` holds.
+    pub fn following(
+        ca: tokio::sync::watch::Receiver<Arc<MeshCa>>,
+        authn: Arc<A>,
+        pods: Arc<P>,
+        cfg: &CaConfig,
+    ) -> Self {
         CertificateService {
             ca,
             authn,
@@ -61,7 +73,8 @@ impl<A: Authenticator, P: PodDirectory> CertificateService<A, P> {
         req: &IstioCertificateRequest,
     ) -> Result<IstioCertificateResponse, Status> {
         let caller = self.authn.authenticate(metadata).await?;
-        let td = self.ca.trust_domain();
+        let ca = self.ca.borrow().clone();
+        let td = ca.trust_domain();
         let requested = match impersonated(req)? {
             Some(id) => id,
             None => Identity::new(td, &caller.namespace, &caller.service_account),
@@ -83,8 +96,7 @@ impl<A: Authenticator, P: PodDirectory> CertificateService<A, P> {
             )));
         }
         let ttl = self.ttl(req.validity_duration);
-        let signed = self
-            .ca
+        let signed = ca
             .sign_public_key(&verified.public_key, &requested, ttl)
             .map_err(|e| {
                 tracing::error!(identity = %requested, error = %e, "signing failed");

@@ -435,6 +435,11 @@ impl Index {
         self.policies.rejections()
     }
 
+    /// The Istio object keyed `<Kind>/<ns>/<name>` (as in [`Index::rejections`]), verbatim.
+    pub fn istio_object(&self, key: &str) -> Option<&serde_json::Value> {
+        self.policies.object(key)
+    }
+
     /// The uid of a pod's workload.
     pub fn pod_uid(&self, namespace: &str, name: &str) -> String {
         format!("{}//Pod/{namespace}/{name}", self.cfg.cluster_id)
@@ -753,7 +758,7 @@ impl Index {
     }
 
     fn refresh_service_entry(&mut self, key: &Key) {
-        let (value, binding) = match self.policies.object(Kind::ServiceEntry, key) {
+        let (value, binding) = match self.policies.stored(Kind::ServiceEntry, key) {
             Some(v) => {
                 let (v, b) = entries::with_binding(self, key, v);
                 (Some(v), b)

@@ -92,7 +92,7 @@ impl Policies {
     }
 
     /// The stored object `kind` `key`, as the API server sent it.
-    pub(crate) fn object(&self, kind: Kind, key: &Key) -> Option<&Value> {
+    pub(crate) fn stored(&self, kind: Kind, key: &Key) -> Option<&Value> {
         self.objects.get(&(kind, key.clone()))
     }
 
@@ -103,6 +103,14 @@ impl Policies {
             .filter(|(k, (n, _))| *k == kind && n == ns)
             .map(|(_, key)| key.clone())
             .collect()
+    }
+
+    /// The object behind a rejection key `<Kind>/<ns>/<name>`, as last applied.
+    pub(crate) fn object(&self, key: &str) -> Option<&Value> {
+        let mut parts = key.splitn(3, '/');
+        let (kind, ns, name) = (parts.next()?, parts.next()?, parts.next()?);
+        let (kind, _) = Kind::ISTIO.iter().find(|(k, _)| k.as_str() == kind)?;
+        self.stored(*kind, &(ns.to_string(), name.to_string()))
     }
 
     /// The mesh settings document put in front of every compile.

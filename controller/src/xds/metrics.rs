@@ -28,6 +28,7 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     pushes: Family<TypeLabels, Counter>,
     nacks: Family<TypeLabels, Counter>,
+    nacked_resources: Family<TypeLabels, Counter>,
     push_latency: Family<TypeLabels, Histogram, fn() -> Histogram>,
     connected: Gauge,
     resources: Family<TypeLabels, Gauge>,
@@ -41,6 +42,7 @@ impl Metrics {
         let m = Metrics {
             pushes: Family::default(),
             nacks: Family::default(),
+            nacked_resources: Family::default(),
             push_latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             connected: Gauge::default(),
             resources: Family::default(),
@@ -56,6 +58,11 @@ impl Metrics {
             "nacks",
             "DeltaDiscoveryResponses rejected by a client (NACK), by resource type",
             m.nacks.clone(),
+        );
+        r.register(
+            "nacked_resources",
+            "Resources named in clients' NACKs (one NACK may name several), by resource type",
+            m.nacked_resources.clone(),
         );
         r.register(
             "push_latency_seconds",
@@ -107,6 +114,12 @@ impl Metrics {
         self.nacks.get_or_create(&labels(type_url)).inc();
     }
 
+    pub(crate) fn nacked_resources(&self, type_url: &str, n: usize) {
+        self.nacked_resources
+            .get_or_create(&labels(type_url))
+            .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+    }
+
     pub(crate) fn set_resources(&self, type_url: &str, n: usize) {
         self.resources
             .get_or_create(&labels(type_url))
@@ -121,6 +134,11 @@ impl Metrics {
     /// Responses pushed for `type_url` so far.
     pub fn pushes(&self, type_url: &str) -> u64 {
         self.pushes.get_or_create(&labels(type_url)).get()
+    }
+
+    /// Resources named in the NACKs received for `type_url` so far.
+    pub fn nacked_resource_count(&self, type_url: &str) -> u64 {
+        self.nacked_resources.get_or_create(&labels(type_url)).get()
     }
 
     /// NACKs received for `type_url` so far.

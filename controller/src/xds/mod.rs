@@ -7,11 +7,13 @@
 //! Each stream ([`stream`] state machine, driven by [`server`]) builds its responses from the
 //! shared cache when it can send, so a slow client gets the latest state, not a backlog.
 //! [`transport`] serves the gRPC routes over TLS (or plaintext for tests) with keepalive and a
-//! jittered max connection age; [`metrics`] counts pushes, NACKs, latency, clients, resources.
+//! jittered max connection age; [`metrics`] counts pushes, NACKs, latency, clients, resources;
+//! [`nack`] splits a NACK into per-resource reports for the Event writer.
 
 pub mod cache;
 pub mod debounce;
 pub mod metrics;
+pub mod nack;
 pub mod node;
 pub mod server;
 pub mod stream;
@@ -20,6 +22,7 @@ pub mod transport;
 pub use cache::{CachedResource, Change};
 pub use debounce::DebounceConfig;
 pub use metrics::Metrics;
+pub use nack::NackReport;
 pub use node::NodeInfo;
 pub use server::{AdsService, ConnectionInfo};
 pub use transport::{serve, ConnectionContext, ServeConfig};
@@ -74,6 +77,8 @@ pub(crate) struct Inner {
     pub(crate) push_permits: Semaphore,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) authenticator: Option<Arc<dyn Authenticator>>,
+    /// Where per-resource NACKs go ([`XdsServer::nack_reports`]); full or absent: dropped.
+    pub(crate) nack_sink: Mutex<Option<tokio::sync::mpsc::Sender<NackReport>>>,
     debouncer: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
@@ -113,6 +118,7 @@ impl XdsServer {
             next_id: AtomicU64::new(1),
             metrics,
             authenticator,
+            nack_sink: Mutex::new(None),
             debouncer: Mutex::new(None),
         });
         let weak: Weak<Inner> = Arc::downgrade(&inner);
@@ -171,6 +177,15 @@ impl XdsServer {
         let mut v: Vec<ConnectionInfo> = streams.iter().map(|s| s.info()).collect();
         v.sort_by_key(|c| c.id);
         v
+    }
+
+    /// From now on, every resource a proxy NACKs is also sent here (up to `capacity` queued;
+    /// beyond that, reports are dropped rather than slowing a stream). Replaces an earlier
+    /// receiver.
+    pub fn nack_reports(&self, capacity: usize) -> tokio::sync::mpsc::Receiver<NackReport> {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+        *lock(&self.inner.nack_sink) = Some(tx);
+        rx
     }
 
     /// The metrics.

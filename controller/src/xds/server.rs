@@ -255,6 +255,22 @@ fn on_event(inner: &Inner, shared: &StreamShared, node_id: &str, ev: Event) {
         Event::Nack { type_url, message } => {
             inner.metrics.nacked(&type_url);
             tracing::warn!(node = %node_id, %type_url, %message, "xDS NACK");
+            let entries = super::nack::resources(&message);
+            inner.metrics.nacked_resources(&type_url, entries.len());
+            let sink = lock(&inner.nack_sink).clone();
+            if let Some(sink) = sink {
+                for (resource, reason) in entries {
+                    let report = super::NackReport {
+                        node: node_id.to_string(),
+                        type_url: type_url.clone(),
+                        resource,
+                        reason,
+                    };
+                    if sink.try_send(report).is_err() {
+                        break;
+                    }
+                }
+            }
         }
         Event::StaleNonce { type_url, nonce } => {
             tracing::debug!(node = %node_id, %type_url, %nonce, "xDS: ignoring a stale nonce");

@@ -247,3 +247,112 @@ async fn ca_exactly_one_replica_holds_the_lease_and_another_takes_over() {
         .to_string();
     assert_eq!(holder, if a_leads { "replica-b" } else { "replica-a" });
 }
+
+/// The Secret form of `ca` (what an operator would write to rotate to it).
+fn secret_of(ca: &common::identity::ca::MeshCa) -> serde_json::Value {
+    let (cert, key) = ca.signing_pems();
+    let b64 = |s: String| serde_json::to_value(k8s_openapi::ByteString(s.into_bytes())).unwrap();
+    json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"namespace": NS, "name": "ambient-ca"},
+        "type": "istio.io/ca-root",
+        "data": {
+            "ca-cert.pem": b64(cert),
+            "ca-key.pem": b64(key),
+            "root-cert.pem": b64(ca.root_pem().to_string()),
+        }
+    })
+}
+
+#[tokio::test]
+async fn ca_follows_a_replaced_secret_without_restart() {
+    use common::identity::ca::MeshCa;
+    use common::tls::{verify_chain, TrustRoots};
+    let api = cluster().await;
+    api.create(json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "app", "labels": {root::AMBIENT_LABEL: root::AMBIENT_VALUE}}}))
+        .unwrap();
+    let old = std::sync::Arc::new(
+        root::load_or_create(api.client(), NS, "ambient-ca", TD)
+            .await
+            .unwrap(),
+    );
+    let (following, follow_task) = controller::ca::follow::follow_secret(
+        api.client(),
+        NS,
+        "ambient-ca",
+        old.clone(),
+        Duration::from_secs(3600),
+    );
+    let follow_task = tokio::spawn(follow_task);
+    let (_lead, leader) = tokio::sync::watch::channel(true);
+    let publisher = tokio::spawn(root::publish_roots(
+        api.client(),
+        NS.into(),
+        following.roots.clone(),
+        leader,
+    ));
+    let server =
+        CaServer::start_following(&api, test_config(), any_port(), following.ca.clone()).await;
+    let old_pem = old.root_pem().to_string();
+    assert!(
+        eventually(Duration::from_secs(5), || root_cm(&api, "app").as_deref()
+            == Some(old_pem.as_str()))
+        .await,
+        "the current root is published"
+    );
+    let own = Identity::new(TD, "app", "waypoint");
+    let before = server
+        .raw(Some(WAYPOINT), &csr::build(&own).unwrap().pem, None)
+        .await
+        .expect("issued before the rotation");
+    // Unchanged Secret events (the first list) change nothing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(std::sync::Arc::ptr_eq(&following.ca.borrow(), &old));
+
+    // The operator replaces the CA.
+    let new = MeshCa::generate(TD).unwrap();
+    api.update(secret_of(&new)).unwrap();
+    let new_root = new.root_der().clone();
+    let old_root = old.root_der().clone();
+    assert!(
+        eventually(Duration::from_secs(5), || root_cm(&api, "app")
+            .map(|pem| cert_ders(&pem))
+            .is_some_and(
+                |ders| ders.contains(&new_root) && ders.contains(&old_root)
+            ))
+        .await,
+        "the bundle carries the new root and keeps the old one: {:?}",
+        root_cm(&api, "app")
+    );
+    let bundle = TrustRoots::new(cert_ders(&root_cm(&api, "app").unwrap())).unwrap();
+    // A CSR now is signed by the new key: it chains to the new root alone, not to the old.
+    let after = server
+        .raw(Some(WAYPOINT), &csr::build(&own).unwrap().pem, None)
+        .await
+        .expect("issued after the rotation");
+    let leaf = first_cert_der(&after.cert_chain[0]).unwrap();
+    verify_chain(
+        &leaf,
+        &[],
+        &TrustRoots::new(vec![new_root.clone()]).unwrap(),
+    )
+    .expect("signed by the new CA");
+    assert!(verify_chain(
+        &leaf,
+        &[],
+        &TrustRoots::new(vec![old_root.clone()]).unwrap()
+    )
+    .is_err());
+    // The chain's root element is the bundle, and both generations verify against it.
+    let last = cert_ders(after.cert_chain.last().unwrap());
+    assert!(
+        last.contains(&new_root) && last.contains(&old_root),
+        "{last:?}"
+    );
+    verify_chain(&leaf, &[], &bundle).expect("new leaf verifies against the bundle");
+    let old_leaf = first_cert_der(&before.cert_chain[0]).unwrap();
+    verify_chain(&old_leaf, &[], &bundle).expect("old leaf still verifies");
+    publisher.abort();
+    follow_task.abort();
+}

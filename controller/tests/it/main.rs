@@ -6,6 +6,7 @@ mod ca_root;
 mod ca_server;
 mod ca_support;
 mod crds;
+mod events;
 mod feed_to_proxy;
 mod watch_fake_apiserver;
 mod waypoint_controller;

@@ -109,12 +109,25 @@ impl CaServer {
         addr: SocketAddr,
         ca: Arc<MeshCa>,
     ) -> CaServer {
+        Self::start_following(api, cfg, addr, tokio::sync::watch::channel(ca).1).await
+    }
+
+    /// Starts the service signing with the latest CA of `following` (TLS certificate and
+    /// `root_file` from the CA it holds now).
+    pub async fn start_following(
+        api: &FakeApiServer,
+        cfg: CaConfig,
+        addr: SocketAddr,
+        following: tokio::sync::watch::Receiver<Arc<MeshCa>>,
+    ) -> CaServer {
+        let ca = following.borrow().clone();
         let client = api.client();
         let (pods, run_pods) = pod_reflector(client.clone());
         let pod_task = tokio::spawn(run_pods);
-        pods.0.wait_until_ready().await.expect("pods synced");
+        pods.wait_until_ready().await;
         let authn = Arc::new(TokenReviewAuthenticator::new(client, cfg.audiences.clone()));
-        let svc = CertificateService::new(ca.clone(), authn, Arc::new(pods), &cfg).into_server();
+        let svc =
+            CertificateService::following(following, authn, Arc::new(pods), &cfg).into_server();
         let identity = serving_identity(&ca, &["localhost".to_string()], Duration::from_secs(3600))
             .expect("serving cert");
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
