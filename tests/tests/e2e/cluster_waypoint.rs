@@ -5,7 +5,7 @@
 //! applied unchanged. Traffic from a client pod is routed by the waypoints, both waypoint pods
 //! carry it, the Gateway reports `Programmed`, and when no waypoint pod is ready traffic is
 //! refused (never sent around the waypoint) with the reason in ztunnel's access log and on the
-//! Gateway.
+//! Gateway. A ServiceEntry labelled for the waypoint is routed by it too.
 
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -122,6 +122,22 @@ fn waypoint_slice(ready: bool) -> Value {
                   {"name": "status-port", "port": 15021, "protocol": "TCP"}]
     })
 }
+
+/// A STATIC entry bound to the waypoint by its own label; its endpoint is outside the mesh.
+const ENTRY: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: payments
+  namespace: default
+  labels: {istio.io/use-waypoint: waypoint}
+spec:
+  hosts: [payments.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8081}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  endpoints: [{address: 10.0.0.2}]
+"#;
 
 fn condition(gw: &Value, kind: &str) -> (String, String) {
     gw["status"]["conditions"]
@@ -298,6 +314,57 @@ async fn gateway_waypoint_routes_users_yaml_over_all_ready_pods_and_fails_closed
         (160..=195).contains(&v10) && v11 >= 5,
         "90/10 split: v1.0 {v10}, v1.1 {v11}"
     );
+
+    // A ServiceEntry labelled for the waypoint: its host goes through the waypoints, which
+    // reach its endpoint outside the mesh (node n2's address) themselves.
+    let outside = http_server(
+        &mesh.topo.node("n2").ns,
+        "10.0.0.2:8081".parse().unwrap(),
+        "outside",
+        HttpMode::Auto,
+    )
+    .unwrap();
+    mesh.api
+        .apply_yaml(ENTRY)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let vip = loop {
+        if let Ok(ip) = mesh.ztunnel("n1").service_vip("payments.example.com").await {
+            break SocketAddr::new(ip, 80);
+        }
+        assert!(Instant::now() < deadline, "the entry never reached ztunnel");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = async {
+            let mut c = Http1Client::connect(&mesh.pod("a").ns, vip).await?;
+            c.host = "payments.example.com".into();
+            tokio::time::timeout(Duration::from_secs(5), c.get("/pay", &[])).await?
+        }
+        .await;
+        match r {
+            Ok(r) if r.status == 200 => {
+                assert_eq!(r.header("x-pod"), Some("outside"));
+                break;
+            }
+            other => assert!(
+                Instant::now() < deadline,
+                "payments.example.com never served: {:?}",
+                other.map(|r| (r.status, r.text()))
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let waypoint_ips: Vec<String> = WAYPOINT_PODS.iter().map(|w| w.1.to_string()).collect();
+    for r in outside.records() {
+        assert!(
+            waypoint_ips.contains(&r.peer.ip().to_string()),
+            "the entry's endpoint was reached from {} (not a waypoint)",
+            r.peer
+        );
+    }
 
     // No waypoint pod ready: traffic is refused, not sent straight to demoapp around the
     // waypoint's routes and L7 policy; the reason is in n1's access log and on the Gateway.
