@@ -180,8 +180,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn hostname_waypoints_resolve_to_the_service_vip() {
+    /// A waypoint pod (10.0.0.9) behind its Service's VIP 10.96.0.9.
+    fn waypoint_behind_vip() -> (Workload, Service) {
         let mut wp = workload("wp", "10.0.0.9", HealthStatus::Healthy);
         wp.services.insert(
             "default/wp.default.svc.cluster.local".into(),
@@ -192,6 +192,12 @@ mod tests {
             "vips": ["/10.96.0.9"], "ports": {"15006": 15006},
         }))
         .expect("service");
+        (wp, wp_svc)
+    }
+
+    #[test]
+    fn hostname_waypoints_resolve_to_the_service_vip() {
+        let (wp, wp_svc) = waypoint_behind_vip();
         let mut app: Service = serde_json::from_value(serde_json::json!({
             "name": "app", "namespace": "default", "hostname": "app.default.svc.cluster.local",
             "vips": ["/10.96.0.1"], "ports": {"80": 8080},
@@ -226,16 +232,7 @@ mod tests {
     /// see does not bind, and does not fail closed either).
     #[test]
     fn feed_entries_bind_to_the_waypoint_the_controller_named() {
-        let mut wp = workload("wp", "10.0.0.9", HealthStatus::Healthy);
-        wp.services.insert(
-            "default/wp.default.svc.cluster.local".into(),
-            [(15006, 15006)].into(),
-        );
-        let wp_svc: Service = serde_json::from_value(serde_json::json!({
-            "name": "wp", "namespace": "default", "hostname": "wp.default.svc.cluster.local",
-            "vips": ["/10.96.0.9"], "ports": {"15006": 15006},
-        }))
-        .expect("service");
+        let (wp, wp_svc) = waypoint_behind_vip();
         let entry = |name: &str, host: &str, annotations: serde_json::Value| {
             serde_json::json!({
                 "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",

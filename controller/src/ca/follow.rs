@@ -232,20 +232,10 @@ pub fn follow_secret(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::ByteString;
-    use std::collections::BTreeMap;
 
     fn secret_of(ca: &MeshCa) -> Secret {
-        let (cert, key) = ca.signing_pems();
-        let mut data = BTreeMap::new();
-        data.insert(CA_CERT_FILE.to_string(), ByteString(cert.into_bytes()));
-        data.insert(CA_KEY_FILE.to_string(), ByteString(key.into_bytes()));
-        data.insert(
-            ROOT_CERT_FILE.to_string(),
-            ByteString(ca.root_pem().as_bytes().to_vec()),
-        );
         Secret {
-            data: Some(data),
+            data: Some(super::super::root::secret_data(ca)),
             ..Default::default()
         }
     }

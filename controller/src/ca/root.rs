@@ -61,14 +61,7 @@ pub async fn load_or_create(
         return from_secret(&s, name, trust_domain);
     }
     let ca = MeshCa::generate(trust_domain).map_err(RootError::Generate)?;
-    let (cert, key) = ca.signing_pems();
-    let mut data = BTreeMap::new();
-    data.insert(CA_CERT_FILE.to_string(), ByteString(cert.into_bytes()));
-    data.insert(CA_KEY_FILE.to_string(), ByteString(key.into_bytes()));
-    data.insert(
-        ROOT_CERT_FILE.to_string(),
-        ByteString(ca.root_pem().as_bytes().to_vec()),
-    );
+    let data = secret_data(&ca);
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
@@ -95,6 +88,19 @@ pub async fn load_or_create(
 
 /// The CA from a Secret's plug-in keys (`ca-cert.pem`, `ca-key.pem`, optional `root-cert.pem`
 /// and `cert-chain.pem`).
+/// The Secret data holding `ca` (Istio's plug-in file names).
+pub fn secret_data(ca: &MeshCa) -> BTreeMap<String, ByteString> {
+    let (cert, key) = ca.signing_pems();
+    let mut data = BTreeMap::new();
+    data.insert(CA_CERT_FILE.to_string(), ByteString(cert.into_bytes()));
+    data.insert(CA_KEY_FILE.to_string(), ByteString(key.into_bytes()));
+    data.insert(
+        ROOT_CERT_FILE.to_string(),
+        ByteString(ca.root_pem().as_bytes().to_vec()),
+    );
+    data
+}
+
 pub fn from_secret(s: &Secret, name: &str, trust_domain: &str) -> Result<MeshCa, RootError> {
     let get = |k: &str| -> Option<String> {
         let data = s.data.as_ref()?;

@@ -13,7 +13,7 @@ use controller::events::plan::Verdicts;
 use controller::events::EventsConfig;
 use controller::index::{Index, IndexConfig};
 use controller::leader;
-use controller::xds::{serve, DebounceConfig, ServeConfig, XdsConfig, XdsServer};
+use controller::xds::{serve, ServeConfig, XdsServer};
 use fake_apiserver::FakeApiServer;
 use serde_json::{json, Value};
 use std::sync::atomic::AtomicBool;
@@ -40,16 +40,7 @@ async fn replica(api: &FakeApiServer, name: &str) -> Replica {
         name,
         30,
     );
-    let xds = XdsServer::new(
-        XdsConfig {
-            debounce: DebounceConfig {
-                quiet: Duration::from_millis(20),
-                max: Duration::from_millis(200),
-            },
-            ..XdsConfig::default()
-        },
-        None,
-    );
+    let xds = XdsServer::new(super::xds_server::cfg(20, 200), None);
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let (synced_tx, mut synced) = tokio::sync::watch::channel(false);
     let (verdicts_tx, verdicts) = tokio::sync::watch::channel(Arc::new(Verdicts::new()));

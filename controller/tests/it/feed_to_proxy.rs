@@ -8,7 +8,7 @@ use common::config::watch::ConfigStore;
 use common::model::Protocol;
 use common::xds::client::{XdsClient, XdsConfig as ClientConfig};
 use controller::index::{Index, IndexConfig};
-use controller::xds::{serve, DebounceConfig, ServeConfig, XdsConfig, XdsServer};
+use controller::xds::{serve, ServeConfig, XdsServer};
 use fake_apiserver::FakeApiServer;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,16 +27,7 @@ struct Plane {
 async fn control_plane(serve_cfg: ServeConfig) -> Plane {
     let api = FakeApiServer::start().await;
     api.apply_yaml(FIXTURE).expect("fixture loads");
-    let xds = XdsServer::new(
-        XdsConfig {
-            debounce: DebounceConfig {
-                quiet: Duration::from_millis(20),
-                max: Duration::from_millis(200),
-            },
-            ..XdsConfig::default()
-        },
-        None,
-    );
+    let xds = XdsServer::new(super::xds_server::cfg(20, 200), None);
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let (synced_tx, mut synced) = tokio::sync::watch::channel(false);
     tokio::spawn(controller::watch::run_watchers(api.client(), tx));

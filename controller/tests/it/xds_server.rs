@@ -19,7 +19,8 @@ use tonic::Streaming;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn cfg(quiet_ms: u64, max_ms: u64) -> XdsConfig {
+/// A server config with debounce `quiet_ms` / `max_ms` (short, for tests).
+pub(crate) fn cfg(quiet_ms: u64, max_ms: u64) -> XdsConfig {
     XdsConfig {
         debounce: DebounceConfig {
             quiet: Duration::from_millis(quiet_ms),
