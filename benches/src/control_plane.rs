@@ -221,7 +221,7 @@ async fn measure(s: Scale, changes: usize) -> Result<ScaleResult> {
         .to_vec(),
     };
     let t = Instant::now();
-    let zt = ZtunnelProcess::start(&ns, &opts, &dir.join("ztunnel.log")).await?;
+    let zt = ZtunnelProcess::start_within(&ns, &opts, &dir.join("ztunnel.log"), WAIT).await?;
     let zt_ready = t.elapsed();
     // Certificates for the node's pods and the first rotation check settle after readiness.
     tokio::time::sleep(Duration::from_secs(2)).await;
