@@ -10,11 +10,19 @@
 //!
 //! `benches --soak [--quick]` runs the soak instead (see [`soak`]).
 //!
+//! `benches --controller [--quick]` runs the control-plane scale benchmark instead (see
+//! [`control_plane`]): 10 000 pods / 1 000 services / 500 policies against the real controller
+//! with 10 xDS clients and a ztunnel, beside the same at 1/10 scale and the idle controller;
+//! build it with `cargo build --release -p controller -p ztunnel -p benches`.
+//!
 //! `benches --l7 [--quick]` runs the L7 benchmark instead (see [`l7`]): keep-alive HTTP/1.1
 //! direct vs ztunnel → waypoint → ztunnel vs ztunnel → Envoy as the waypoint → ztunnel (what
 //! Istio ambient runs today) vs Envoy as a bare L7 proxy; build it with
 //! `cargo build --release -p benches -p ztunnel -p waypoint`.
 
+mod cluster_objects;
+mod control_plane;
+mod control_plane_report;
 mod envoy_l7;
 mod httpload;
 mod l7;
@@ -24,18 +32,23 @@ mod report;
 mod setup;
 mod soak;
 mod suite;
+mod xds_probe;
 
 use anyhow::{bail, Context, Result};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tests::mesh::{echo_vip, raise_nofile_limit, standard_config};
 
-const USAGE: &str = "usage: benches [--l7 | --soak] [--quick]
+const USAGE: &str = "usage: benches [--l7 | --soak | --controller] [--quick]
   raw TCP vs ztunnel vs Envoy on a two-node netns topology (needs root, nft, Envoy)
   --l7      the L7 benchmark instead: HTTP/1.1 direct vs ztunnel → waypoint → ztunnel vs
             ztunnel → Envoy waypoint → ztunnel vs Envoy
   --soak    the soak instead: 10 000 held tunnelled connections, then a 5 000-handshake
             slowloris against a ztunnel while legitimate connections are timed
+  --controller  the control plane at scale instead: the real controller on a fake API with
+            10 000 pods / 1 000 services / 500 policies (and 1/10 of that, and idle): CPU, RSS,
+            initial push to 10 xDS clients, pod change → all clients latency, ztunnel RSS
+            (--quick: 100 and 1 000 pods)
   --quick   short smoke run (seconds instead of a minute or two)";
 
 fn main() -> Result<()> {
@@ -57,11 +70,13 @@ fn main() -> Result<()> {
     let mut quick = false;
     let mut l7 = false;
     let mut soak = false;
+    let mut controller = false;
     for arg in std::env::args().skip(1) {
         match arg.as_str() {
             "--quick" => quick = true,
             "--l7" => l7 = true,
             "--soak" => soak = true,
+            "--controller" => controller = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -72,7 +87,9 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    if soak {
+    if controller {
+        rt.block_on(control_plane::run(quick))
+    } else if soak {
         rt.block_on(soak::run(quick))
     } else if l7 {
         rt.block_on(l7::run(quick))

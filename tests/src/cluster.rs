@@ -103,6 +103,11 @@ impl ControllerProcess {
         }
     }
 
+    /// The controller's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The controller's Prometheus text.
     pub async fn metrics(&self) -> Result<String> {
         let addr = ([127, 0, 0, 1], MONITORING_PORT).into();

@@ -225,6 +225,21 @@ impl ZtunnelProcess {
         Ok(zt)
     }
 
+    /// Like [`ZtunnelProcess::start`], waiting up to `timeout` for readiness (a large feed
+    /// takes longer than the usual 30 s on a busy machine).
+    pub async fn start_within(
+        ns: &Netns,
+        opts: &ZtunnelOpts,
+        log: &Path,
+        timeout: Duration,
+    ) -> Result<ZtunnelProcess> {
+        let mut zt = ZtunnelProcess::spawn(ns, opts, log, None)?;
+        zt.wait_ready(timeout)
+            .await
+            .with_context(|| format!("ztunnel on {} (args {:?})", opts.node, opts.args()))?;
+        Ok(zt)
+    }
+
     /// Like [`ZtunnelProcess::start`], with stdout going to `stdout` instead of the log file
     /// (stderr still goes there), e.g. a pipe nobody reads.
     pub async fn start_with_stdout(
