@@ -115,6 +115,10 @@ pub struct Workload {
     /// Workload has no such field), e.g. `ambient.istio.io/dns-capture: "false"`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// Relative weight among the endpoints of a service: Istio's Workload `capacity`, a
+    /// ServiceEntry endpoint's `weight`. Unset (or 0) counts as 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<u32>,
 }
 
 /// Istio's pod annotation opting a pod out of the DNS proxy.
@@ -164,7 +168,13 @@ impl Workload {
             services: BTreeMap::new(),
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
+            capacity: None,
         }
+    }
+
+    /// The weight of this workload as an endpoint ([`Workload::capacity`], at least 1).
+    pub fn weight(&self) -> u32 {
+        self.capacity.unwrap_or(1).max(1)
     }
 
     /// The SPIFFE identity certificates for this workload carry.

@@ -14,8 +14,8 @@
 //! - NONE: connections keep their original destination; the service only names it.
 //!
 //! An entry that would redefine an existing service (same `<namespace>/<host>`) or claim a VIP
-//! another service holds is rejected alone. Endpoint weights, `network` and `locality` are not
-//! used yet.
+//! another service holds is rejected alone. An endpoint's `weight` becomes its workload's
+//! `capacity` (endpoints are picked in proportion); `network` and `locality` are not used yet.
 
 use crate::l7::service_entry::{Location, Resolution, ServiceEntry, ServicePort};
 use crate::model::{Service, Workload};
@@ -366,6 +366,7 @@ pub fn register(
                     w.trust_domain = trust_domain.to_string();
                     w.network = ep.network.clone().unwrap_or_default();
                     w.labels = ep.labels.clone();
+                    w.capacity = ep.weight;
                     workloads.push(Arc::new(w));
                     by_ip.insert(ip, workloads.len() - 1);
                     workloads.len() - 1

@@ -364,9 +364,11 @@ pub fn pick_endpoint(
     let candidates: Vec<Candidate> = keys
         .iter()
         .zip(&counts)
-        .map(|(k, c)| Candidate {
+        .zip(&pool)
+        .map(|((k, c), (_, ep))| Candidate {
             key: k,
             active_requests: *c,
+            weight: ep.workload.weight(),
         })
         .collect();
     let i = picker

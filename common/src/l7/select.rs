@@ -38,6 +38,30 @@ pub fn pick_weighted(dests: &[WeightedDestination], random: u64) -> Option<&Weig
     None
 }
 
+/// The slot that draw `draw` (a round-robin counter or a random number) falls in among
+/// endpoints weighted `weights` (each at least 1): over any `sum(weights)` consecutive draws
+/// every endpoint gets exactly its weight. All weights 1: `draw % n`.
+pub fn weighted_slot(weights: &[u32], draw: u64) -> Option<usize> {
+    let total: u64 = weights.iter().map(|w| u64::from((*w).max(1))).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut point = draw % total;
+    for (i, w) in weights.iter().enumerate() {
+        let w = u64::from((*w).max(1));
+        if point < w {
+            return Some(i);
+        }
+        point -= w;
+    }
+    None
+}
+
+/// The sum of endpoint weights (each at least 1).
+pub fn total_weight(weights: &[u32]) -> u64 {
+    weights.iter().map(|w| u64::from((*w).max(1))).sum()
+}
+
 /// The endpoints whose workload carries every label of the subset (all of them without a
 /// subset).
 pub fn subset_endpoints<'e>(
@@ -60,6 +84,13 @@ pub struct Candidate<'a> {
     pub key: &'a str,
     /// Requests in flight to this endpoint (least request uses it).
     pub active_requests: u32,
+    /// Relative weight (the endpoint workload's [`crate::model::Workload::weight`], ≥ 1):
+    /// round robin, random and least request draw endpoints in proportion to it.
+    pub weight: u32,
+}
+
+fn weights(candidates: &[Candidate]) -> Vec<u32> {
+    candidates.iter().map(|c| c.weight).collect()
 }
 
 /// Per-request input to a picker.
@@ -76,7 +107,7 @@ pub trait Picker: Send + Sync {
     fn pick(&self, candidates: &[Candidate], input: &PickInput) -> Option<usize>;
 }
 
-/// Round robin: a shared counter, so concurrent requests spread evenly.
+/// Round robin (weighted): a shared counter, so concurrent requests spread evenly.
 #[derive(Debug, Default)]
 pub struct RoundRobin {
     next: AtomicUsize,
@@ -84,28 +115,24 @@ pub struct RoundRobin {
 
 impl Picker for RoundRobin {
     fn pick(&self, candidates: &[Candidate], _: &PickInput) -> Option<usize> {
-        if candidates.is_empty() {
-            return None;
-        }
-        Some(self.next.fetch_add(1, Ordering::Relaxed) % candidates.len())
+        let draw = self.next.fetch_add(1, Ordering::Relaxed) as u64;
+        weighted_slot(&weights(candidates), draw)
     }
 }
 
-/// Uniformly random.
+/// Random, in proportion to the weights.
 #[derive(Debug, Default)]
 pub struct Random;
 
 impl Picker for Random {
     fn pick(&self, candidates: &[Candidate], input: &PickInput) -> Option<usize> {
-        if candidates.is_empty() {
-            return None;
-        }
-        Some((input.random % candidates.len() as u64) as usize)
+        weighted_slot(&weights(candidates), input.random)
     }
 }
 
-/// Least request, power of two choices: two distinct endpoints drawn at random, the one with
-/// fewer active requests wins (the first on a tie).
+/// Least request, power of two choices: two distinct endpoints drawn at random in proportion
+/// to their weights, the one with fewer active requests per unit of weight wins (the first on
+/// a tie).
 #[derive(Debug, Default)]
 pub struct LeastRequest;
 
@@ -116,16 +143,17 @@ impl Picker for LeastRequest {
             0 => None,
             1 => Some(0),
             _ => {
-                let a = input.random % n;
-                let b = (a + 1 + (input.random >> 32) % (n - 1)) % n;
-                let (a, b) = (a as usize, b as usize);
-                Some(
-                    if candidates[b].active_requests < candidates[a].active_requests {
-                        b
-                    } else {
-                        a
-                    },
-                )
+                let w = weights(candidates);
+                let a = weighted_slot(&w, input.random)?;
+                // The second draw among the others, by weight.
+                let others: Vec<usize> = (0..w.len()).filter(|i| *i != a).collect();
+                let other_weights: Vec<u32> = others.iter().map(|i| w[*i]).collect();
+                let b = others[weighted_slot(&other_weights, input.random >> 32)?];
+                let (ca, cb) = (&candidates[a], &candidates[b]);
+                let load = |c: &Candidate, other: &Candidate| {
+                    u64::from(c.active_requests) * u64::from(other.weight.max(1))
+                };
+                Some(if load(cb, ca) < load(ca, cb) { b } else { a })
             }
         }
     }

@@ -87,6 +87,7 @@ fn candidates<'a>(keys: &'a [&'a str], active: &[u32]) -> Vec<Candidate<'a>> {
         .map(|(k, a)| Candidate {
             key: k,
             active_requests: *a,
+            weight: 1,
         })
         .collect()
 }
@@ -122,6 +123,47 @@ fn random_uses_the_draw() {
         )
     };
     assert_eq!((pick(0), pick(1), pick(6)), (Some(0), Some(1), Some(2)));
+}
+
+/// Endpoint weights (a ServiceEntry endpoint's `weight`, Istio's Workload `capacity`): round
+/// robin and random give each endpoint draws in proportion; least request compares load per
+/// unit of weight.
+#[test]
+fn weights_shape_round_robin_random_and_least_request() {
+    let mut c = candidates(&KEYS[..3], &[0, 0, 0]);
+    c[0].weight = 3;
+    c[2].weight = 0; // counts as 1
+    let rr = RoundRobin::default();
+    let picks: Vec<usize> = (0..10)
+        .filter_map(|_| rr.pick(&c, &PickInput::default()))
+        .collect();
+    assert_eq!(picks, [0, 0, 0, 1, 2, 0, 0, 0, 1, 2]);
+    let random = |r| {
+        Random.pick(
+            &c,
+            &PickInput {
+                random: r,
+                hash: None,
+            },
+        )
+    };
+    let counts = (0..500u64).fold([0usize; 3], |mut n, r| {
+        n[random(r).unwrap()] += 1;
+        n
+    });
+    assert_eq!(counts, [300, 100, 100]);
+    assert_eq!(weighted_slot(&[], 3), None);
+
+    // 4 in flight on weight 4 is lighter than 2 on weight 1.
+    let mut c = candidates(&KEYS[..2], &[4, 2]);
+    c[0].weight = 4;
+    for r in 0..50u64 {
+        let input = PickInput {
+            random: r.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            hash: None,
+        };
+        assert_eq!(LeastRequest.pick(&c, &input), Some(0));
+    }
 }
 
 #[test]

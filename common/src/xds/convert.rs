@@ -223,7 +223,7 @@ pub fn workload_to_proto(w: &model::Workload) -> Result<wds::Workload, ConvertEr
         }),
         network_mode: wds::NetworkMode::Standard as i32,
         extensions,
-        capacity: None,
+        capacity: w.capacity,
     })
 }
 
@@ -323,6 +323,7 @@ pub fn workload_from_proto(p: wds::Workload) -> Result<model::Workload, ConvertE
         services,
         labels,
         annotations,
+        capacity: p.capacity,
     })
 }
 

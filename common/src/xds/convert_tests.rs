@@ -70,6 +70,20 @@ fn workloads_round_trip_through_the_wire_form() {
     }
 }
 
+/// `capacity` (an endpoint's weight) travels as Istio's Workload field 27.
+#[test]
+fn capacity_round_trips_as_istios_field() {
+    let mut w = snapshot().workloads[0].as_ref().clone();
+    w.capacity = Some(5);
+    let wire = workload_to_proto(&w).expect("encodes");
+    assert_eq!(wire.capacity, Some(5));
+    let back = workload_from_proto(wire).expect("converts back");
+    assert_eq!((back.capacity, back.weight()), (Some(5), 5));
+    w.capacity = None;
+    let back = workload_from_proto(workload_to_proto(&w).expect("encodes")).expect("back");
+    assert_eq!((back.capacity, back.weight()), (None, 1));
+}
+
 #[test]
 fn default_trust_domain_is_elided_like_istiod() {
     let snap = snapshot();

@@ -239,6 +239,7 @@ pub(crate) fn pod_workload(index: &Index, pod: &PodInfo) -> (Option<Workload>, O
             .filter(|(k, _)| k.as_str() == common::model::DNS_CAPTURE_ANNOTATION)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+        capacity: None,
     };
     (Some(workload), binding)
 }
@@ -299,6 +300,7 @@ pub(crate) fn slice_workloads(
                 services,
                 labels: BTreeMap::new(),
                 annotations: BTreeMap::new(),
+                capacity: None,
             };
             out.insert(uid, w);
         }

@@ -3,6 +3,7 @@
 
 use common::hbone::HBONE_PORT;
 use common::identity::Identity;
+use common::l7::select;
 use common::l7::service_entry::Resolution;
 use common::model::{Protocol, Service, Workload};
 use common::service_entries::visible_from;
@@ -222,7 +223,12 @@ fn service_chain(
             port: dst.port(),
         });
     }
-    let ep = &endpoints[pick(&svc.key(), endpoints.len()) % endpoints.len()];
+    // Round robin over the endpoints' weights (all 1 unless a ServiceEntry or the control
+    // plane says otherwise).
+    let weights: Vec<u32> = endpoints.iter().map(|e| e.workload.weight()).collect();
+    let total = usize::try_from(select::total_weight(&weights)).unwrap_or(usize::MAX);
+    let draw = pick(&svc.key(), total) as u64;
+    let ep = &endpoints[select::weighted_slot(&weights, draw).unwrap_or(0) % endpoints.len()];
     let ip = ep
         .workload
         .workload_ips
@@ -616,6 +622,47 @@ spec:
             sel(&open, "10.244.1.2:5000", "10.91.0.1:80").unwrap(),
             Chain::Passthrough { service: None, .. }
         ));
+    }
+
+    /// A STATIC entry's endpoint `weight`s: round robin hands out connections in proportion.
+    #[test]
+    fn service_entry_endpoint_weights_shape_the_round_robin() {
+        let s = snap(
+            r#"---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: default}
+spec:
+  hosts: [db.example.com]
+  addresses: [10.96.9.9]
+  ports: [{number: 5432, name: tcp}]
+  resolution: STATIC
+  endpoints: [{address: 192.0.2.1, weight: 3}, {address: 192.0.2.2}]
+"#,
+        );
+        let mut counter = 0usize;
+        let mut seen = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..8 {
+            let chain = select(
+                &s,
+                "n1",
+                "10.244.1.2:5000".parse().unwrap(),
+                "10.96.9.9:5432".parse().unwrap(),
+                &[15001, 15006, 15008],
+                |_, n| {
+                    counter += 1;
+                    (counter - 1) % n
+                },
+            )
+            .map(|(_, c)| c)
+            .unwrap();
+            let Chain::Tcp { target, .. } = chain else {
+                panic!("plain TCP to an entry endpoint, got {chain:?}")
+            };
+            *seen.entry(target.ip().to_string()).or_default() += 1;
+        }
+        assert_eq!(seen["192.0.2.1"], 6, "{seen:?}");
+        assert_eq!(seen["192.0.2.2"], 2, "{seen:?}");
     }
 
     #[test]
