@@ -16,7 +16,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use fake_apiserver::FakeApiServer;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
-use tests::cluster::{token_info, token_of, ControllerProcess, API_PORT, SYSTEM_NS};
+use tests::cluster::{token_info, token_of, wait_root, ControllerProcess, API_PORT, SYSTEM_NS};
 use tests::netns::{Netns, NsTask};
 use tests::testdir::TestDir;
 use tests::ztunnel::{ZtunnelOpts, ZtunnelProcess};
@@ -144,7 +144,7 @@ async fn measure(s: Scale, changes: usize) -> Result<ScaleResult> {
     let pid = controller.pid().context("controller not running")?;
     let sync_cpu = procfs::cpu_seconds(pid)?;
     let mem_sync = mem(pid)?;
-    let root_pem = wait_root(&api).await?;
+    let root_pem = wait_root(&api, Duration::from_secs(30)).await?;
 
     // Ten clients connect at once; each is timed to the first response of every type.
     let cpu = procfs::CpuMeter::start(&[pid])?;
@@ -250,21 +250,6 @@ async fn measure(s: Scale, changes: usize) -> Result<ScaleResult> {
         zt_mem,
         controller_final,
     })
-}
-
-async fn wait_root(api: &FakeApiServer) -> Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(cm) = api.get("v1", "ConfigMap", Some(SYSTEM_NS), "istio-ca-root-cert") {
-            if let Some(pem) = cm["data"]["root-cert.pem"].as_str() {
-                return Ok(pem.to_string());
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("the controller published no istio-ca-root-cert in {SYSTEM_NS}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn next_event(events: &mut mpsc::UnboundedReceiver<Event>, what: &str) -> Result<Event> {

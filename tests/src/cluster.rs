@@ -424,7 +424,9 @@ pub fn token_info(ns: &str, sa: &str, pod: &str) -> TokenInfo {
     }
 }
 
-async fn wait_root(api: &FakeApiServer, timeout: Duration) -> Result<String> {
+/// The mesh root the controller publishes in `istio-ca-root-cert` (system namespace), once it
+/// does, within `timeout`.
+pub async fn wait_root(api: &FakeApiServer, timeout: Duration) -> Result<String> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(cm) = api.get("v1", "ConfigMap", Some(SYSTEM_NS), "istio-ca-root-cert") {
