@@ -13,7 +13,7 @@ use controller::events::plan::Verdicts;
 use controller::events::EventsConfig;
 use controller::index::{Index, IndexConfig};
 use controller::leader;
-use controller::xds::{serve, ServeConfig, XdsServer};
+use controller::xds::{ServeConfig, XdsServer};
 use fake_apiserver::FakeApiServer;
 use serde_json::{json, Value};
 use std::sync::atomic::AtomicBool;
@@ -66,17 +66,7 @@ async fn replica(api: &FakeApiServer, name: &str) -> Replica {
         .await
         .expect("listed in time")
         .expect("feed alive");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let routes = tonic::service::Routes::new(xds.service());
-    tokio::spawn(serve(
-        listener,
-        routes,
-        ServeConfig::default(),
-        std::future::pending(),
-    ));
+    let addr = super::xds_server::start_with(&xds, ServeConfig::default()).await;
     Replica {
         election,
         xds,

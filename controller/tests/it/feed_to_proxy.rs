@@ -8,7 +8,7 @@ use common::config::watch::ConfigStore;
 use common::model::Protocol;
 use common::xds::client::{XdsClient, XdsConfig as ClientConfig};
 use controller::index::{Index, IndexConfig};
-use controller::xds::{serve, ServeConfig, XdsServer};
+use controller::xds::{ServeConfig, XdsServer};
 use fake_apiserver::FakeApiServer;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,12 +41,7 @@ async fn control_plane(serve_cfg: ServeConfig) -> Plane {
         .await
         .expect("core kinds listed in time")
         .expect("feed alive");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let routes = tonic::service::Routes::new(xds.service());
-    tokio::spawn(serve(listener, routes, serve_cfg, std::future::pending()));
+    let addr = super::xds_server::start_with(&xds, serve_cfg).await;
     Plane { api, xds, addr }
 }
 

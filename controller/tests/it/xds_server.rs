@@ -30,7 +30,8 @@ pub(crate) fn cfg(quiet_ms: u64, max_ms: u64) -> XdsConfig {
     }
 }
 
-async fn start_with(xds: &XdsServer, serve_cfg: ServeConfig) -> SocketAddr {
+/// Serves `xds` on a fresh loopback port; returns the address.
+pub(crate) async fn start_with(xds: &XdsServer, serve_cfg: ServeConfig) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let routes = tonic::service::Routes::new(xds.service());
