@@ -21,6 +21,14 @@ pub enum Protocol {
 
 /// A waypoint reference: `destination` is `"<network>/<IP>"` (Istio's NetworkAddress form) or a
 /// hostname; `hboneMtlsPort` is the waypoint's HBONE port (15006 by default for our waypoint,
+/// A map kept as a sorted vector: a workload's few labels and services cost a few dozen bytes
+/// instead of a B-tree node each (over half a kilobyte), which matters at tens of thousands of
+/// workloads. Same lookups, ordering and serde form as a `BTreeMap`.
+pub type SmallMap<K, V> = litemap::LiteMap<K, V>;
+
+/// Labels of a workload.
+pub type Labels = SmallMap<String, String>;
+
 /// 15008 for Istio's).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -107,10 +115,10 @@ pub struct Workload {
     pub authorization_policies: Vec<String>,
     /// Services this workload is an endpoint of: `"<ns>/<hostname>" → {port: targetPort}`.
     #[serde(default, deserialize_with = "port_keys::nested")]
-    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+    pub services: SmallMap<String, BTreeMap<u16, u16>>,
     /// Pod labels (our extension; used by policy selectors, Sidecar selectors and subsets).
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     /// Pod annotations the node agent reads (our extension, local configuration only: the xDS
     /// Workload has no such field), e.g. `ambient.istio.io/dns-capture: "false"`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -165,8 +173,8 @@ impl Workload {
             terminating: false,
             locality: None,
             authorization_policies: Vec::new(),
-            services: BTreeMap::new(),
-            labels: BTreeMap::new(),
+            services: SmallMap::new(),
+            labels: SmallMap::new(),
             annotations: BTreeMap::new(),
             capacity: None,
         }
@@ -532,8 +540,8 @@ mod port_keys {
 
     pub fn nested<'de, D: Deserializer<'de>>(
         d: D,
-    ) -> Result<BTreeMap<String, BTreeMap<u16, u16>>, D::Error> {
-        let raw = BTreeMap::<String, PortMap>::deserialize(d)?;
+    ) -> Result<super::SmallMap<String, BTreeMap<u16, u16>>, D::Error> {
+        let raw = super::SmallMap::<String, PortMap>::deserialize(d)?;
         Ok(raw.into_iter().map(|(k, v)| (k, v.into_map())).collect())
     }
 }

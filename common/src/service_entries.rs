@@ -365,7 +365,11 @@ pub fn register(
                     }
                     w.trust_domain = trust_domain.to_string();
                     w.network = ep.network.clone().unwrap_or_default();
-                    w.labels = ep.labels.clone();
+                    w.labels = ep
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
                     w.capacity = ep.weight;
                     workloads.push(Arc::new(w));
                     by_ip.insert(ip, workloads.len() - 1);

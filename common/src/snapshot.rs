@@ -8,8 +8,8 @@
 //! `config` builds snapshots; `config::watch` swaps them atomically.
 
 use crate::model::{
-    Authorization, HealthStatus, MtlsMode, OutboundTrafficMode, PeerAuthentication, Service,
-    SidecarScope, Workload,
+    Authorization, HealthStatus, Labels, MtlsMode, OutboundTrafficMode, PeerAuthentication,
+    Service, SidecarScope, Workload,
 };
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -107,11 +107,25 @@ pub fn parse_network_address(s: &str) -> Result<(&str, IpAddr), String> {
 }
 
 /// Whether every selector label is present with the same value in `labels`.
-pub fn selector_matches(
-    selector: &BTreeMap<String, String>,
-    labels: &BTreeMap<String, String>,
-) -> bool {
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+pub fn selector_matches(selector: &BTreeMap<String, String>, labels: &impl LabelLookup) -> bool {
+    selector.iter().all(|(k, v)| labels.label(k) == Some(v))
+}
+
+/// A label set, however it is stored.
+pub trait LabelLookup {
+    fn label(&self, key: &str) -> Option<&String>;
+}
+
+impl LabelLookup for Labels {
+    fn label(&self, key: &str) -> Option<&String> {
+        self.get(key)
+    }
+}
+
+impl LabelLookup for BTreeMap<String, String> {
+    fn label(&self, key: &str) -> Option<&String> {
+        self.get(key)
+    }
 }
 
 impl Snapshot {

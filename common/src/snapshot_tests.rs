@@ -13,7 +13,7 @@ fn svc(yaml: &str) -> Service {
     serde_yaml_ng::from_str(yaml).expect("valid service")
 }
 
-fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+fn labels<M: FromIterator<(String, String)>>(pairs: &[(&str, &str)]) -> M {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -24,7 +24,6 @@ use common::model::{Service, Workload};
 use common::snapshot::Snapshot;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -137,7 +136,7 @@ pub async fn run(
         return reply(LocalReply::new(StatusCode::BAD_REQUEST, "DPE", why));
     }
     let (path, authority) = target_of(&req, ctx);
-    let no_labels = BTreeMap::new();
+    let no_labels = common::model::Labels::new();
     let info = RequestInfo {
         method: req.method().as_str(),
         scheme: "http",
@@ -586,7 +585,7 @@ fn info_for<'a>(
     authority: &'a str,
     path: &'a str,
     ctx: &'a ConnContext,
-    no_labels: &'a BTreeMap<String, String>,
+    no_labels: &'a common::model::Labels,
 ) -> RequestInfo<'a> {
     RequestInfo {
         method: parts.method.as_str(),

@@ -220,7 +220,12 @@ pub async fn with_dns_endpoints(
                 r.addr.ip(),
                 "dns",
             );
-            w.labels = r.target.labels.clone();
+            w.labels = r
+                .target
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             Endpoint {
                 workload: Arc::new(w),
                 target_port: r.addr.port(),

@@ -9,7 +9,6 @@ use common::l7::destination_rule::HashKey;
 use common::l7::select::fnv1a64;
 use common::l7::{L4Info, LbPolicy};
 use common::model::Service;
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -41,7 +40,7 @@ where
     let snap = state.config.current();
     let svc = Arc::new(service.clone());
     // A VirtualService `tcp` route may send the connection elsewhere (weights, subsets).
-    let no_labels = BTreeMap::new();
+    let no_labels = common::model::Labels::new();
     let info = L4Info {
         destination_ip: Some(conn.target.ip()),
         port,

@@ -17,18 +17,20 @@ use crate::model::{Authorization, HealthStatus, Protocol, Service, Workload};
 use crate::snapshot::{parse_network_address, Snapshot};
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// Source name used in errors for xDS-delivered configuration.
 pub const XDS_SOURCE: &str = "xds";
 
-/// Everything one proxy has received, by resource name.
+/// Everything one proxy has received, by resource name. Workloads and services are shared
+/// with the caller's own store: assembling copies only the few it has to change.
 #[derive(Debug, Default, Clone)]
 pub struct Parts {
-    pub workloads: Vec<Workload>,
-    pub services: Vec<Service>,
-    pub authorizations: Vec<Authorization>,
+    pub workloads: Vec<Arc<Workload>>,
+    pub services: Vec<Arc<Service>>,
+    pub authorizations: Vec<Arc<Authorization>>,
     /// (resource name, Kubernetes object as JSON).
-    pub documents: Vec<(String, serde_json::Value)>,
+    pub documents: Vec<(String, Arc<serde_json::Value>)>,
 }
 
 /// Checks one config resource on its own. `Err`: it cannot be read as a resource at all (it
@@ -89,54 +91,83 @@ pub fn assemble(parts: Parts) -> Result<Snapshot, ConfigError> {
             .cmp(&preference(a))
             .then_with(|| a.uid.cmp(&b.uid))
     });
-    let mut owners: HashMap<IpAddr, String> = HashMap::new();
-    for mut w in workloads {
-        w.workload_ips
-            .retain(|ip| match owners.get(&ip.to_canonical()) {
-                Some(owner) => {
-                    tracing::warn!(ip = %ip, workload = %w.uid, owner = %owner,
-                    "address claimed by two workloads; keeping the healthy one");
-                    false
+    let mut owners: HashMap<IpAddr, usize> = HashMap::with_capacity(workloads.len());
+    for i in 0..workloads.len() {
+        let w = &workloads[i];
+        let mut keep = Vec::with_capacity(w.workload_ips.len());
+        for ip in &w.workload_ips {
+            match owners.get(&ip.to_canonical()) {
+                Some(&o) => {
+                    tracing::warn!(ip = %ip, workload = %w.uid, owner = %workloads[o].uid,
+                        "address claimed by two workloads; keeping the healthy one");
+                    keep.push(false);
                 }
                 None => {
-                    owners.insert(ip.to_canonical(), w.uid.clone());
-                    true
+                    owners.insert(ip.to_canonical(), i);
+                    keep.push(true);
                 }
-            });
+            }
+        }
+        if keep.contains(&false) {
+            let mut k = keep.into_iter();
+            Arc::make_mut(&mut workloads[i])
+                .workload_ips
+                .retain(|_| k.next().unwrap_or(false));
+        }
+    }
+    drop(owners);
+    for w in workloads {
         let resource = format!("workload {}", w.uid);
         c.workloads.push((w, origin(0, resource), true));
     }
 
     // Services: unique VIPs; hostname-form waypoints resolved to a VIP.
     let mut services = parts.services;
-    services.sort_by_key(Service::key);
+    services.sort_by_key(|s| s.key());
     let first_vip: HashMap<String, String> = services
         .iter()
         .filter_map(|s| s.vips.first().map(|v| (s.key(), v.clone())))
         .collect();
     let mut vips: HashSet<IpAddr> = HashSet::new();
     for mut s in services {
-        s.vips.retain(|v| match parse_network_address(v) {
-            Ok((_, ip)) => vips.insert(ip),
-            Err(_) => false,
-        });
+        let keep: Vec<bool> = s
+            .vips
+            .iter()
+            .map(|v| match parse_network_address(v) {
+                Ok((_, ip)) => vips.insert(ip),
+                Err(_) => false,
+            })
+            .collect();
+        if keep.contains(&false) {
+            let mut k = keep.into_iter();
+            Arc::make_mut(&mut s)
+                .vips
+                .retain(|_| k.next().unwrap_or(false));
+        }
         let resource = format!("service {}", s.key());
         c.services.push((s, origin(0, resource)));
     }
-    let resolve = |gw: &mut Option<crate::model::GatewayAddress>| {
-        if let Some(g) = gw.as_mut() {
-            if parse_network_address(&g.destination).is_err() {
-                if let Some(vip) = first_vip.get(&g.destination) {
-                    g.destination = vip.clone();
-                }
-            }
+    // A hostname-form waypoint (`<namespace>/<hostname>`) becomes that service's VIP.
+    let resolved = |gw: &Option<crate::model::GatewayAddress>| -> Option<String> {
+        let g = gw.as_ref()?;
+        if parse_network_address(&g.destination).is_ok() {
+            return None;
         }
+        first_vip.get(&g.destination).cloned()
     };
     for (w, _, _) in &mut c.workloads {
-        resolve(&mut w.waypoint);
+        if let Some(vip) = resolved(&w.waypoint) {
+            if let Some(g) = Arc::make_mut(w).waypoint.as_mut() {
+                g.destination = vip;
+            }
+        }
     }
     for (s, _) in &mut c.services {
-        resolve(&mut s.waypoint);
+        if let Some(vip) = resolved(&s.waypoint) {
+            if let Some(g) = Arc::make_mut(s).waypoint.as_mut() {
+                g.destination = vip;
+            }
+        }
     }
 
     for p in parts.authorizations {
@@ -144,7 +175,8 @@ pub fn assemble(parts: Parts) -> Result<Snapshot, ConfigError> {
             continue;
         }
         let resource = format!("authorization {}/{}", p.namespace, p.name);
-        c.policies.push((p, origin(0, resource), false));
+        c.policies
+            .push((Authorization::clone(&p), origin(0, resource), false));
     }
     super::validate::finish(c, XDS_SOURCE)
 }
@@ -164,11 +196,62 @@ mod tests {
     }
 
     #[test]
+    fn workloads_are_shared_with_the_caller_and_only_changed_ones_copied() {
+        let (wp, wp_svc) = waypoint_behind_vip();
+        let plain = Arc::new(workload("plain", "10.0.0.2", HealthStatus::Healthy));
+        let mut bound = workload("bound", "10.0.0.3", HealthStatus::Healthy);
+        bound.waypoint = Some(GatewayAddress {
+            destination: "/10.96.0.9".into(),
+            hbone_mtls_port: 15006,
+            identity: None,
+        });
+        let bound = Arc::new(bound);
+        // Loses its second address to `plain`, which is healthy.
+        let mut stale = workload("stale", "10.0.0.4", HealthStatus::Unhealthy);
+        stale.workload_ips.push("10.0.0.2".parse().expect("ip"));
+        let stale = Arc::new(stale);
+        let parts = Parts {
+            workloads: vec![Arc::new(wp), plain.clone(), bound.clone(), stale.clone()],
+            services: vec![Arc::new(wp_svc)],
+            ..Default::default()
+        };
+        let snap = assemble(parts).expect("assembles");
+        let get = |uid: &str| {
+            snap.workloads
+                .iter()
+                .find(|w| w.uid == uid)
+                .expect(uid)
+                .clone()
+        };
+        assert!(Arc::ptr_eq(&get("plain"), &plain), "unchanged: shared");
+        // The waypoint's identity is resolved on a copy; the caller's stays as received.
+        let resolved = get("bound");
+        assert!(!Arc::ptr_eq(&resolved, &bound));
+        assert!(resolved
+            .waypoint
+            .as_ref()
+            .expect("bound")
+            .identity
+            .is_some());
+        assert!(bound.waypoint.as_ref().expect("bound").identity.is_none());
+        let trimmed = get("stale");
+        assert_eq!(
+            trimmed.workload_ips,
+            vec!["10.0.0.4".parse::<IpAddr>().expect("ip")]
+        );
+        assert_eq!(
+            stale.workload_ips.len(),
+            2,
+            "the caller's copy is untouched"
+        );
+    }
+
+    #[test]
     fn a_reused_address_goes_to_the_healthy_workload() {
         let parts = Parts {
             workloads: vec![
-                workload("a-old", "10.0.0.1", HealthStatus::Unhealthy),
-                workload("b-new", "10.0.0.1", HealthStatus::Healthy),
+                Arc::new(workload("a-old", "10.0.0.1", HealthStatus::Unhealthy)),
+                Arc::new(workload("b-new", "10.0.0.1", HealthStatus::Healthy)),
             ],
             ..Default::default()
         };
@@ -209,8 +292,8 @@ mod tests {
             identity: None,
         });
         let snap = assemble(Parts {
-            workloads: vec![wp],
-            services: vec![wp_svc, app],
+            workloads: vec![Arc::new(wp)],
+            services: vec![Arc::new(wp_svc), Arc::new(app)],
             ..Default::default()
         })
         .expect("assembles");
@@ -250,9 +333,12 @@ mod tests {
         );
         let unbound = entry("unbound", "other.example.com", serde_json::json!({}));
         let snap = assemble(Parts {
-            workloads: vec![wp],
-            services: vec![wp_svc],
-            documents: vec![("a".into(), bound), ("b".into(), unbound)],
+            workloads: vec![Arc::new(wp)],
+            services: vec![Arc::new(wp_svc)],
+            documents: vec![
+                ("a".into(), Arc::new(bound)),
+                ("b".into(), Arc::new(unbound)),
+            ],
             ..Default::default()
         })
         .expect("assembles");
@@ -279,8 +365,8 @@ mod tests {
             "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin"]}}]}]},
         });
         let snap = assemble(Parts {
-            authorizations: vec![wire],
-            documents: vec![("AuthorizationPolicy/default/deny".into(), doc)],
+            authorizations: vec![Arc::new(wire)],
+            documents: vec![("AuthorizationPolicy/default/deny".into(), Arc::new(doc))],
             ..Default::default()
         })
         .expect("assembles");

@@ -13,6 +13,7 @@ use crate::model::{
 use crate::snapshot::DEFAULT_ROOT_NAMESPACE;
 use serde::{Deserialize, Serialize};
 use serde_yaml_ng::Value;
+use std::sync::Arc;
 
 /// Mesh-wide settings (our extension of the local form).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,7 +116,7 @@ pub(super) fn load(
             resource: format!("workload {}/{}", w.namespace, w.name),
             field: format!("workloads[{i}]"),
         };
-        out.workloads.push((w, origin, explicit_td));
+        out.workloads.push((Arc::new(w), origin, explicit_td));
     }
     for (i, s) in parsed.services.into_iter().enumerate() {
         let origin = Origin {
@@ -123,7 +124,7 @@ pub(super) fn load(
             resource: format!("service {}/{}", s.namespace, s.hostname),
             field: format!("services[{i}]"),
         };
-        out.services.push((s, origin));
+        out.services.push((Arc::new(s), origin));
     }
     for (i, p) in parsed.policies.into_iter().enumerate() {
         let origin = Origin {

@@ -35,8 +35,10 @@ use crate::snapshot::Snapshot;
 use serde_yaml_ng::Value;
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 
 pub use local::MeshConfig;
+pub(crate) use watch::release_freed_memory;
 pub use watch::{reload_now, spawn_file_watcher, ConfigStore};
 
 /// A configuration error, rendered as
@@ -118,9 +120,10 @@ impl Origin {
 /// Everything collected from the documents, before cross-document validation.
 #[derive(Default)]
 pub(crate) struct Collected {
-    /// (workload, origin, trustDomain written explicitly)
-    pub workloads: Vec<(Workload, Origin, bool)>,
-    pub services: Vec<(Service, Origin)>,
+    /// (workload, origin, trustDomain written explicitly). Shared, not owned: from the control
+    /// plane these are the client's own copies, and only the few the loader changes are cloned.
+    pub workloads: Vec<(Arc<Workload>, Origin, bool)>,
+    pub services: Vec<(Arc<Service>, Origin)>,
     /// (policy, origin, compiled from an Istio document: scope depends on the root namespace)
     pub policies: Vec<(Authorization, Origin, bool)>,
     pub peer_authentications: Vec<PeerAuthentication>,

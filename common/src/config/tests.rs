@@ -593,7 +593,13 @@ fn port_map_keys_may_be_strings_or_numbers() {
     let s = load(
         r#"{"workloads": [{"name": "a", "services": {"default/h": {"80": 8080}}}], "services": [{"name": "s", "hostname": "h", "ports": {"80": 0, 443: 8443}}]}"#,
     );
-    assert_eq!(s.workloads[0].services["default/h"].get(&80), Some(&8080));
+    assert_eq!(
+        s.workloads[0]
+            .services
+            .get("default/h")
+            .and_then(|p| p.get(&80)),
+        Some(&8080)
+    );
     assert_eq!(s.services[0].ports.get(&443), Some(&8443));
     assert_eq!(s.endpoints(&s.services[0], 80)[0].target_port, 8080);
     let e = load_err("services:\n- {name: s, hostname: h, ports: {\"http\": 80}}\n");

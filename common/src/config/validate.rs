@@ -8,6 +8,7 @@ use super::{Collected, ConfigError, Origin};
 use crate::identity::Identity;
 use crate::model::{GatewayAddress, PolicyScope, Service, Workload};
 use crate::snapshot::{parse_network_address, Snapshot};
+use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -27,8 +28,8 @@ pub(super) fn finish(c: Collected, source: &str) -> Result<Snapshot, ConfigError
     let mesh = c.mesh.map(|(m, _)| m).unwrap_or_default();
     let mut workloads = c.workloads;
     for (w, _, explicit_td) in &mut workloads {
-        if !*explicit_td {
-            w.trust_domain = mesh.trust_domain.clone();
+        if !*explicit_td && w.trust_domain != mesh.trust_domain {
+            Arc::make_mut(w).trust_domain = mesh.trust_domain.clone();
         }
     }
 
@@ -105,6 +106,13 @@ pub(super) fn finish(c: Collected, source: &str) -> Result<Snapshot, ConfigError
     // whole resource would drop the bound service from the registry, and traffic to it
     // would pass through around the waypoint.
     let from_xds = source == super::assemble::XDS_SOURCE;
+    let identities = WaypointIdentities {
+        workloads: &workloads,
+        services: &services,
+        by_ip: &by_ip,
+        by_vip: &by_vip,
+        known: RefCell::new(HashMap::new()),
+    };
     let resolve = |gw: &mut GatewayAddress, origin: &Origin| -> Result<(), ConfigError> {
         let fail = |m: String| {
             let e = err(
@@ -123,7 +131,7 @@ pub(super) fn finish(c: Collected, source: &str) -> Result<Snapshot, ConfigError
         let identity = match parse_network_address(&gw.destination) {
             Err(m) if from_xds => fail(m)?,
             Err(m) => return Err(err(source, origin, "waypoint.destination", m)),
-            Ok((_, ip)) => match waypoint_identity(ip, &workloads, &services, &by_ip, &by_vip) {
+            Ok((_, ip)) => match identities.of(ip) {
                 Ok(id) => id,
                 Err(m) => fail(m)?,
             },
@@ -131,18 +139,23 @@ pub(super) fn finish(c: Collected, source: &str) -> Result<Snapshot, ConfigError
         gw.identity = identity;
         Ok(())
     };
+    // Only a workload whose waypoint identity changes is copied; the rest are shared.
     let mut resolved_workloads = Vec::with_capacity(workloads.len());
     for (w, origin, _) in &workloads {
-        let mut w = w.clone();
-        if let Some(gw) = w.waypoint.as_mut() {
-            resolve(gw, origin)?;
+        let mut w = Arc::clone(w);
+        if let Some(gw) = &w.waypoint {
+            let mut resolved = gw.clone();
+            resolve(&mut resolved, origin)?;
+            if resolved != *gw {
+                Arc::make_mut(&mut w).waypoint = Some(resolved);
+            }
         }
-        resolved_workloads.push(Arc::new(w));
+        resolved_workloads.push(w);
     }
     let gateways = super::waypoints::waypoint_gateways(&c.other_resources);
     let namespace_waypoints = super::waypoints::namespace_waypoints(&c.other_resources);
     let plain_workloads: Vec<&crate::model::Workload> =
-        workloads.iter().map(|(w, _, _)| w).collect();
+        workloads.iter().map(|(w, _, _)| &**w).collect();
     let mut rejected = c.rejected;
     // A service's (or its namespace's) `use-waypoint` label. The binding is rejected, not the
     // file; the service fails closed (its traffic must not skip the waypoint, where its
@@ -173,7 +186,7 @@ pub(super) fn finish(c: Collected, source: &str) -> Result<Snapshot, ConfigError
     };
     let mut resolved_services = Vec::with_capacity(services.len());
     for (s, origin) in &services {
-        let mut s = s.clone();
+        let mut s = Service::clone(s);
         bind(&mut s, origin, &mut rejected)?;
         resolved_services.push(Arc::new(s));
     }
@@ -308,32 +321,48 @@ fn entry_of<'e>(
 }
 
 /// The identity behind a waypoint address: the workload with that IP, or the single identity
-/// shared by the endpoints of the service with that VIP (`None` while it has none).
-fn waypoint_identity(
-    ip: IpAddr,
-    workloads: &[(Workload, Origin, bool)],
-    services: &[(Service, Origin)],
-    by_ip: &HashMap<IpAddr, usize>,
-    by_vip: &HashMap<IpAddr, usize>,
-) -> Result<Option<Identity>, String> {
-    if let Some(&i) = by_ip.get(&ip) {
-        return Ok(Some(workloads[i].0.identity()));
+/// shared by the endpoints of the service with that VIP (`None` while it has none). Answers
+/// are remembered: thousands of workloads name the same few waypoints, and a VIP's answer
+/// takes a pass over every workload.
+struct WaypointIdentities<'a> {
+    workloads: &'a [(Arc<Workload>, Origin, bool)],
+    services: &'a [(Arc<Service>, Origin)],
+    by_ip: &'a HashMap<IpAddr, usize>,
+    by_vip: &'a HashMap<IpAddr, usize>,
+    known: RefCell<HashMap<IpAddr, Result<Option<Identity>, String>>>,
+}
+
+impl WaypointIdentities<'_> {
+    fn of(&self, ip: IpAddr) -> Result<Option<Identity>, String> {
+        if let Some(known) = self.known.borrow().get(&ip) {
+            return known.clone();
+        }
+        let answer = self.compute(ip);
+        self.known.borrow_mut().insert(ip, answer.clone());
+        answer
     }
-    let Some(&s) = by_vip.get(&ip) else {
-        return Err("names no known workload IP (or service VIP)".to_string());
-    };
-    let key = services[s].0.key();
-    let ids: BTreeSet<Identity> = workloads
-        .iter()
-        .filter(|(w, _, _)| w.services.contains_key(&key))
-        .map(|(w, _, _)| w.identity())
-        .collect();
-    let mut iter = ids.into_iter();
-    match (iter.next(), iter.next()) {
-        (Some(id), None) => Ok(Some(id)),
-        (None, _) => Ok(None),
-        (Some(a), Some(b)) => Err(format!(
-            "is the VIP of service {key}, whose endpoints have different identities ({a}, {b}, …)"
-        )),
+
+    fn compute(&self, ip: IpAddr) -> Result<Option<Identity>, String> {
+        if let Some(&i) = self.by_ip.get(&ip) {
+            return Ok(Some(self.workloads[i].0.identity()));
+        }
+        let Some(&s) = self.by_vip.get(&ip) else {
+            return Err("names no known workload IP (or service VIP)".to_string());
+        };
+        let key = self.services[s].0.key();
+        let ids: BTreeSet<Identity> = self
+            .workloads
+            .iter()
+            .filter(|(w, _, _)| w.services.contains_key(&key))
+            .map(|(w, _, _)| w.identity())
+            .collect();
+        let mut iter = ids.into_iter();
+        match (iter.next(), iter.next()) {
+            (Some(id), None) => Ok(Some(id)),
+            (None, _) => Ok(None),
+            (Some(a), Some(b)) => Err(format!(
+                "is the VIP of service {key}, whose endpoints have different identities ({a}, {b}, …)"
+            )),
+        }
     }
 }

@@ -116,7 +116,7 @@ impl ConfigStore {
 
 /// Parsing a large file peaks at several times the size of the resulting snapshot; glibc keeps
 /// that freed heap mapped. Hand it back so resident memory reflects the live configuration.
-fn release_freed_memory() {
+pub(crate) fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
     unsafe {

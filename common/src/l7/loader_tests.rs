@@ -6,7 +6,6 @@ use super::tests::{destinations, load, load_scenario, scenario, subset_for, Req,
 use super::*;
 use crate::l7::route::StrMatch;
 use crate::snapshot::Snapshot;
-use std::collections::BTreeMap;
 
 fn rejected_of(s: &Snapshot) -> Vec<String> {
     s.rejected.iter().map(ToString::to_string).collect()
@@ -326,7 +325,7 @@ spec:
         s.l7.routes
             .mesh("db.default.svc.cluster.local", "default")
             .expect("table");
-    let labels = BTreeMap::new();
+    let labels = crate::model::Labels::new();
     let conn = |port, ip: &str, sni| L4Info {
         port,
         destination_ip: ip.parse().ok(),

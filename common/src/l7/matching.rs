@@ -14,7 +14,6 @@ use super::route::{
 use crate::snapshot::selector_matches;
 use http::HeaderMap;
 use std::cell::OnceCell;
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 /// The status the waypoint answers when a VirtualService applies but no route matches.
@@ -34,7 +33,7 @@ pub struct RequestInfo<'a> {
     /// The service port the request was sent to.
     pub port: u16,
     /// Labels of the source workload (empty when unknown).
-    pub source_labels: &'a BTreeMap<String, String>,
+    pub source_labels: &'a crate::model::Labels,
     /// Namespace of the source workload (empty when unknown).
     pub source_namespace: &'a str,
     pub source_ip: Option<IpAddr>,
@@ -128,7 +127,7 @@ impl RouteTable {
 pub struct L4Info<'a> {
     pub port: u16,
     pub destination_ip: Option<IpAddr>,
-    pub source_labels: &'a BTreeMap<String, String>,
+    pub source_labels: &'a crate::model::Labels,
     pub source_namespace: &'a str,
     /// TLS server name, for `tls` routes.
     pub sni: Option<&'a str>,

@@ -8,7 +8,6 @@ use super::*;
 use crate::config::{load_file, load_str};
 use crate::snapshot::Snapshot;
 use http::{HeaderMap, HeaderName, HeaderValue};
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -20,7 +19,7 @@ pub(crate) struct Req {
     pub path: String,
     pub headers: HeaderMap,
     pub port: u16,
-    pub labels: BTreeMap<String, String>,
+    pub labels: crate::model::Labels,
     pub namespace: String,
     pub ip: Option<IpAddr>,
 }
@@ -34,7 +33,7 @@ impl Req {
             path: path.into(),
             headers: HeaderMap::new(),
             port: 8080,
-            labels: BTreeMap::new(),
+            labels: crate::model::Labels::new(),
             namespace: "default".into(),
             ip: None,
         }

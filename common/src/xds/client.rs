@@ -15,6 +15,7 @@ use super::discovery::{
 };
 use super::{
     convert, mesh_config, security, workload, ADDRESS_TYPE, AUTHORIZATION_TYPE, CONFIG_TYPE,
+    SERVICE_ENTRY_MARKER,
 };
 use crate::config::assemble::{self, Parts};
 use crate::config::watch::ConfigStore;
@@ -140,28 +141,34 @@ struct Entry<T> {
 /// Everything received, by type and name.
 #[derive(Default)]
 struct Resources {
-    workloads: BTreeMap<String, Entry<Workload>>,
-    services: BTreeMap<String, Entry<Service>>,
+    workloads: BTreeMap<String, Entry<Arc<Workload>>>,
+    services: BTreeMap<String, Entry<Arc<Service>>>,
     /// `None`: a dry-run policy (received and ACKed, not enforced).
-    authorizations: BTreeMap<String, Entry<Option<Authorization>>>,
-    documents: BTreeMap<String, Entry<serde_json::Value>>,
+    authorizations: BTreeMap<String, Entry<Option<Arc<Authorization>>>>,
+    documents: BTreeMap<String, Entry<Arc<serde_json::Value>>>,
+    /// Address resources derived from ServiceEntries (see [`SERVICE_ENTRY_MARKER`]): only
+    /// their versions are kept, so a reconnect does not fetch them again.
+    skipped: BTreeMap<String, String>,
 }
 
 /// One change of a response, kept so a response that fails as a whole can be undone.
 enum Undo {
-    Workload(String, Option<Box<Entry<Workload>>>),
-    Service(String, Option<Box<Entry<Service>>>),
-    Authorization(String, Option<Entry<Option<Authorization>>>),
-    Document(String, Option<Entry<serde_json::Value>>),
+    Workload(String, Option<Entry<Arc<Workload>>>),
+    Service(String, Option<Entry<Arc<Service>>>),
+    Authorization(String, Option<Entry<Option<Arc<Authorization>>>>),
+    Document(String, Option<Entry<Arc<serde_json::Value>>>),
+    Skipped(String, Option<String>),
 }
 
 enum Decoded {
-    Workload(Box<Workload>),
-    Service(Box<Service>),
-    Authorization(Option<Authorization>),
+    Workload(Arc<Workload>),
+    Service(Arc<Service>),
+    Authorization(Option<Arc<Authorization>>),
     /// A config object and, when the loader rejected it alone, why (it is still applied: the
     /// loader leaves a route out, or puts a fail-closed stand-in for a security resource).
-    Document(serde_json::Value, Option<String>),
+    Document(Arc<serde_json::Value>, Option<String>),
+    /// A ServiceEntry-derived address, built from the entry itself instead.
+    Skipped,
 }
 
 fn decode(type_url: &str, bytes: &[u8]) -> Result<Decoded, String> {
@@ -170,18 +177,29 @@ fn decode(type_url: &str, bytes: &[u8]) -> Result<Decoded, String> {
             let a = workload::Address::decode(bytes).map_err(|e| format!("decode: {e}"))?;
             match a.r#type {
                 Some(workload::address::Type::Workload(w)) => convert::workload_from_proto(w)
-                    .map(|w| Decoded::Workload(Box::new(w)))
+                    .map(|w| {
+                        if w.annotations.contains_key(SERVICE_ENTRY_MARKER) {
+                            Decoded::Skipped
+                        } else {
+                            Decoded::Workload(Arc::new(w))
+                        }
+                    })
                     .map_err(|e| e.to_string()),
-                Some(workload::address::Type::Service(s)) => convert::service_from_proto(s)
-                    .map(|s| Decoded::Service(Box::new(s)))
-                    .map_err(|e| e.to_string()),
+                Some(workload::address::Type::Service(s)) => {
+                    if s.extensions.iter().any(|e| e.name == SERVICE_ENTRY_MARKER) {
+                        return Ok(Decoded::Skipped);
+                    }
+                    convert::service_from_proto(s)
+                        .map(|s| Decoded::Service(Arc::new(s)))
+                        .map_err(|e| e.to_string())
+                }
                 None => Err("an Address carries neither a workload nor a service".into()),
             }
         }
         AUTHORIZATION_TYPE => {
             let p = security::Authorization::decode(bytes).map_err(|e| format!("decode: {e}"))?;
             convert::authorization_from_proto(p)
-                .map(Decoded::Authorization)
+                .map(|p| Decoded::Authorization(p.map(Arc::new)))
                 .map_err(|e| e.to_string())
         }
         CONFIG_TYPE => {
@@ -190,7 +208,10 @@ fn decode(type_url: &str, bytes: &[u8]) -> Result<Decoded, String> {
             let value: serde_json::Value =
                 serde_json::from_str(&r.json).map_err(|e| format!("json: {e}"))?;
             let soft = assemble::check_document(&value).map_err(|e| e.to_string())?;
-            Ok(Decoded::Document(value, soft.map(|e| e.to_string())))
+            Ok(Decoded::Document(
+                Arc::new(value),
+                soft.map(|e| e.to_string()),
+            ))
         }
         other => Err(format!("unsupported type {other}")),
     }
@@ -202,7 +223,10 @@ impl Resources {
             m.iter().map(|(k, e)| (k.clone(), e.version.clone()))
         }
         match type_url {
-            ADDRESS_TYPE => v(&self.workloads).chain(v(&self.services)).collect(),
+            ADDRESS_TYPE => v(&self.workloads)
+                .chain(v(&self.services))
+                .chain(self.skipped.iter().map(|(k, v)| (k.clone(), v.clone())))
+                .collect(),
             AUTHORIZATION_TYPE => v(&self.authorizations).collect(),
             CONFIG_TYPE => v(&self.documents).collect(),
             _ => HashMap::new(),
@@ -212,22 +236,24 @@ impl Resources {
     fn insert(&mut self, name: String, version: String, d: Decoded) -> Undo {
         match d {
             Decoded::Workload(value) => {
-                let value = *value;
                 let old = self
                     .workloads
                     .insert(name.clone(), Entry { version, value });
-                Undo::Workload(name, old.map(Box::new))
+                Undo::Workload(name, old)
             }
             Decoded::Service(value) => {
-                let value = *value;
                 let old = self.services.insert(name.clone(), Entry { version, value });
-                Undo::Service(name, old.map(Box::new))
+                Undo::Service(name, old)
             }
             Decoded::Authorization(value) => {
                 let old = self
                     .authorizations
                     .insert(name.clone(), Entry { version, value });
                 Undo::Authorization(name, old)
+            }
+            Decoded::Skipped => {
+                let old = self.skipped.insert(name.clone(), version);
+                Undo::Skipped(name, old)
             }
             Decoded::Document(value, _) => {
                 let old = self
@@ -242,13 +268,17 @@ impl Resources {
         let n = name.to_string();
         match type_url {
             // As Istio's ztunnel: a workload uid first, else a `<namespace>/<hostname>` service.
-            ADDRESS_TYPE => match self.workloads.remove(name) {
-                Some(old) => Some(Undo::Workload(n, Some(Box::new(old)))),
-                None => self
-                    .services
-                    .remove(name)
-                    .map(|old| Undo::Service(n, Some(Box::new(old)))),
-            },
+            ADDRESS_TYPE => {
+                if let Some(old) = self.workloads.remove(name) {
+                    Some(Undo::Workload(n, Some(old)))
+                } else if let Some(old) = self.services.remove(name) {
+                    Some(Undo::Service(n, Some(old)))
+                } else {
+                    self.skipped
+                        .remove(name)
+                        .map(|old| Undo::Skipped(n, Some(old)))
+                }
+            }
             AUTHORIZATION_TYPE => self
                 .authorizations
                 .remove(name)
@@ -270,10 +300,18 @@ impl Resources {
         }
         for u in log.into_iter().rev() {
             match u {
-                Undo::Workload(k, v) => put(&mut self.workloads, k, v.map(|b| *b)),
-                Undo::Service(k, v) => put(&mut self.services, k, v.map(|b| *b)),
+                Undo::Workload(k, v) => put(&mut self.workloads, k, v),
+                Undo::Service(k, v) => put(&mut self.services, k, v),
                 Undo::Authorization(k, v) => put(&mut self.authorizations, k, v),
                 Undo::Document(k, v) => put(&mut self.documents, k, v),
+                Undo::Skipped(k, v) => match v {
+                    Some(v) => {
+                        self.skipped.insert(k, v);
+                    }
+                    None => {
+                        self.skipped.remove(&k);
+                    }
+                },
             }
         }
     }
@@ -304,6 +342,10 @@ pub struct XdsClient {
     resources: Resources,
     /// Types that have had at least one response ACKed (readiness needs all).
     acked: BTreeSet<String>,
+    /// Types that have had at least one response applied.
+    received: BTreeSet<String>,
+    /// Whether a snapshot has been built from the feed yet.
+    built: bool,
 }
 
 /// What applying one response produced: the NACK message, if any.
@@ -319,6 +361,8 @@ impl XdsClient {
             ready,
             resources: Resources::default(),
             acked: BTreeSet::new(),
+            received: BTreeSet::new(),
+            built: false,
         }
     }
 
@@ -496,12 +540,25 @@ impl XdsClient {
                 nack: Some(rejected.join("; ")),
             };
         }
+        self.received.insert(type_url.to_string());
+        if !self.built && !self.cfg.types.iter().all(|t| self.received.contains(t)) {
+            // The first snapshot waits for every type: one assembly of the whole feed, not
+            // one per type (each a full pass, and memory for two snapshots at its peak). A
+            // resource refused alone has been reported; whatever would fail the snapshot as
+            // a whole fails (and is NACKed on) the response completing the set.
+            return Applied {
+                nack: (!rejected.is_empty()).then(|| rejected.join("; ")),
+            };
+        }
         let parts = self.resources.parts();
         // Parsing and validating thousands of resources is CPU work: off the reactor.
         let built = tokio::task::spawn_blocking(move || assemble::assemble(parts)).await;
         match built {
             Ok(Ok(snapshot)) => {
                 self.store.replace(snapshot);
+                self.built = true;
+                // The old snapshot and the assembly's scratch are freed: give the pages back.
+                let _ = tokio::task::spawn_blocking(crate::config::release_freed_memory).await;
                 Applied {
                     nack: (!rejected.is_empty()).then(|| rejected.join("; ")),
                 }

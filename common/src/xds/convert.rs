@@ -238,7 +238,7 @@ pub fn workload_from_proto(p: wds::Workload) -> Result<model::Workload, ConvertE
         .enumerate()
         .map(|(i, a)| ip_from_bytes(a, &format!("addresses[{i}]")))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut services = BTreeMap::new();
+    let mut services = model::SmallMap::with_capacity(p.services.len());
     for (key, list) in &p.services {
         if !key.contains('/') {
             return Err(bad(
@@ -257,7 +257,7 @@ pub fn workload_from_proto(p: wds::Workload) -> Result<model::Workload, ConvertE
         }
         services.insert(key.clone(), ports);
     }
-    let mut labels = BTreeMap::new();
+    let mut labels = model::Labels::new();
     let mut annotations = BTreeMap::new();
     let mut terminating = false;
     for (i, ext) in p.extensions.iter().enumerate() {
@@ -271,6 +271,7 @@ pub fn workload_from_proto(p: wds::Workload) -> Result<model::Workload, ConvertE
             .unwrap_or_default();
         let decoded = WorkloadLabels::decode(value)
             .map_err(|e| bad(format!("extensions[{i}]"), format!("bad labels: {e}")))?;
+        labels.reserve(decoded.labels.len());
         labels.extend(decoded.labels);
         annotations.extend(decoded.annotations);
         terminating |= decoded.terminating;
@@ -386,7 +387,14 @@ pub fn service_to_proto(s: &model::Service) -> Result<wds::Service, ConvertError
         waypoint: s.waypoint.as_ref().map(gateway_to_proto).transpose()?,
         load_balancing: None,
         ip_families: 0,
-        extensions: Vec::new(),
+        extensions: s
+            .service_entry
+            .iter()
+            .map(|_| wds::Extension {
+                name: super::SERVICE_ENTRY_MARKER.to_string(),
+                config: None,
+            })
+            .collect(),
         canonical: false,
         ingress_use_waypoint: false,
         weighted_waypoints: Vec::new(),

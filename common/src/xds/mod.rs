@@ -55,3 +55,10 @@ pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authori
 pub const CONFIG_TYPE: &str = "type.googleapis.com/ambient.config.v1.ConfigResource";
 /// Name of the Workload extension carrying the pod's labels (Istio's ztunnel ignores it).
 pub const LABELS_EXTENSION: &str = "ambient.config.v1.WorkloadLabels";
+/// Marks an Address resource the controller derived from a ServiceEntry (its hosts as
+/// Services, its endpoints as Workloads) for Istio's ztunnel, which learns ServiceEntries only
+/// from the Address feed. Our proxies build the same, and more (DNS resolution, subsets,
+/// waypoints), from the ServiceEntry config resource, so they skip these. On a Service it is
+/// an extension of this name; on a Workload an annotation (in [`LABELS_EXTENSION`]) whose
+/// value is the entry's `<namespace>/<name>`.
+pub const SERVICE_ENTRY_MARKER: &str = "ambient.config.v1.FromServiceEntry";

@@ -6,12 +6,20 @@
 //! ([`Index::service_binding`]) and sends the entry with the chosen waypoint's address in
 //! [`BOUND_WAYPOINT_ANNOTATION`] (removed from entries that are not bound, so a user's own
 //! annotation never counts).
+//!
+//! An Istio ztunnel knows ServiceEntries only as Address resources, so each entry is also sent
+//! in that form ([`addresses`]).
 
 use super::waypoints::Binding;
 use super::{Index, Key};
+use common::config::assemble::{assemble, Parts};
 use common::config::waypoints::BOUND_WAYPOINT_ANNOTATION;
+use common::model::{Service, Workload};
+use common::xds::SERVICE_ENTRY_MARKER;
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
 
 /// `metadata.labels` of an object (string values only).
 fn labels(value: &Value) -> BTreeMap<String, String> {
@@ -58,4 +66,138 @@ pub(crate) fn with_binding(index: &Index, key: &Key, value: &Value) -> (Value, O
         }
     }
     (out, binding)
+}
+
+/// The entry's hosts and endpoints in Istio's Address form, for an Istio ztunnel (ours reads the
+/// entry itself and skips these, see [`SERVICE_ENTRY_MARKER`]): each host a Service (its
+/// addresses, else the automatic VIP every proxy allocates for it, its ports, its waypoint);
+/// each STATIC endpoint outside the mesh a Workload with its address; each name a DNS entry
+/// resolves a Workload with that `hostname`. Endpoints on a pod's address are left to the pod's
+/// own workload (two workloads must never claim one address). `workloadSelector` entries add
+/// no workloads here yet.
+pub(crate) fn addresses(
+    index: &Index,
+    key: &Key,
+    entry: &Value,
+    binding: Option<&Binding>,
+) -> (Vec<Service>, Vec<Workload>) {
+    // The loader the proxies run, on the entry alone, without any binding annotation (the
+    // binding is set below from the controller's own decision).
+    let mut plain = entry.clone();
+    if let Some(a) = plain
+        .pointer_mut("/metadata/annotations")
+        .and_then(Value::as_object_mut)
+    {
+        a.remove(BOUND_WAYPOINT_ANNOTATION);
+    }
+    let parts = Parts {
+        documents: vec![(format!("{}/{}", key.0, key.1), Arc::new(plain))],
+        ..Default::default()
+    };
+    let Ok(snapshot) = assemble(parts) else {
+        return (Vec::new(), Vec::new());
+    };
+    let waypoint = binding
+        .filter(|b| b.bound)
+        .map(|b| index.waypoint_address(&b.gateway));
+    let pod_ips: HashSet<IpAddr> = index
+        .pods
+        .values()
+        .flat_map(|p| p.ips.iter().map(|ip| ip.to_canonical()))
+        .collect();
+    let marker = format!("{}/{}", key.0, key.1);
+    let uid = |what: &str| {
+        format!(
+            "{}/networking.istio.io/ServiceEntry/{}/{}/{what}",
+            index.cfg.cluster_id, key.0, key.1
+        )
+    };
+    let mark = |w: &mut Workload| {
+        w.annotations
+            .insert(SERVICE_ENTRY_MARKER.to_string(), marker.clone());
+        w.cluster_id = index.cfg.cluster_id.clone();
+    };
+
+    let mut services = Vec::new();
+    let mut workloads: BTreeMap<String, Workload> = BTreeMap::new();
+    for s in snapshot
+        .services
+        .iter()
+        .filter(|s| s.service_entry.is_some())
+    {
+        let mut s = Service::clone(s);
+        s.waypoint = waypoint.clone();
+        if s.service_entry.as_ref().is_some_and(|i| i.auto_vip) {
+            // Allocated over every entry in the cluster, as each proxy does.
+            let vip = index
+                .auto_vips
+                .get(&(s.namespace.clone(), s.hostname.to_ascii_lowercase()));
+            s.vips = vip.map(|ip| format!("/{ip}")).into_iter().collect();
+        }
+        let info = s.service_entry.as_ref();
+        for target in info.map(|i| i.dns.as_slice()).unwrap_or_default() {
+            let w = workloads
+                .entry(uid(&target.hostname))
+                .or_insert_with_key(|uid| {
+                    let mut w = Workload::outside_mesh(
+                        uid.clone(),
+                        &key.1,
+                        &key.0,
+                        IpAddr::from([0, 0, 0, 0]),
+                        "serviceentry",
+                    );
+                    w.workload_ips.clear();
+                    w.hostname = target.hostname.clone();
+                    w.labels = target
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    mark(&mut w);
+                    w
+                });
+            w.services.insert(s.key(), target.ports.clone());
+        }
+        services.push(s);
+    }
+    for w in snapshot.workloads.iter() {
+        let Some(ip) = w.workload_ips.first() else {
+            continue;
+        };
+        if pod_ips.contains(&ip.to_canonical()) {
+            continue;
+        }
+        let mut w = Workload::clone(w);
+        w.uid = uid(&ip.to_string());
+        mark(&mut w);
+        workloads.insert(w.uid.clone(), w);
+    }
+    (services, workloads.into_values().collect())
+}
+
+/// The automatic VIPs of all entries' hosts ([`common::vip`]): hosts of entries with no
+/// `addresses` and a resolution other than NONE (Istio's default), wildcards excepted.
+pub(crate) fn auto_vips(
+    policies: &super::policies::Policies,
+) -> BTreeMap<(String, String), std::net::Ipv4Addr> {
+    let pairs: Vec<(String, String)> = policies
+        .all_of(super::objects::Kind::ServiceEntry)
+        .filter(|(_, v)| {
+            let spec = &v["spec"];
+            let no_addresses = spec["addresses"].as_array().is_none_or(|a| a.is_empty());
+            let resolution = spec["resolution"].as_str().unwrap_or("NONE");
+            no_addresses && resolution != "NONE"
+        })
+        .flat_map(|((ns, _), v)| {
+            v["spec"]["hosts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .filter(|h| !h.starts_with('*'))
+                .map(|h| (ns.clone(), h.to_string()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    common::vip::allocate(pairs.iter().map(|(n, h)| (n.as_str(), h.as_str())))
 }

@@ -195,6 +195,10 @@ pub struct Index {
     bindings: HashMap<Dep, waypoints::Binding>,
     /// EndpointSlice → uids of the non-pod workloads made from it.
     slice_workloads: HashMap<Key, BTreeSet<String>>,
+    /// ServiceEntry → the Address resources made from it: (service keys, workload uids).
+    entry_addresses: HashMap<Key, (BTreeSet<String>, BTreeSet<String>)>,
+    /// The automatic VIPs of every entry's hosts, as the proxies allocate them.
+    auto_vips: BTreeMap<(String, String), std::net::Ipv4Addr>,
     out: Outputs,
     dirty: Dirty,
     changed: Changed,
@@ -287,6 +291,8 @@ impl Index {
             waypoint_services: HashMap::new(),
             bindings: HashMap::new(),
             slice_workloads: HashMap::new(),
+            entry_addresses: HashMap::new(),
+            auto_vips: BTreeMap::new(),
             out: Outputs::default(),
             dirty: Dirty::default(),
             changed: Changed::default(),
@@ -709,6 +715,19 @@ impl Index {
         for key in std::mem::take(&mut self.dirty.slices) {
             self.refresh_slice(&key);
         }
+        if !self.dirty.service_entries.is_empty() {
+            // A host's automatic VIP can move when another colliding host comes or goes.
+            let auto = entries::auto_vips(&self.policies);
+            if auto != self.auto_vips {
+                self.auto_vips = auto;
+                let all: Vec<Key> = self
+                    .policies
+                    .all_of(Kind::ServiceEntry)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                self.dirty.service_entries.extend(all);
+            }
+        }
         for key in std::mem::take(&mut self.dirty.service_entries) {
             self.refresh_service_entry(&key);
         }
@@ -758,14 +777,62 @@ impl Index {
     }
 
     fn refresh_service_entry(&mut self, key: &Key) {
-        let (value, binding) = match self.policies.stored(Kind::ServiceEntry, key) {
-            Some(v) => {
-                let (v, b) = entries::with_binding(self, key, v);
-                (Some(v), b)
-            }
-            None => (None, None),
-        };
+        let (value, binding, (services, workloads)) =
+            match self.policies.stored(Kind::ServiceEntry, key) {
+                Some(v) => {
+                    let (with, b) = entries::with_binding(self, key, v);
+                    let addresses = entries::addresses(self, key, v, b.as_ref());
+                    (Some(with), b, addresses)
+                }
+                None => (None, None, Default::default()),
+            };
         self.record_binding(Dep::ServiceEntry(key.clone()), binding);
+        let (old_services, old_workloads) = self.entry_addresses.remove(key).unwrap_or_default();
+        let mut new_services = BTreeSet::new();
+        for s in services {
+            let skey = s.key();
+            // A Kubernetes Service (or another entry) already holds this name: it stays.
+            if self.out.services.contains_key(&skey) && !old_services.contains(&skey) {
+                continue;
+            }
+            new_services.insert(skey.clone());
+            put(
+                &mut self.out.services,
+                &mut self.changed.services,
+                skey,
+                Some(s),
+            );
+        }
+        let mut new_workloads = BTreeSet::new();
+        for w in workloads {
+            new_workloads.insert(w.uid.clone());
+            put(
+                &mut self.out.workloads,
+                &mut self.changed.workloads,
+                w.uid.clone(),
+                Some(w),
+            );
+        }
+        for k in old_services.difference(&new_services) {
+            put(
+                &mut self.out.services,
+                &mut self.changed.services,
+                k.clone(),
+                None::<Service>,
+            );
+        }
+        for k in old_workloads.difference(&new_workloads) {
+            put(
+                &mut self.out.workloads,
+                &mut self.changed.workloads,
+                k.clone(),
+                None::<Workload>,
+            );
+        }
+        if !new_services.is_empty() || !new_workloads.is_empty() {
+            self.entry_addresses
+                .insert(key.clone(), (new_services, new_workloads));
+        }
         put(
             &mut self.out.configs,
             &mut self.changed.configs,

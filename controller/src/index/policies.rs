@@ -96,6 +96,14 @@ impl Policies {
         self.objects.get(&(kind, key.clone()))
     }
 
+    /// The stored objects of `kind`.
+    pub(crate) fn all_of(&self, kind: Kind) -> impl Iterator<Item = (&Key, &Value)> {
+        self.objects
+            .iter()
+            .filter(move |((k, _), _)| *k == kind)
+            .map(|((_, key), v)| (key, v))
+    }
+
     /// Keys of the stored objects of `kind` in namespace `ns`.
     pub(crate) fn keys_in(&self, kind: Kind, ns: &str) -> Vec<Key> {
         self.objects

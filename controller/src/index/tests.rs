@@ -129,7 +129,7 @@ fn demoapp_pods_are_hbone_workloads_with_pod_metadata() {
         let zone = if node == "node-1" { "zone-a" } else { "zone-b" };
         assert_eq!(w.locality.as_ref().map(|l| l.zone.as_str()), Some(zone));
         assert_eq!(
-            w.services[DEMOAPP],
+            w.services[&DEMOAPP.to_string()],
             BTreeMap::from([(8080, 8080)]),
             "{name}"
         );
@@ -146,7 +146,10 @@ fn terminating_pod_stays_a_workload_and_is_an_endpoint_of_last_resort() {
         "serving but terminating in its EndpointSlice"
     );
     assert_eq!(w.protocol, Protocol::Hbone);
-    assert_eq!(w.services[DEMOAPP], BTreeMap::from([(8080, 8080)]));
+    assert_eq!(
+        w.services[&DEMOAPP.to_string()],
+        BTreeMap::from([(8080, 8080)])
+    );
     // The data plane only picks healthy endpoints while any exists.
     let snap = snapshot(&index);
     let svc = snap.service_by_key(DEMOAPP).expect("service").clone();
@@ -168,7 +171,7 @@ fn redirection_disabled_pod_is_a_plain_tcp_workload() {
     assert_eq!(w.canonical_name, "proxy");
     assert_eq!(w.canonical_revision, "latest");
     assert_eq!(
-        w.services["default/proxy.default.svc.cluster.local"],
+        w.services[&"default/proxy.default.svc.cluster.local".to_string()],
         BTreeMap::from([(80, 8080)])
     );
 }
@@ -279,7 +282,7 @@ fn named_target_port_is_resolved_per_pod() {
     ] {
         let w = pod_wl(&index, name).unwrap();
         assert_eq!(
-            w.services[DEMOAPP_WEB],
+            w.services[&DEMOAPP_WEB.to_string()],
             BTreeMap::from([(80, 8080)]),
             "{name}"
         );
@@ -308,7 +311,10 @@ fn selectorless_headless_service_gets_workloads_for_its_addresses() {
     assert_eq!(w.protocol, Protocol::Tcp);
     assert_eq!(w.workload_ips, ips(&["10.250.0.10"]));
     assert_eq!(w.status, HealthStatus::Healthy);
-    assert_eq!(w.services[EXTERNAL_DB], BTreeMap::from([(3306, 3306)]));
+    assert_eq!(
+        w.services[&EXTERNAL_DB.to_string()],
+        BTreeMap::from([(3306, 3306)])
+    );
 }
 
 /// A pod `productpage-v1-abc` running as `bookinfo-productpage`, the service account the

@@ -63,7 +63,7 @@ fn scale_up_new_pod_then_slice_update() {
         "only the new endpoint changes"
     );
     assert_eq!(
-        c.workloads.upserted[uid].services[DEMOAPP],
+        c.workloads.upserted[uid].services[&DEMOAPP.to_string()],
         BTreeMap::from([(8080, 8080)])
     );
     assert!(c.services.is_empty());

@@ -92,3 +92,125 @@ fn namespace_label_binds_entries_unless_they_opt_out() {
     let c = index.take_changes();
     assert!(c.configs.removed.contains(KEY), "{:?}", c.configs);
 }
+
+/// The Address resources made from an entry, for an Istio ztunnel.
+#[test]
+fn entries_are_also_sent_as_istio_addresses_and_removed_with_the_entry() {
+    use common::xds::SERVICE_ENTRY_MARKER;
+    let mut index = fixture_index();
+    index.take_changes();
+    index.apply(obj(json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+        "metadata": {"name": "db", "namespace": "default",
+                     "labels": {"istio.io/use-waypoint": "waypoint"}},
+        "spec": {"hosts": ["db.example.com"], "addresses": ["240.0.0.10"],
+                 "location": "MESH_EXTERNAL", "resolution": "STATIC",
+                 "ports": [{"number": 5432, "name": "tcp", "protocol": "TCP",
+                            "targetPort": 6432}],
+                 "endpoints": [{"address": "192.0.2.7", "weight": 3,
+                                "labels": {"version": "v1"}},
+                               // A pod's address: the pod's own workload stays its only owner.
+                               {"address": "10.244.1.10"}]}
+    })));
+    index.apply(entry(json!({}), json!({})));
+    index.apply(waypoint_service());
+    let c = index.take_changes();
+
+    let db = c
+        .services
+        .upserted
+        .get("default/db.example.com")
+        .expect("the STATIC entry's host is a service");
+    assert_eq!(db.vips, vec!["/240.0.0.10"]);
+    assert_eq!(db.ports.get(&5432), Some(&6432));
+    assert_eq!(
+        db.waypoint.as_ref().map(|w| w.destination.as_str()),
+        Some("/10.96.0.60"),
+        "bound through the entry's label"
+    );
+    let proto = common::xds::convert::service_to_proto(db).expect("converts");
+    assert!(proto
+        .extensions
+        .iter()
+        .any(|e| e.name == SERVICE_ENTRY_MARKER));
+
+    let ep_uid = "Kubernetes/networking.istio.io/ServiceEntry/default/db/192.0.2.7";
+    let ep = c.workloads.upserted.get(ep_uid).expect("endpoint workload");
+    assert_eq!(
+        ep.workload_ips,
+        vec!["192.0.2.7".parse::<std::net::IpAddr>().expect("ip")]
+    );
+    assert_eq!(ep.protocol, common::model::Protocol::Tcp);
+    assert_eq!(ep.capacity, Some(3));
+    assert_eq!(ep.labels.get("version").map(String::as_str), Some("v1"));
+    assert_eq!(
+        ep.services.get("default/db.example.com"),
+        Some(&[(5432, 6432)].into())
+    );
+    assert_eq!(
+        ep.annotations.get(SERVICE_ENTRY_MARKER).map(String::as_str),
+        Some("default/db")
+    );
+    assert!(
+        !c.workloads
+            .upserted
+            .keys()
+            .any(|u| u.ends_with("/10.244.1.10")),
+        "no second workload on a pod's address: {:?}",
+        c.workloads.upserted.keys()
+    );
+
+    // The DNS entry without endpoints: its automatic VIP and a workload resolving its host.
+    let api = c
+        .services
+        .upserted
+        .get("default/api.example.com")
+        .expect("the DNS entry's host is a service");
+    let vip = common::vip::allocate(vec![("default", "api.example.com")]);
+    let vip = vip[&("default".to_string(), "api.example.com".to_string())];
+    assert_eq!(
+        api.vips,
+        vec![format!("/{vip}")],
+        "the VIP every proxy allocates"
+    );
+    assert!(api.waypoint.is_none());
+    let dns = c
+        .workloads
+        .upserted
+        .get("Kubernetes/networking.istio.io/ServiceEntry/default/ext/api.example.com")
+        .expect("hostname workload");
+    assert_eq!(dns.hostname, "api.example.com");
+    assert!(dns.workload_ips.is_empty());
+    assert_eq!(
+        dns.services.get("default/api.example.com"),
+        Some(&[(80, 80)].into())
+    );
+
+    // Deleting the entry removes what it made; a Kubernetes Service of the same name is kept.
+    index.delete(&ObjectRef {
+        kind: Kind::ServiceEntry,
+        namespace: "default".into(),
+        name: "db".into(),
+    });
+    let c = index.take_changes();
+    assert!(c.services.removed.contains("default/db.example.com"));
+    assert!(c.workloads.removed.contains(ep_uid));
+    assert!(index.services().contains_key("default/api.example.com"));
+}
+
+#[test]
+fn an_entry_never_replaces_a_kubernetes_service_of_the_same_name() {
+    let mut index = fixture_index();
+    let before = index.services()["default/demoapp.default.svc.cluster.local"].clone();
+    index.apply(obj(json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+        "metadata": {"name": "shadow", "namespace": "default"},
+        "spec": {"hosts": ["demoapp.default.svc.cluster.local"], "addresses": ["240.0.0.11"],
+                 "resolution": "STATIC", "ports": [{"number": 80, "name": "http"}],
+                 "endpoints": [{"address": "192.0.2.8"}]}
+    })));
+    assert_eq!(
+        index.services()["default/demoapp.default.svc.cluster.local"],
+        before
+    );
+}

@@ -16,7 +16,7 @@ use super::membership::{membership, Membership};
 use super::services::SliceInfo;
 use super::waypoints::Binding;
 use super::{Index, Key};
-use common::model::{HealthStatus, Locality, Workload};
+use common::model::{HealthStatus, Labels, Locality, SmallMap, Workload};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -181,7 +181,7 @@ pub(crate) fn pod_workload(index: &Index, pod: &PodInfo) -> (Option<Workload>, O
         .as_ref()
         .filter(|b| b.bound)
         .map(|b| index.waypoint_address(&b.gateway));
-    let mut services = BTreeMap::new();
+    let mut services = SmallMap::new();
     let mut terminating = false;
     for slice_name in index.pod_slices.get(&pod.key()).into_iter().flatten() {
         let Some(slice) = index.slices.get(&(ns.clone(), slice_name.clone())) else {
@@ -231,7 +231,11 @@ pub(crate) fn pod_workload(index: &Index, pod: &PodInfo) -> (Option<Workload>, O
         locality: index.nodes.get(&pod.node).cloned().flatten(),
         authorization_policies: index.policies.selected(ns, &pod.labels),
         services,
-        labels: pod.labels.clone(),
+        labels: pod
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         // Only what the node agent reads rides along (WDS stays small).
         annotations: pod
             .annotations
@@ -264,7 +268,7 @@ pub(crate) fn slice_workloads(
                 "{}/discovery.k8s.io/EndpointSlice/{ns}/{slice_name}/{ip}",
                 index.cfg.cluster_id
             );
-            let mut services = BTreeMap::new();
+            let mut services = SmallMap::new();
             if let Some((svc_name, info)) = svc {
                 services.insert(
                     format!("{ns}/{}", index.hostname(ns, svc_name)),
@@ -298,7 +302,7 @@ pub(crate) fn slice_workloads(
                 locality: None,
                 authorization_policies: Vec::new(),
                 services,
-                labels: BTreeMap::new(),
+                labels: Labels::new(),
                 annotations: BTreeMap::new(),
                 capacity: None,
             };

@@ -202,6 +202,17 @@ impl XdsServer {
             .len(type_url)
     }
 
+    /// Names of the resources of `type_url` being served (tests, debugging).
+    pub fn resource_names(&self, type_url: &str) -> Vec<String> {
+        self.inner
+            .cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .all(type_url)
+            .map(|r| r.name.clone())
+            .collect()
+    }
+
     /// Pushes pending changes now, without waiting for the debounce (tests, shutdown).
     pub fn flush_now(&self) {
         let batch = {

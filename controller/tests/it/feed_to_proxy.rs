@@ -92,6 +92,8 @@ async fn cluster_pods_reach_a_proxy_as_workloads_and_changes_follow() {
     let plane = control_plane(ServeConfig::default()).await;
     let (store, ready, _task) = proxy(&plane);
     wait_until("every type ACKed", || ready.load(Ordering::Acquire)).await;
+    // The initial sync builds one snapshot from all three types, not one per type.
+    assert_eq!(store.generation(), 1, "snapshots built by the initial sync");
     wait_until("demoapp workloads", || {
         store.current().workload_by_ip(ip("10.244.1.10")).is_some()
     })
@@ -223,4 +225,57 @@ async fn a_reconnecting_proxy_keeps_its_config_and_converges() {
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(store.current().workloads.len(), before - 1);
+}
+
+/// A ServiceEntry reaches the proxy twice: as the config resource our proxies register it
+/// from, and as Istio Address resources (for an Istio ztunnel), which ours skip — one service,
+/// no stray workloads, nothing NACKed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_entries_register_once_though_also_sent_as_addresses() {
+    let plane = control_plane(ServeConfig::default()).await;
+    let (store, ready, _task) = proxy(&plane);
+    wait_until("every type ACKed", || ready.load(Ordering::Acquire)).await;
+    plane
+        .api
+        .apply_yaml(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+             metadata: {name: db, namespace: default}\n\
+             spec:\n  hosts: [db.example.com]\n  addresses: [240.0.0.10]\n  \
+             resolution: STATIC\n  location: MESH_EXTERNAL\n  \
+             ports: [{number: 5432, name: tcp, protocol: TCP}]\n  \
+             endpoints: [{address: 192.0.2.7}]\n",
+        )
+        .expect("entry applies");
+    wait_until("the entry's service", || {
+        store.current().service_by_vip(ip("240.0.0.10")).is_some()
+    })
+    .await;
+    assert!(
+        plane
+            .xds
+            .resource_names(common::xds::ADDRESS_TYPE)
+            .iter()
+            .any(|n| n.contains("/networking.istio.io/ServiceEntry/default/db/")),
+        "the endpoint is in the Address feed"
+    );
+    let snap = store.current();
+    let matching: Vec<_> = snap
+        .services
+        .iter()
+        .filter(|s| s.hostname == "db.example.com")
+        .collect();
+    assert_eq!(matching.len(), 1, "{matching:?}");
+    assert!(
+        matching[0].service_entry.is_some(),
+        "registered from the entry"
+    );
+    assert!(snap.rejected.is_empty(), "{:?}", snap.rejected);
+    let ep = snap
+        .workload_by_ip(ip("192.0.2.7"))
+        .expect("the endpoint is a workload");
+    assert!(
+        !ep.uid.contains("networking.istio.io"),
+        "the proxy's own endpoint workload, not the feed's: {}",
+        ep.uid
+    );
 }

@@ -71,8 +71,10 @@ async fn watchers_feed_the_index_and_converge_after_delete_and_expiry() {
         vec!["/10.96.0.20"]
     );
     assert_eq!(
-        index.workloads()[V10_A].services["default/demoapp-web.default.svc.cluster.local"],
-        [(80, 8080)].into()
+        index.workloads()[V10_A]
+            .services
+            .get("default/demoapp-web.default.svc.cluster.local"),
+        Some(&[(80, 8080)].into())
     );
 
     // A pod deleted through the API leaves the index.
