@@ -66,6 +66,18 @@ pub struct Locality {
     pub subzone: String,
 }
 
+impl Locality {
+    /// Istio's written form `region/zone/subzone` (trailing parts may be left out).
+    pub fn parse(text: &str) -> Locality {
+        let mut parts = text.splitn(3, '/').map(str::to_string);
+        Locality {
+            region: parts.next().unwrap_or_default(),
+            zone: parts.next().unwrap_or_default(),
+            subzone: parts.next().unwrap_or_default(),
+        }
+    }
+}
+
 /// A pod (or VM) in the mesh or known to it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -15,7 +15,9 @@
 //!
 //! An entry that would redefine an existing service (same `<namespace>/<host>`) or claim a VIP
 //! another service holds is rejected alone. An endpoint's `weight` becomes its workload's
-//! `capacity` (endpoints are picked in proportion); `network` and `locality` are not used yet.
+//! `capacity` (endpoints are picked in proportion); its `network` and `locality`
+//! (`region/zone/subzone`) are carried on its workload (and to an Istio ztunnel) but no
+//! balancer prefers by locality yet.
 
 use crate::l7::service_entry::{Location, Resolution, ServiceEntry, ServicePort};
 use crate::model::{Service, Workload};
@@ -371,6 +373,7 @@ pub fn register(
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect();
                     w.capacity = ep.weight;
+                    w.locality = ep.locality.as_deref().map(crate::model::Locality::parse);
                     workloads.push(Arc::new(w));
                     by_ip.insert(ip, workloads.len() - 1);
                     workloads.len() - 1

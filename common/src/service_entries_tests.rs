@@ -81,7 +81,7 @@ spec:
   ports: [{number: 5432, name: pg, protocol: TCP}]
   resolution: STATIC
   endpoints:
-  - {address: 10.250.0.10, ports: {pg: 15432}, labels: {v: a}}
+  - {address: 10.250.0.10, ports: {pg: 15432}, labels: {v: a}, locality: eu-west1/eu-west1-b}
   - {address: 10.244.2.7}
 "#,
     );
@@ -114,6 +114,15 @@ spec:
     assert_eq!(ext.protocol, crate::model::Protocol::Tcp);
     assert_eq!(ext.node, "", "on no node: never captured, never local");
     assert_eq!(ext.labels.get("v").map(String::as_str), Some("a"));
+    let locality = ext.locality.as_ref().expect("locality");
+    assert_eq!(
+        (
+            locality.region.as_str(),
+            locality.zone.as_str(),
+            locality.subzone.as_str()
+        ),
+        ("eu-west1", "eu-west1-b", "")
+    );
     let db = s.workload_by_ip(ip("10.244.2.7")).expect("mesh workload");
     assert_eq!(db.name, "db-0");
     assert!(db.services.contains_key("default/pg.example.com"));

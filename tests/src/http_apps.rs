@@ -680,3 +680,34 @@ pub fn banner_echo_server(ns: &Netns, addr: SocketAddr, banner: &[u8]) -> Result
     });
     Ok(BannerServer { addr, peers, task })
 }
+
+/// Sends an HTTP/1.1 upgrade request (`GET /upgrade`, protocol `echo-proto`, which the
+/// `Auto` servers accept) on `stream` and returns the response head.
+pub async fn upgrade_handshake(
+    stream: &mut tokio::net::TcpStream,
+    host: &str,
+    what: &str,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!(
+        "GET /upgrade HTTP/1.1\r\nhost: {host}\r\nconnection: upgrade\r\nupgrade: echo-proto\r\n\r\n"
+    );
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .expect("write the upgrade request");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = crate::support::within(10, "upgrade response head", stream.read(&mut byte))
+            .await
+            .expect("read the upgrade response");
+        assert!(
+            n > 0,
+            "{what}: connection closed before the end of the upgrade response: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}

@@ -94,3 +94,18 @@ pub async fn wait_log_line(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Waits until the peer closes `stream` (EOF or reset); fails after `timeout`.
+pub async fn closed_within(stream: &mut tokio::net::TcpStream, timeout: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    let read = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    };
+    tokio::time::timeout(timeout, read).await.is_ok()
+}

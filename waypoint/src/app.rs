@@ -159,6 +159,8 @@ pub struct State {
     pub mirror_slots: Arc<tokio::sync::Semaphore>,
     /// L4 connections this waypoint authorized, re-checked on every snapshot swap.
     pub live: Arc<common::revalidate::Registry<crate::tcp::Authorized>>,
+    /// Live upgraded connections (WebSocket…), re-checked on every configuration change.
+    pub live_upgrades: Arc<common::revalidate::Registry<crate::authz::Grant>>,
     /// Answers for DNS-resolution ServiceEntries (lookups run on the main runtime).
     pub dns: Arc<common::dns_cache::DnsCache>,
     active: AtomicUsize,
@@ -270,6 +272,12 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
     let live = common::revalidate::Registry::with_counter(metrics.revoked.clone());
     let _revalidator =
         common::revalidate::spawn_revalidator(config.clone(), live.clone(), crate::tcp::check);
+    let live_upgrades = common::revalidate::Registry::with_counter(metrics.revoked.clone());
+    let _upgrade_revalidator = common::revalidate::spawn_revalidator(
+        config.clone(),
+        live_upgrades.clone(),
+        crate::authz::check_upgraded,
+    );
     // Created on the main runtime: every DNS lookup runs here, whichever shard asks.
     let dns = Arc::new(common::dns_cache::DnsCache::from_resolv_conf(
         &args.resolv_conf,
@@ -277,6 +285,7 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
     let _dns_refresher = common::task::AbortOnDrop(tokio::spawn(dns.clone().run_refresher()));
     let state = Arc::new_cyclic(|me| State {
         live,
+        live_upgrades,
         config: config.clone(),
         certs: certs.clone(),
         identity: identity.clone(),

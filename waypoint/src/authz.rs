@@ -14,6 +14,10 @@
 //! first, then the one the route chose).
 //!
 //! Both are skipped at no cost when the snapshot has no L7 policy.
+//!
+//! An upgraded connection (WebSocket…) outlives its request: what it was authorized on is kept
+//! as a [`Grant`] and checked again against every new configuration ([`recheck`]); one no
+//! longer allowed is closed, as L4 streams are.
 
 use crate::app::State;
 use crate::proxy::ConnContext;
@@ -35,10 +39,15 @@ fn none(snap: &Snapshot) -> bool {
 /// The Gateway this waypoint implements: its workload's `gateway-name` label, else its
 /// workload name (a waypoint Deployment is named after its Gateway).
 pub fn through<'s>(state: &'s State, snap: &'s Snapshot) -> Through<'s> {
+    through_of(&state.workload, snap)
+}
+
+/// [`through`] for the waypoint workload `(namespace, name)`.
+fn through_of<'s>(workload: &'s (String, String), snap: &'s Snapshot) -> Through<'s> {
     if snap.l7.attached_policies.is_empty() {
         return Through { gateway: None };
     }
-    let (ns, name) = (&state.workload.0, &state.workload.1);
+    let (ns, name) = (&workload.0, &workload.1);
     let gateway = snap
         .workloads
         .iter()
@@ -187,4 +196,114 @@ pub fn attached_l4(
         return Ok(());
     }
     common::policy::decide(policies, conn)
+}
+
+/// What an upgraded request (a WebSocket, any `Upgrade` protocol) was authorized on, kept
+/// while its connection lives.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// This waypoint's workload `(namespace, name)` (for policies attached to its Gateway).
+    pub waypoint: (String, String),
+    pub method: String,
+    pub host: String,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub peer: common::identity::Identity,
+    pub client: std::net::IpAddr,
+    /// `<namespace>/<hostname>` of the addressed service and of the one the route chose.
+    pub services: [String; 2],
+    /// The endpoint the request was sent to.
+    pub endpoint: std::net::SocketAddr,
+}
+
+impl Grant {
+    /// The grant of a request sent as `parts` to `pick` of `cluster`.
+    pub fn new(
+        state: &State,
+        ctx: &ConnContext,
+        parts: &Parts,
+        authority: &str,
+        cluster: &Cluster,
+        pick: &Pick,
+    ) -> Grant {
+        Grant {
+            waypoint: state.workload.clone(),
+            method: parts.method.as_str().to_string(),
+            host: parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or(authority)
+                .to_string(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+            headers: parts.headers.clone(),
+            peer: ctx.peer.clone(),
+            client: ctx.client.ip(),
+            services: [ctx.service.key(), cluster.service.key()],
+            endpoint: pick.target.addr,
+        }
+    }
+}
+
+/// Why the upgraded connection of `g` is no longer allowed under `snap`, if it is not: the
+/// policies of the endpoint it reached and those attached to this waypoint for either service,
+/// evaluated for the request again.
+pub fn recheck(snap: &Snapshot, g: &Grant) -> Option<String> {
+    let Some(endpoint) = snap.workload_by_ip(g.endpoint.ip()) else {
+        return Some(format!("endpoint {} is no longer known", g.endpoint.ip()));
+    };
+    if none(snap) {
+        return None;
+    }
+    let through = through_of(&g.waypoint, snap);
+    let mut policies: Vec<&L7Policy> = Vec::new();
+    for key in &g.services {
+        let Some(svc) = snap.service_by_key(key) else {
+            return Some(format!("service {key} is no longer known"));
+        };
+        for p in snap.l7.attached_for(through, Some(svc)) {
+            if !policies.iter().any(|q| std::ptr::eq(*q, p.l7.as_ref())) {
+                policies.push(p.l7.as_ref());
+            }
+        }
+    }
+    for p in snap.l7.policies_for(snap, endpoint) {
+        if !policies.iter().any(|q| std::ptr::eq(*q, p)) {
+            policies.push(p);
+        }
+    }
+    if policies.is_empty() {
+        return None;
+    }
+    let areq = AuthzRequest {
+        method: &g.method,
+        host: &g.host,
+        path: &g.path,
+        headers: &g.headers,
+        source: Some(&g.peer),
+        source_ip: Some(g.client),
+        destination_ip: Some(g.endpoint.ip()),
+        destination_port: g.endpoint.port(),
+    };
+    authorize(policies, &areq).err().map(|d| d.to_string())
+}
+
+/// [`recheck`] for the revalidator, logging each upgraded connection it closes.
+pub fn check_upgraded(snap: &Snapshot, g: &Grant) -> Option<String> {
+    let why = recheck(snap, g)?;
+    tracing::info!(
+        target: "access",
+        chain = "waypoint_upgraded",
+        service = %g.services[1],
+        client = %g.client,
+        upstream = %g.endpoint,
+        peer_identity = %g.peer,
+        path = %g.path,
+        reason = %why,
+        "closing live connection: no longer allowed by the new configuration"
+    );
+    Some(why)
 }

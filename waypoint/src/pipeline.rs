@@ -44,6 +44,8 @@ pub struct Done {
     pub in_flight: Option<route::InFlight>,
     /// The endpoint side of an upgraded connection (after a 101).
     pub upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// What the upgraded request was authorized on, to re-check while it lives.
+    pub grant: Option<authz::Grant>,
 }
 
 fn reply(r: LocalReply) -> Done {
@@ -56,6 +58,7 @@ fn reply(r: LocalReply) -> Done {
         service: None,
         in_flight: None,
         upgrade: None,
+        grant: None,
     }
 }
 
@@ -70,6 +73,7 @@ fn plain(status: StatusCode, headers: HeaderMap, text: String) -> Done {
         service: None,
         in_flight: None,
         upgrade: None,
+        grant: None,
     }
 }
 
@@ -490,6 +494,11 @@ pub async fn run(
             return match result {
                 Ok(resp) => {
                     let mut d = forwarded(resp, pick.endpoint.clone());
+                    if d.upgrade.is_some() {
+                        d.grant = Some(authz::Grant::new(
+                            state, ctx, &parts, &authority, &cluster, &pick,
+                        ));
+                    }
                     d.flag = upstream::response_flags(None, stop);
                     d.in_flight = Some(in_flight);
                     (d, Some(pick))
@@ -684,6 +693,7 @@ fn forwarded(mut resp: Response<hyper::body::Incoming>, endpoint: Arc<Workload>)
         service: None,
         in_flight: None,
         upgrade: on_upgrade,
+        grant: None,
     }
 }
 

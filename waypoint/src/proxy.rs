@@ -247,14 +247,39 @@ fn labels(
 }
 
 /// After a 101, the two upgraded connections (client side and endpoint side) are joined and
-/// bytes flow unchanged until either closes (WebSocket and other `Upgrade` protocols).
-async fn join_upgraded(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+/// bytes flow unchanged until either closes (WebSocket and other `Upgrade` protocols), or
+/// until a new configuration no longer allows the request that opened them (`live`).
+async fn join_upgraded(
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    live: Option<(
+        common::revalidate::Registration<crate::authz::Grant>,
+        common::revalidate::Revoked,
+    )>,
+) {
+    let (_registration, revoked) = match live {
+        Some((r, revoked)) => (Some(r), Some(revoked)),
+        None => (None, None),
+    };
+    let revoked = async move {
+        match revoked {
+            Some(r) => r.wait().await,
+            None => std::future::pending().await,
+        }
+    };
     match tokio::try_join!(down, up) {
         Ok((down, up)) => {
             let mut down = TokioIo::new(down);
             let mut up = TokioIo::new(up);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-                tracing::debug!(error = %e, "upgraded connection ended with error");
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut down, &mut up) => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "upgraded connection ended with error");
+                    }
+                }
+                why = revoked => {
+                    tracing::debug!(reason = %why, "upgraded connection revoked");
+                }
             }
         }
         Err(e) => tracing::info!(error = %e, "upgrade failed"),
@@ -289,7 +314,8 @@ pub async fn handle(
     drop(snap);
     let mut resp = done.response;
     if let (Some(up), Some(down)) = (done.upgrade, downstream_upgrade) {
-        tokio::spawn(join_upgraded(down, up));
+        let live = done.grant.map(|g| state.live_upgrades.register(g));
+        tokio::spawn(join_upgraded(down, up, live));
     }
     log.response_code = resp.status().as_u16();
     log.response_flags = done.flag;

@@ -90,14 +90,6 @@ pub(super) fn finish(c: Collected, source: &str) -> Result<Snapshot, ConfigError
             by_vip.insert(ip, i);
         }
     }
-    for (w, origin, _) in &workloads {
-        for key in w.services.keys() {
-            if !by_key.contains_key(key) {
-                tracing::warn!(file = source, document = origin.doc, workload = %origin.resource,
-                    "workload lists service {key:?}, which is not defined");
-            }
-        }
-    }
 
     // Waypoints: resolve each destination to the waypoint's identity. A waypoint Service
     // with no endpoint (scaled to zero, no pod ready yet) is a state, not an error: the
@@ -269,6 +261,19 @@ pub(super) fn finish(c: Collected, source: &str) -> Result<Snapshot, ConfigError
                 .unwrap_or_else(|_| super::waypoints::unresolved());
             resolve(&mut gw, &origin)?;
             s.waypoint = Some(gw);
+        }
+    }
+    // Checked once ServiceEntries are registered: a pod an entry selects lists its host.
+    if !from_xds {
+        let defined: std::collections::HashSet<String> =
+            resolved_services.iter().map(|s| s.key()).collect();
+        for (w, origin, _) in &workloads {
+            for (key, _) in w.services.iter() {
+                if !defined.contains(key) {
+                    tracing::warn!(file = source, document = origin.doc, workload = %origin.resource,
+                        "workload lists service {key:?}, which is not defined");
+                }
+            }
         }
     }
     if !entry_rejections.is_empty() {

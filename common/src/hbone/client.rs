@@ -383,6 +383,10 @@ impl HboneClient {
         let tcp = (self.dialer)(src, dst)
             .await
             .map_err(|source| HboneError::Connect { addr: dst, source })?;
+        // The HTTP/2 PING keepalive finds a dead peer while the connection is in use; TCP
+        // keepalive also covers a pooled connection whose ping task is between rounds and
+        // any dialer's socket alike.
+        crate::sockopt::keepalive(&tcp);
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
         let mut tls = connector
             .connect(
@@ -625,6 +629,41 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// The socket under every pooled connection has TCP keepalive, whatever the dialer.
+    #[tokio::test]
+    async fn pooled_connections_have_tcp_keepalive() {
+        let ca = MeshCa::generate("cluster.local").unwrap();
+        let certs = Arc::new(CertStore::new(ca, Duration::from_secs(3600)).unwrap());
+        let addr = accepting_server(&certs).await;
+        let sockets: Arc<std::sync::Mutex<Vec<socket2::Socket>>> = Arc::default();
+        let seen = sockets.clone();
+        let dialer: Dialer = Arc::new(move |_src, addr| {
+            let seen = seen.clone();
+            Box::pin(async move {
+                let s = TcpStream::connect(addr).await?;
+                // Same socket, second descriptor: lets the test read its options later.
+                seen.lock()
+                    .unwrap()
+                    .push(socket2::SockRef::from(&s).try_clone()?);
+                Ok(s)
+            })
+        });
+        let client = HboneClient::new(certs, H2Settings::default(), PoolTimings::default(), dialer);
+        let req = ConnectRequest {
+            authority: "10.0.0.1:80".into(),
+            headers: HeaderMap::new(),
+        };
+        let key = PoolKey { dst: addr, ..key() };
+        let _open = client.connect(&key, &req).await.unwrap();
+        let sockets = sockets.lock().unwrap();
+        assert_eq!(sockets.len(), 1);
+        assert!(sockets[0].keepalive().unwrap(), "SO_KEEPALIVE set");
+        assert_eq!(
+            sockets[0].keepalive_time().unwrap(),
+            Duration::from_secs(180)
+        );
     }
 
     /// Keys of departed destinations go away: idle connections to them are closed at once,

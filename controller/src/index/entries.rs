@@ -73,8 +73,8 @@ pub(crate) fn with_binding(index: &Index, key: &Key, value: &Value) -> (Value, O
 /// addresses, else the automatic VIP every proxy allocates for it, its ports, its waypoint);
 /// each STATIC endpoint outside the mesh a Workload with its address; each name a DNS entry
 /// resolves a Workload with that `hostname`. Endpoints on a pod's address are left to the pod's
-/// own workload (two workloads must never claim one address). `workloadSelector` entries add
-/// no workloads here yet.
+/// own workload (two workloads must never claim one address). A `workloadSelector` entry's
+/// pods list its hosts in their own workloads instead ([`selectors_in`]).
 pub(crate) fn addresses(
     index: &Index,
     key: &Key,
@@ -200,4 +200,53 @@ pub(crate) fn auto_vips(
         })
         .collect();
     common::vip::allocate(pairs.iter().map(|(n, h)| (n.as_str(), h.as_str())))
+}
+
+/// A `workloadSelector` ServiceEntry as it touches pods: the pods of its namespace with these
+/// labels are endpoints of its hosts (`<ns>/<host>` → service port → target port).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Selector {
+    pub labels: BTreeMap<String, String>,
+    pub services: Vec<(String, BTreeMap<u16, u16>)>,
+}
+
+/// The `workloadSelector` entries of namespace `ns`, as the proxies' loader reads them
+/// (hosts as written; a port's `targetPort`, else its number).
+pub(crate) fn selectors_in(policies: &super::policies::Policies, ns: &str) -> Vec<Selector> {
+    let kind = super::objects::Kind::ServiceEntry;
+    let mut out = Vec::new();
+    for key in policies.keys_in(kind, ns) {
+        let Some(spec) = policies.stored(kind, &key).map(|v| &v["spec"]) else {
+            continue;
+        };
+        let Some(labels) = spec
+            .pointer("/workloadSelector/labels")
+            .and_then(Value::as_object)
+        else {
+            continue;
+        };
+        let labels = labels
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+            .collect();
+        let port = |v: &Value| u16::try_from(v.as_u64()?).ok();
+        let ports: BTreeMap<u16, u16> = spec["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                let number = port(&p["number"])?;
+                Some((number, port(&p["targetPort"]).unwrap_or(number)))
+            })
+            .collect();
+        let services = spec["hosts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(|h| (format!("{ns}/{h}"), ports.clone()))
+            .collect();
+        out.push(Selector { labels, services });
+    }
+    out
 }

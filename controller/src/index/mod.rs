@@ -197,6 +197,9 @@ pub struct Index {
     slice_workloads: HashMap<Key, BTreeSet<String>>,
     /// ServiceEntry → the Address resources made from it: (service keys, workload uids).
     entry_addresses: HashMap<Key, (BTreeSet<String>, BTreeSet<String>)>,
+    /// Namespace → its `workloadSelector` ServiceEntries (their hosts join the selected
+    /// pods' services).
+    entry_selectors: HashMap<String, Vec<entries::Selector>>,
     /// The automatic VIPs of every entry's hosts, as the proxies allocate them.
     auto_vips: BTreeMap<(String, String), std::net::Ipv4Addr>,
     out: Outputs,
@@ -293,6 +296,7 @@ impl Index {
             slice_workloads: HashMap::new(),
             entry_addresses: HashMap::new(),
             auto_vips: BTreeMap::new(),
+            entry_selectors: HashMap::new(),
             out: Outputs::default(),
             dirty: Dirty::default(),
             changed: Changed::default(),
@@ -676,6 +680,20 @@ impl Index {
             // Sent with its waypoint binding (see `entries`).
             if !effect.configs.is_empty() {
                 self.dirty.service_entries.insert(key.clone());
+            }
+            let selectors = entries::selectors_in(&self.policies, &key.0);
+            let old = self.entry_selectors.get(&key.0).map(Vec::as_slice);
+            if old.unwrap_or_default() != selectors.as_slice() {
+                if selectors.is_empty() {
+                    self.entry_selectors.remove(&key.0);
+                } else {
+                    self.entry_selectors.insert(key.0.clone(), selectors);
+                }
+                if let Some(pods) = self.pods_by_ns.get(&key.0) {
+                    self.dirty
+                        .pods
+                        .extend(pods.iter().map(|p| (key.0.clone(), p.clone())));
+                }
             }
         } else {
             for (k, v) in effect.configs {

@@ -214,3 +214,64 @@ fn an_entry_never_replaces_a_kubernetes_service_of_the_same_name() {
         before
     );
 }
+
+/// A `workloadSelector` entry makes the selected pods endpoints of its hosts, as istiod does,
+/// and only those of its namespace; removing it takes the host away again.
+#[test]
+fn selected_pods_list_the_entry_hosts() {
+    let mut index = fixture_index();
+    index.take_changes();
+    let demoapp_pods = |index: &Index| -> Vec<Arc<Workload>> {
+        index
+            .workloads()
+            .values()
+            .filter(|w| {
+                w.namespace == "default"
+                    && w.labels.get("app").map(String::as_str) == Some("demoapp")
+            })
+            .cloned()
+            .collect()
+    };
+    assert!(!demoapp_pods(&index).is_empty(), "fixture has demoapp pods");
+    index.apply(obj(json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+        "metadata": {"name": "internal", "namespace": "default"},
+        "spec": {"hosts": ["demo.internal"], "location": "MESH_INTERNAL",
+                 "resolution": "STATIC", "workloadSelector": {"labels": {"app": "demoapp"}},
+                 "ports": [{"number": 80, "name": "http", "targetPort": 8080}]}
+    })));
+    let c = index.take_changes();
+    for w in demoapp_pods(&index) {
+        assert_eq!(
+            w.services.get("default/demo.internal"),
+            Some(&[(80, 8080)].into()),
+            "{}",
+            w.uid
+        );
+        assert!(
+            c.workloads.upserted.contains_key(&w.uid),
+            "re-sent: {}",
+            w.uid
+        );
+    }
+    assert!(
+        index
+            .workloads()
+            .values()
+            .filter(|w| w.labels.get("app").map(String::as_str) != Some("demoapp"))
+            .all(|w| !w.services.contains_key("default/demo.internal")),
+        "only the selected pods"
+    );
+    assert!(index.services().contains_key("default/demo.internal"));
+
+    index.delete(&ObjectRef {
+        kind: Kind::ServiceEntry,
+        namespace: "default".into(),
+        name: "internal".into(),
+    });
+    index.take_changes();
+    assert!(demoapp_pods(&index)
+        .iter()
+        .all(|w| !w.services.contains_key("default/demo.internal")));
+    assert!(!index.services().contains_key("default/demo.internal"));
+}

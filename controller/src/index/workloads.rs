@@ -17,6 +17,7 @@ use super::services::SliceInfo;
 use super::waypoints::Binding;
 use super::{Index, Key};
 use common::model::{HealthStatus, Labels, Locality, SmallMap, Workload};
+use common::snapshot::selector_matches;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -199,6 +200,16 @@ pub(crate) fn pod_workload(index: &Index, pod: &PodInfo) -> (Option<Workload>, O
         };
         let key = format!("{ns}/{}", index.hostname(ns, svc_name));
         services.insert(key, svc.target_ports(&pod.container_ports));
+    }
+    // ServiceEntries selecting the pod (MESH_INTERNAL workloadSelector), as istiod does.
+    for sel in index.entry_selectors.get(ns).into_iter().flatten() {
+        if selector_matches(&sel.labels, &pod.labels) {
+            for (key, ports) in &sel.services {
+                if !services.contains_key(key) {
+                    services.insert(key.clone(), ports.clone());
+                }
+            }
+        }
     }
     let healthy = pod.ready && !pod.deleting;
     let workload = Workload {

@@ -11,9 +11,7 @@ use tests::apps::{echo_roundtrip, echo_server, probe_echo, Outcome};
 use tests::capture::Capture;
 use tests::hbone;
 use tests::mesh::{echo_vip, standard_config, Mesh};
-use tests::support::{addr, any};
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tests::support::{addr, any, closed_within};
 
 const PROBE: Duration = Duration::from_secs(10);
 const RELOAD: Duration = Duration::from_secs(15);
@@ -23,20 +21,6 @@ fn assert_denied(outcome: &Outcome, what: &str) {
         matches!(outcome, Outcome::Reset | Outcome::ClosedWithoutData),
         "{what}: expected reset/closed without data, got {outcome:?}"
     );
-}
-
-/// Waits until the peer closes `stream` (EOF or reset); fails after `timeout`.
-async fn closed_within(stream: &mut TcpStream, timeout: Duration) -> bool {
-    let mut buf = [0u8; 64];
-    let read = async {
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => continue,
-            }
-        }
-    };
-    tokio::time::timeout(timeout, read).await.is_ok()
 }
 
 const DENY_9000: &str = r#"

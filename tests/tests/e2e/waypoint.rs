@@ -13,10 +13,11 @@ use tests::admin::sum_metric;
 use tests::apps::{echo_random, echo_roundtrip, echo_server, hex, random_bytes};
 use tests::capture::Capture;
 use tests::http_apps::{
-    banner_echo_server, full_request_body, request, H2Client, Http1Client, HttpMode, HttpReply,
+    banner_echo_server, full_request_body, request, upgrade_handshake, H2Client, Http1Client,
+    HttpMode, HttpReply,
 };
 use tests::l7mesh::L7Mesh;
-use tests::support::{any, eventually, within};
+use tests::support::{any, closed_within, eventually, within};
 use tests::waypoint::field;
 use tokio::io::AsyncReadExt;
 
@@ -1114,29 +1115,6 @@ async fn hop_by_hop_request_headers_are_not_forwarded() {
     }
 }
 
-/// Sends an HTTP/1.1 upgrade request on `stream` and returns the response head.
-async fn upgrade_handshake(stream: &mut tokio::net::TcpStream, host: &str, what: &str) -> String {
-    use tokio::io::AsyncWriteExt;
-    let req = format!(
-        "GET /upgrade HTTP/1.1\r\nhost: {host}\r\nconnection: upgrade\r\nupgrade: echo-proto\r\n\r\n"
-    );
-    stream.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = within(10, "upgrade response head", stream.read(&mut byte))
-            .await
-            .unwrap();
-        assert!(
-            n > 0,
-            "{what}: connection closed before the end of the upgrade response: {:?}",
-            String::from_utf8_lossy(&head)
-        );
-        head.push(byte[0]);
-    }
-    String::from_utf8_lossy(&head).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_upgrade_passes_through_waypoint() {
     // WebSocket-style upgrades: `101 Switching Protocols`, then raw bytes both ways.
@@ -1176,6 +1154,64 @@ async fn http_upgrade_passes_through_waypoint() {
     )
     .await
     .unwrap();
+}
+
+/// Issue 9 item 4 for upgraded connections: a WebSocket-style stream through the waypoint is
+/// closed when a new policy denies the request that opened it; one on another path stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_policy_closes_live_upgraded_connection_at_the_waypoint() {
+    let mesh = L7Mesh::builder("wp-upg-revoke").start().await.unwrap();
+    let _servers = mesh.start_http_servers(HttpMode::Auto).unwrap();
+    let a = &mesh.pod("a").ns;
+    let vip = mesh.vip().to_string();
+    let mut s = a.connect(mesh.vip()).await.unwrap();
+    let head = upgrade_handshake(&mut s, &vip, "before the policy").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    within(10, "upgraded echo", echo_roundtrip(&mut s, b"ping"))
+        .await
+        .unwrap();
+
+    let wp = mesh.waypoint();
+    let before = sum_metric(
+        &wp.metrics().await.unwrap(),
+        "waypoint_connections_revoked_total",
+        &[],
+    );
+    let deny = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-upgrade-path
+  namespace: default
+spec:
+  action: DENY
+  rules:
+  - to:
+    - operation:
+        paths: ["/upgrade"]
+"#;
+    mesh.write_config(&mesh.config.clone().document(deny))
+        .unwrap();
+    assert!(
+        closed_within(&mut s, Duration::from_secs(10)).await,
+        "the upgraded connection stayed open under the new DENY"
+    );
+    wp.wait_log_line(
+        &["closing live connection", "waypoint_upgraded", "/upgrade"],
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let after = sum_metric(
+        &wp.metrics().await.unwrap(),
+        "waypoint_connections_revoked_total",
+        &[],
+    );
+    assert_eq!(after - before, 1.0, "one revocation counted");
+    // A new upgrade on that path is refused at its request.
+    let mut again = a.connect(mesh.vip()).await.unwrap();
+    let head = upgrade_handshake(&mut again, &vip, "after the policy").await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
