@@ -116,6 +116,7 @@ pub(crate) fn addresses(
         w.annotations
             .insert(SERVICE_ENTRY_MARKER.to_string(), marker.clone());
         w.cluster_id = index.cfg.cluster_id.clone();
+        w.trust_domain = index.cfg.trust_domain.clone();
     };
 
     let mut services = Vec::new();

@@ -180,6 +180,7 @@ fn entries_are_also_sent_as_istio_addresses_and_removed_with_the_entry() {
         .get("Kubernetes/networking.istio.io/ServiceEntry/default/ext/api.example.com")
         .expect("hostname workload");
     assert_eq!(dns.hostname, "api.example.com");
+    assert_eq!(dns.trust_domain, index.config().trust_domain);
     assert!(dns.workload_ips.is_empty());
     assert_eq!(
         dns.services.get("default/api.example.com"),
