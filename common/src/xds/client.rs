@@ -14,8 +14,8 @@ use super::discovery::{
     DeltaDiscoveryResponse, Node, Status as RpcStatus,
 };
 use super::{
-    convert, mesh_config, security, workload, ADDRESS_TYPE, AUTHORIZATION_TYPE, CONFIG_TYPE,
-    SERVICE_ENTRY_MARKER,
+    convert, mesh_config, security, workload, ADDRESS_TYPE, AUTHORIZATION_TYPE, CHUNKED_METADATA,
+    CONFIG_TYPE, PARTIAL_RESPONSE, SERVICE_ENTRY_MARKER,
 };
 use crate::config::assemble::{self, Parts};
 use crate::config::watch::ConfigStore;
@@ -413,23 +413,23 @@ impl XdsClient {
     }
 
     fn node(&self) -> Node {
-        let fields = self
+        let string = |v: &str| prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue(v.to_string())),
+        };
+        let mut fields: std::collections::BTreeMap<String, prost_types::Value> = self
             .cfg
             .metadata
             .iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    prost_types::Value {
-                        kind: Some(prost_types::value::Kind::StringValue(v.clone())),
-                    },
-                )
-            })
+            .map(|(k, v)| (k.clone(), string(v)))
             .collect();
+        // A large first response may come in parts (see `apply`).
+        fields.insert(CHUNKED_METADATA.to_string(), string("1"));
         Node {
             id: self.cfg.node_id.clone(),
             cluster: String::new(),
-            metadata: Some(prost_types::Struct { fields }),
+            metadata: Some(prost_types::Struct {
+                fields: fields.into_iter().collect(),
+            }),
             build_version: String::new(),
         }
     }
@@ -483,6 +483,7 @@ impl XdsClient {
             got = true;
             let type_url = resp.type_url.clone();
             let nonce = resp.nonce.clone();
+            let partial = resp.system_version_info == PARTIAL_RESPONSE;
             let applied = self.apply(resp).await;
             let error_detail = applied.nack.map(|message| {
                 tracing::warn!(type_url = %type_url, %message, "NACK");
@@ -492,7 +493,7 @@ impl XdsClient {
                     details: Vec::new(),
                 }
             });
-            if error_detail.is_none() {
+            if error_detail.is_none() && !partial {
                 self.acked.insert(type_url.clone());
                 if self.cfg.types.iter().all(|t| self.acked.contains(t))
                     && !self.ready.swap(true, Ordering::AcqRel)
@@ -512,6 +513,7 @@ impl XdsClient {
 
     /// Applies one response and swaps in the new snapshot (or undoes it).
     async fn apply(&mut self, resp: DeltaDiscoveryResponse) -> Applied {
+        let resp_partial = resp.system_version_info == PARTIAL_RESPONSE;
         let type_url = resp.type_url.as_str();
         let mut rejected: Vec<String> = Vec::new();
         let mut log = Vec::new();
@@ -540,12 +542,16 @@ impl XdsClient {
                 nack: Some(rejected.join("; ")),
             };
         }
-        self.received.insert(type_url.to_string());
-        if !self.built && !self.cfg.types.iter().all(|t| self.received.contains(t)) {
+        let partial = resp_partial;
+        if !partial {
+            self.received.insert(type_url.to_string());
+        }
+        if partial || (!self.built && !self.cfg.types.iter().all(|t| self.received.contains(t))) {
             // The first snapshot waits for every type: one assembly of the whole feed, not
-            // one per type (each a full pass, and memory for two snapshots at its peak). A
-            // resource refused alone has been reported; whatever would fail the snapshot as
-            // a whole fails (and is NACKed on) the response completing the set.
+            // one per type (each a full pass, and memory for two snapshots at its peak); a
+            // response sent in parts is assembled once, at its last part. A resource refused
+            // alone has been reported; whatever would fail the snapshot as a whole fails (and
+            // is NACKed on) the response completing the set.
             return Applied {
                 nack: (!rejected.is_empty()).then(|| rejected.join("; ")),
             };

@@ -62,3 +62,10 @@ pub const LABELS_EXTENSION: &str = "ambient.config.v1.WorkloadLabels";
 /// an extension of this name; on a Workload an annotation (in [`LABELS_EXTENSION`]) whose
 /// value is the entry's `<namespace>/<name>`.
 pub const SERVICE_ENTRY_MARKER: &str = "ambient.config.v1.FromServiceEntry";
+/// Node metadata key by which a client says it accepts a large first response split over
+/// several responses ([`PARTIAL_RESPONSE`] on all but the last). Our proxies send it; an Istio
+/// ztunnel does not, and gets the whole state in one response as istiod sends it (it would
+/// call itself ready after the first part).
+pub const CHUNKED_METADATA: &str = "AMBIENT_CHUNKED_PUSH";
+/// `system_version_info` of a response that more of the same first response follows.
+pub const PARTIAL_RESPONSE: &str = "partial";

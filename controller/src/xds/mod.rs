@@ -47,6 +47,9 @@ pub struct XdsConfig {
     pub max_decoding_message_size: usize,
     /// Largest response sent.
     pub max_encoding_message_size: usize,
+    /// Resource bytes per part when a first response is split for a client that accepts parts
+    /// (ours, see [`common::xds::CHUNKED_METADATA`]).
+    pub chunk_bytes: usize,
 }
 
 impl Default for XdsConfig {
@@ -57,6 +60,7 @@ impl Default for XdsConfig {
             push_concurrency: (15 + 5 * cores).min(100),
             max_decoding_message_size: 64 << 20,
             max_encoding_message_size: 200 << 20,
+            chunk_bytes: stream::CHUNK_BYTES,
         }
     }
 }

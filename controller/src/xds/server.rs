@@ -184,7 +184,7 @@ async fn drive(
     mut closing: Option<watch::Receiver<bool>>,
 ) {
     let _connected = inner.metrics.connected();
-    let mut st = StreamState::new(id);
+    let mut st = StreamState::new(id).with_chunk_bytes(inner.cfg.chunk_bytes);
     let mut node_id = String::new();
     let end: Result<(), Status> = loop {
         let dirty = std::mem::take(&mut lock(&shared.mailbox).dirty);

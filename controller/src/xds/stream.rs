@@ -15,7 +15,7 @@
 
 use super::cache::Cache;
 use super::node::NodeInfo;
-use common::xds::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use common::xds::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
 use std::collections::{HashMap, HashSet};
 use tokio::time::Instant;
 
@@ -59,12 +59,44 @@ struct TypeState {
     in_flight: Option<String>,
     /// Whether a response of this type was sent on this stream.
     answered: bool,
+    /// The rest of a first response sent in parts (resources, then the removed names).
+    pending: Vec<Resource>,
+    pending_removed: Vec<String>,
 }
 
 impl TypeState {
     fn has_work(&self) -> bool {
-        self.in_flight.is_none() && (self.full || self.must_respond || !self.dirty.is_empty())
+        self.in_flight.is_none()
+            && (self.full
+                || self.must_respond
+                || !self.dirty.is_empty()
+                || !self.pending.is_empty())
     }
+}
+
+/// Bytes of resources per response when a client accepts a first response in parts: its
+/// receive buffer (and ours to encode) stays at this size instead of the whole state's.
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+fn resource_bytes(r: &Resource) -> usize {
+    r.name.len() + r.version.len() + r.resource.as_ref().map_or(0, |a| a.value.len())
+}
+
+/// Splits off the first part of `resources` (at least one resource, at most `budget` bytes
+/// unless one resource alone is larger); returns it and leaves the rest.
+fn first_part(resources: &mut Vec<Resource>, budget: usize) -> Vec<Resource> {
+    let mut used = 0;
+    let mut n = 0;
+    for r in resources.iter() {
+        let b = resource_bytes(r);
+        if n > 0 && used + b > budget {
+            break;
+        }
+        used += b;
+        n += 1;
+    }
+    let rest = resources.split_off(n);
+    std::mem::replace(resources, rest)
 }
 
 /// What a request meant, for the driver's logs and metrics.
@@ -128,6 +160,10 @@ pub struct StreamState {
     types: Vec<TypeState>,
     responses: u64,
     next: usize,
+    /// Bytes per part of a first response, when the client accepts parts (`None`: it does
+    /// not, or has not said so yet).
+    chunk: Option<usize>,
+    chunk_bytes: usize,
 }
 
 impl StreamState {
@@ -139,7 +175,15 @@ impl StreamState {
             types: Vec::new(),
             responses: 0,
             next: 0,
+            chunk: None,
+            chunk_bytes: CHUNK_BYTES,
         }
+    }
+
+    /// Sets the part size of first responses split for clients that accept parts.
+    pub fn with_chunk_bytes(mut self, bytes: usize) -> Self {
+        self.chunk_bytes = bytes.max(1);
+        self
     }
 
     /// The node of the first request that carried one.
@@ -162,7 +206,15 @@ impl StreamState {
         }
         if self.node.is_none() {
             if let Some(n) = &req.node {
-                self.node = Some(NodeInfo::from_proto(n));
+                let node = NodeInfo::from_proto(n);
+                if node
+                    .metadata
+                    .get(common::xds::CHUNKED_METADATA)
+                    .is_some_and(|v| !v.is_empty())
+                {
+                    self.chunk = Some(self.chunk_bytes);
+                }
+                self.node = Some(node);
             }
         }
         let star = |v: &[String]| v.iter().any(|n| n == "*");
@@ -192,6 +244,8 @@ impl StreamState {
                 must_respond: true,
                 in_flight: None,
                 answered: false,
+                pending: Vec::new(),
+                pending_removed: Vec::new(),
             });
             return Ok(Event::Initial {
                 type_url: req.type_url,
@@ -292,10 +346,22 @@ impl StreamState {
     }
 
     fn build_type(&mut self, i: usize, cache: &Cache) -> Option<Built> {
+        let chunk = self.chunk;
         let ts = &mut self.types[i];
         let t = ts.type_url.as_str();
         let mut resources = Vec::new();
         let mut removed = Vec::new();
+        if !ts.pending.is_empty() {
+            // The next part of a split first response; changes wait until it is complete.
+            let part = first_part(&mut ts.pending, chunk.unwrap_or(CHUNK_BYTES));
+            let last = ts.pending.is_empty();
+            let removed = if last {
+                std::mem::take(&mut ts.pending_removed)
+            } else {
+                Vec::new()
+            };
+            return Some(self.respond(i, part, removed, !last, None));
+        }
         if ts.full {
             match &ts.sub {
                 Subscription::Wildcard => {
@@ -344,13 +410,38 @@ impl StreamState {
         }
         resources.sort_by(|a, b| a.name.cmp(&b.name));
         removed.sort();
+        if let Some(budget) = chunk {
+            let total: usize = resources.iter().map(resource_bytes).sum();
+            if total > budget {
+                let part = first_part(&mut resources, budget);
+                ts.pending = resources;
+                ts.pending_removed = removed;
+                return Some(self.respond(i, part, Vec::new(), true, oldest_change));
+            }
+        }
+        Some(self.respond(i, resources, removed, false, oldest_change))
+    }
+
+    fn respond(
+        &mut self,
+        i: usize,
+        resources: Vec<Resource>,
+        removed: Vec<String>,
+        partial: bool,
+        oldest_change: Option<Instant>,
+    ) -> Built {
         self.responses += 1;
         let nonce = format!("{:x}-{:x}", self.id, self.responses);
+        let ts = &mut self.types[i];
         ts.in_flight = Some(nonce.clone());
         let initial = !std::mem::replace(&mut ts.answered, true);
-        Some(Built {
+        Built {
             response: DeltaDiscoveryResponse {
-                system_version_info: String::new(),
+                system_version_info: if partial {
+                    common::xds::PARTIAL_RESPONSE.to_string()
+                } else {
+                    String::new()
+                },
                 resources,
                 type_url: ts.type_url.clone(),
                 nonce,
@@ -358,7 +449,7 @@ impl StreamState {
             },
             oldest_change,
             initial,
-        })
+        }
     }
 }
 

@@ -25,9 +25,13 @@ struct Plane {
 }
 
 async fn control_plane(serve_cfg: ServeConfig) -> Plane {
+    control_plane_with(super::xds_server::cfg(20, 200), serve_cfg).await
+}
+
+async fn control_plane_with(xds_cfg: controller::xds::XdsConfig, serve_cfg: ServeConfig) -> Plane {
     let api = FakeApiServer::start().await;
     api.apply_yaml(FIXTURE).expect("fixture loads");
-    let xds = XdsServer::new(super::xds_server::cfg(20, 200), None);
+    let xds = XdsServer::new(xds_cfg, None);
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let (synced_tx, mut synced) = tokio::sync::watch::channel(false);
     tokio::spawn(controller::watch::run_watchers(api.client(), tx));
@@ -278,4 +282,32 @@ async fn service_entries_register_once_though_also_sent_as_addresses() {
         "the proxy's own endpoint workload, not the feed's: {}",
         ep.uid
     );
+}
+
+/// A first response split in parts (here ~1 KiB each) is applied as one: readiness only after
+/// the last part, one snapshot, every workload in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_response_in_parts_builds_one_complete_snapshot() {
+    let xds_cfg = controller::xds::XdsConfig {
+        chunk_bytes: 1024,
+        ..super::xds_server::cfg(20, 200)
+    };
+    let plane = control_plane_with(xds_cfg, ServeConfig::default()).await;
+    let pods: Vec<String> = plane
+        .xds
+        .resource_names(common::xds::ADDRESS_TYPE)
+        .into_iter()
+        .filter(|n| n.contains("//Pod/"))
+        .collect();
+    assert!(pods.len() > 5, "enough to need parts: {pods:?}");
+    let (store, ready, _task) = proxy(&plane);
+    wait_until("every type ACKed", || ready.load(Ordering::Acquire)).await;
+    assert_eq!(store.generation(), 1, "one snapshot for all the parts");
+    let snap = store.current();
+    for uid in &pods {
+        assert!(
+            snap.workloads.iter().any(|w| &w.uid == uid),
+            "{uid} missing from the snapshot"
+        );
+    }
 }
