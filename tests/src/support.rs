@@ -95,10 +95,15 @@ pub async fn wait_log_line(
     }
 }
 
-/// Waits until the peer closes `stream` (EOF or reset); fails after `timeout`.
-pub async fn closed_within(stream: &mut tokio::net::TcpStream, timeout: Duration) -> bool {
+/// Waits until the peer closes `stream` (EOF or error); returns how long that took, or `None`
+/// if it was still open after `timeout`.
+pub async fn closed_after<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    timeout: Duration,
+) -> Option<Duration> {
     use tokio::io::AsyncReadExt;
-    let mut buf = [0u8; 64];
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 256];
     let read = async {
         loop {
             match stream.read(&mut buf).await {
@@ -107,5 +112,13 @@ pub async fn closed_within(stream: &mut tokio::net::TcpStream, timeout: Duration
             }
         }
     };
-    tokio::time::timeout(timeout, read).await.is_ok()
+    tokio::time::timeout(timeout, read)
+        .await
+        .ok()
+        .map(|_| start.elapsed())
+}
+
+/// Whether the peer closes `stream` (EOF or reset) within `timeout`.
+pub async fn closed_within(stream: &mut tokio::net::TcpStream, timeout: Duration) -> bool {
+    closed_after(stream, timeout).await.is_some()
 }

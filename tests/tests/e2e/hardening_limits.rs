@@ -10,30 +10,11 @@ use tests::apps::{echo_roundtrip, echo_server, probe_echo, Outcome};
 use tests::hbone;
 use tests::l7mesh::L7Mesh;
 use tests::mesh::{echo_vip, standard_config, Mesh};
-use tests::support::addr;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tests::support::{addr, closed_after};
+use tokio::io::AsyncWriteExt;
 
 /// How long each test lets the proxy wait for a stalled peer (its deadline flag).
 const DEADLINE: &str = "2s";
-
-/// Waits until the peer closes `stream` (EOF or error); returns how long that took, or `None`
-/// if it was still open after `timeout`.
-async fn closed_after<S: AsyncRead + Unpin>(stream: &mut S, timeout: Duration) -> Option<Duration> {
-    let start = Instant::now();
-    let mut buf = [0u8; 256];
-    let read = async {
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => continue,
-            }
-        }
-    };
-    tokio::time::timeout(timeout, read)
-        .await
-        .ok()
-        .map(|_| start.elapsed())
-}
 
 async fn two_nodes_with_args(label: &str, args: &[&str]) -> Mesh {
     Mesh::two_nodes_with(label, &standard_config(), |_, opts| {
