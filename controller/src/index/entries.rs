@@ -16,22 +16,25 @@ use common::config::assemble::{assemble, Parts};
 use common::config::waypoints::BOUND_WAYPOINT_ANNOTATION;
 use common::model::{Service, Workload};
 use common::xds::SERVICE_ENTRY_MARKER;
+use serde::Deserialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+/// The string-valued entries of the object at `pointer` in `value` (labels, selectors).
+fn string_map(value: &Value, pointer: &str) -> Option<BTreeMap<String, String>> {
+    let m = value.pointer(pointer)?.as_object()?;
+    Some(
+        m.iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+            .collect(),
+    )
+}
+
 /// `metadata.labels` of an object (string values only).
 fn labels(value: &Value) -> BTreeMap<String, String> {
-    value
-        .pointer("/metadata/labels")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                .collect()
-        })
-        .unwrap_or_default()
+    string_map(value, "/metadata/labels").unwrap_or_default()
 }
 
 /// The ServiceEntry `value` (key `key`) as sent to the proxies, and its binding.
@@ -140,14 +143,8 @@ pub(crate) fn addresses(
             let w = workloads
                 .entry(uid(&target.hostname))
                 .or_insert_with_key(|uid| {
-                    let mut w = Workload::outside_mesh(
-                        uid.clone(),
-                        &key.1,
-                        &key.0,
-                        IpAddr::from([0, 0, 0, 0]),
-                        "serviceentry",
-                    );
-                    w.workload_ips.clear();
+                    let mut w =
+                        Workload::outside_mesh(uid.clone(), &key.1, &key.0, None, "serviceentry");
                     w.hostname = target.hostname.clone();
                     w.labels = target
                         .labels
@@ -176,31 +173,28 @@ pub(crate) fn addresses(
     (services, workloads.into_values().collect())
 }
 
-/// The automatic VIPs of all entries' hosts ([`common::vip`]): hosts of entries with no
-/// `addresses` and a resolution other than NONE (Istio's default), wildcards excepted.
+/// The automatic VIPs of all entries' hosts ([`common::vip`]), chosen by the proxies' own rule
+/// ([`common::service_entries::auto_vip_hosts`]) over the entries they would accept.
 pub(crate) fn auto_vips(
     policies: &super::policies::Policies,
 ) -> BTreeMap<(String, String), std::net::Ipv4Addr> {
-    let pairs: Vec<(String, String)> = policies
+    use common::l7::service_entry::{self, ServiceEntry, ServiceEntrySpec};
+    let entries: Vec<Arc<ServiceEntry>> = policies
         .all_of(super::objects::Kind::ServiceEntry)
-        .filter(|(_, v)| {
-            let spec = &v["spec"];
-            let no_addresses = spec["addresses"].as_array().is_none_or(|a| a.is_empty());
-            let resolution = spec["resolution"].as_str().unwrap_or("NONE");
-            no_addresses && resolution != "NONE"
-        })
-        .flat_map(|((ns, _), v)| {
-            v["spec"]["hosts"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .filter(|h| !h.starts_with('*'))
-                .map(|h| (ns.clone(), h.to_string()))
-                .collect::<Vec<_>>()
+        .filter_map(|((ns, name), v)| {
+            let spec = ServiceEntrySpec::deserialize(&v["spec"]).ok()?;
+            service_entry::validate(&spec).ok()?;
+            Some(Arc::new(ServiceEntry {
+                name: name.clone(),
+                namespace: ns.clone(),
+                spec,
+                labels: BTreeMap::new(),
+                annotations: BTreeMap::new(),
+                document: 0,
+            }))
         })
         .collect();
-    common::vip::allocate(pairs.iter().map(|(n, h)| (n.as_str(), h.as_str())))
+    common::vip::allocate(common::service_entries::auto_vip_hosts(&entries))
 }
 
 /// A `workloadSelector` ServiceEntry as it touches pods: the pods of its namespace with these
@@ -220,16 +214,9 @@ pub(crate) fn selectors_in(policies: &super::policies::Policies, ns: &str) -> Ve
         let Some(spec) = policies.stored(kind, &key).map(|v| &v["spec"]) else {
             continue;
         };
-        let Some(labels) = spec
-            .pointer("/workloadSelector/labels")
-            .and_then(Value::as_object)
-        else {
+        let Some(labels) = string_map(spec, "/workloadSelector/labels") else {
             continue;
         };
-        let labels = labels
-            .iter()
-            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-            .collect();
         let port = |v: &Value| u16::try_from(v.as_u64()?).ok();
         let ports: BTreeMap<u16, u16> = spec["ports"]
             .as_array()
