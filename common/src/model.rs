@@ -157,11 +157,12 @@ fn default_trust_domain() -> String {
 impl Workload {
     /// An endpoint outside the mesh (a ServiceEntry's, or an address a DNS-resolved entry
     /// resolved to): plain TCP, on no node, healthy; `workload_type` says where it came from.
+    /// No `ip`: a name still to resolve (the caller sets `hostname`).
     pub fn outside_mesh(
         uid: String,
         name: &str,
         namespace: &str,
-        ip: IpAddr,
+        ip: Option<IpAddr>,
         workload_type: &str,
     ) -> Workload {
         Workload {
@@ -170,7 +171,7 @@ impl Workload {
             namespace: namespace.to_string(),
             service_account: default_service_account(),
             trust_domain: default_trust_domain(),
-            workload_ips: vec![ip],
+            workload_ips: ip.into_iter().collect(),
             protocol: Protocol::Tcp,
             node: String::new(),
             network: String::new(),

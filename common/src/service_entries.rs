@@ -359,7 +359,7 @@ pub fn register(
                         format!("{kind}/{}/{}/{ip}", se.namespace, se.name),
                         &se.name,
                         &se.namespace,
-                        ip,
+                        Some(ip),
                         &kind.to_ascii_lowercase(),
                     );
                     if let Some(sa) = &ep.service_account {

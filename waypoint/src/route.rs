@@ -217,7 +217,7 @@ pub async fn with_dns_endpoints(
                 format!("dns/{}/{}", svc.hostname, r.addr.ip()),
                 &r.target.hostname,
                 &svc.namespace,
-                r.addr.ip(),
+                Some(r.addr.ip()),
                 "dns",
             );
             w.labels = r

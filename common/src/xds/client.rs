@@ -484,7 +484,7 @@ impl XdsClient {
             let type_url = resp.type_url.clone();
             let nonce = resp.nonce.clone();
             let partial = resp.system_version_info == PARTIAL_RESPONSE;
-            let applied = self.apply(resp).await;
+            let applied = self.apply(resp, partial).await;
             let error_detail = applied.nack.map(|message| {
                 tracing::warn!(type_url = %type_url, %message, "NACK");
                 RpcStatus {
@@ -511,9 +511,9 @@ impl XdsClient {
         }
     }
 
-    /// Applies one response and swaps in the new snapshot (or undoes it).
-    async fn apply(&mut self, resp: DeltaDiscoveryResponse) -> Applied {
-        let resp_partial = resp.system_version_info == PARTIAL_RESPONSE;
+    /// Applies one response and swaps in the new snapshot (or undoes it). `partial`: more of
+    /// the same first response follows ([`PARTIAL_RESPONSE`]).
+    async fn apply(&mut self, resp: DeltaDiscoveryResponse, partial: bool) -> Applied {
         let type_url = resp.type_url.as_str();
         let mut rejected: Vec<String> = Vec::new();
         let mut log = Vec::new();
@@ -542,7 +542,6 @@ impl XdsClient {
                 nack: Some(rejected.join("; ")),
             };
         }
-        let partial = resp_partial;
         if !partial {
             self.received.insert(type_url.to_string());
         }
