@@ -1,15 +1,16 @@
-//! Kubernetes Events about Istio objects, written by the Lease holder only: a Warning
-//! `Rejected` on an object the index refused (note: field path and message), a Normal
-//! `Accepted` when an object reported rejected is accepted again, and a Warning `NackedByProxy`
-//! when a proxy NACKs a config resource that names an Istio object (note: the proxy's node id
-//! and reason; one per object and reason per minute). `events.k8s.io/v1` Events, which
-//! `kubectl describe` lists with the object (`regarding` carries its uid).
+//! Kubernetes Events about Istio objects: a Warning `Rejected` on an object the index refused
+//! (note: field path and message) and a Normal `Accepted` when an object reported rejected is
+//! accepted again, both written by the Lease holder only (every replica computes the same
+//! verdicts); and a Warning `NackedByProxy` when a proxy NACKs a config resource that names an
+//! Istio object (note: the proxy's node id and reason; one per object and reason per minute),
+//! written by whichever replica the proxy is connected to, since only that replica sees the
+//! NACK. `events.k8s.io/v1` Events, which `kubectl describe` lists with the object
+//! (`regarding` carries its uid; `reportingInstance` names the replica).
 //!
 //! [`plan`] decides (sans-IO); [`run`] writes. The feed publishes the verdicts after every
 //! batch ([`crate::feed::feed_with_verdicts`]); NACKs come from
 //! [`crate::xds::XdsServer::nack_reports`]. A new leader reports the rejections that exist when
-//! it takes over once more (it cannot know what its predecessor wrote); a follower only logs
-//! and counts NACKs from its own streams.
+//! it takes over once more (it cannot know what its predecessor wrote).
 
 pub mod plan;
 
@@ -126,7 +127,8 @@ async fn current_uid(client: &kube::Client, r: &Regarding) -> Option<String> {
     }
 }
 
-/// Writes Events while `leader` is true, until `verdicts`' sender is dropped.
+/// Writes verdict Events while `leader` is true and NACK Events always, until `verdicts`'
+/// sender is dropped.
 pub async fn run(
     client: kube::Client,
     cfg: EventsConfig,
@@ -165,7 +167,7 @@ pub async fn run(
             r = leader.changed() => if r.is_err() { return },
             r = verdicts.changed() => if r.is_err() { return },
             n = nacks.recv(), if nacks_open => match n {
-                Some(report) => on_nack(&client, &cfg, &leader, &mut limiter, report).await,
+                Some(report) => on_nack(&client, &cfg, &mut limiter, report).await,
                 None => nacks_open = false,
             },
             _ = retry => {}
@@ -173,16 +175,13 @@ pub async fn run(
     }
 }
 
+/// A NACK from one of this replica's own streams (leader or not: no other replica sees it).
 async fn on_nack(
     client: &kube::Client,
     cfg: &EventsConfig,
-    leader: &watch::Receiver<bool>,
     limiter: &mut NackLimiter,
     report: NackReport,
 ) {
-    if !*leader.borrow() {
-        return;
-    }
     let Some(mut regarding) = nacked_object(&report) else {
         return;
     };

@@ -1,7 +1,7 @@
 //! A proxy's NACK, per resource: the error detail our proxies' client sends lists
 //! `<name>: <reason>` entries joined by `; ` (see `common::xds::client`); Istio's ztunnel sends
-//! free text. [`resources`] splits it, and each entry becomes a [`NackReport`] that the lead
-//! (the Lease holder's Event writer) may consume through [`super::XdsServer::nack_reports`].
+//! free text. [`resources`] splits it, and each entry becomes a [`NackReport`] that this
+//! replica's Event writer consumes through [`super::XdsServer::nack_reports`].
 
 /// One resource a proxy refused.
 #[derive(Debug, Clone, PartialEq, Eq)]

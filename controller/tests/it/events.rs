@@ -3,7 +3,8 @@
 //! ADS server and Event writer, and a proxy's real xDS client on the leader. An invalid
 //! VirtualService gets a Warning `Rejected` Event (and `NackedByProxy` from the proxy refusing
 //! it), a valid one gets none and still reaches the proxy, fixing the invalid one yields one
-//! Normal `Accepted` and no new Warning, and the follower writes nothing.
+//! Normal `Accepted` and no new Warning. The follower writes no verdicts, but does report the
+//! NACK of the proxy connected to it (no other replica sees that NACK).
 
 use common::config::watch::ConfigStore;
 use common::snapshot::Snapshot;
@@ -125,7 +126,7 @@ fn routes_vs(snap: &Snapshot, vs: &str) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rejected_objects_and_nacks_become_events_on_the_leader_only() {
+async fn rejected_objects_become_events_on_the_leader_and_nacks_on_the_proxys_replica() {
     let api = FakeApiServer::start().await;
     api.apply_yaml(FIXTURE).expect("fixture loads");
     let a = replica(&api, "replica-a").await;
@@ -182,11 +183,23 @@ async fn rejected_objects_and_nacks_become_events_on_the_leader_only() {
     );
     assert_eq!(nacked[0]["regarding"]["uid"], bad["metadata"]["uid"]);
     assert!(a.xds.metrics().nacked_resource_count(CONFIG_TYPE) >= 1);
-    // The follower's proxy NACKed too (counted there), but the follower wrote nothing.
+    // The follower's proxy NACKed too: counted there, and reported by the follower itself.
     wait_until("the follower's proxy NACK", || {
         b.xds.metrics().nacked_resource_count(CONFIG_TYPE) >= 1
     })
     .await;
+    let by = |instance: &str| {
+        events(&api, "bad", "NackedByProxy")
+            .into_iter()
+            .filter(|e| e["reportingInstance"] == instance)
+            .count()
+    };
+    wait_until("a NackedByProxy event from the follower", || {
+        by("replica-b") > 0
+    })
+    .await;
+    assert_eq!(by("replica-a"), 1, "one per object and reason per window");
+    assert_eq!(by("replica-b"), 1, "one per object and reason per window");
 
     // A change to the invalid object that keeps the same reason: no new Warning.
     let mut relabelled = bad.clone();
@@ -211,14 +224,14 @@ async fn rejected_objects_and_nacks_become_events_on_the_leader_only() {
     assert_eq!(accepted.len(), 1, "{accepted:?}");
     assert_eq!(accepted[0]["type"], "Normal");
 
-    // Nothing about the valid object, and every Event from the leader.
+    // Nothing about the valid object, and every verdict Event from the leader.
     let all = api.list("events.k8s.io/v1", "Event");
     assert!(
         all.iter().all(|e| e["regarding"]["name"] != "good"),
         "{all:?}"
     );
     assert!(!all.is_empty());
-    for e in &all {
+    for e in all.iter().filter(|e| e["reason"] != "NackedByProxy") {
         assert_eq!(e["reportingInstance"], "replica-a", "{e}");
     }
 }
