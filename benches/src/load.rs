@@ -46,15 +46,83 @@ pub fn start_server(ns: &Netns, addr: SocketAddr) -> Result<BenchServer> {
     let listener = ns.tcp_listener(addr)?;
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let _ = serve(stream).await;
-            });
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(async move {
+                        let _ = serve(stream).await;
+                    });
+                }
+                // EMFILE and friends: say so and back off, never spin on them silently
+                // (a spinning accept loop left connections queued unanswered).
+                Err(e) => {
+                    eprintln!("bench server: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
         }
     });
     Ok(BenchServer { task })
+}
+
+/// The bench server as a process of its own (`benches --bench-server <addr>`, started inside
+/// a namespace by [`ServerProcess::start`]): serves until killed.
+pub async fn server_main(addr: SocketAddr) -> Result<()> {
+    tests::mesh::raise_nofile_limit(65536)?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    // `start_server` with a listener made in this process's own namespace.
+    let socket = socket2::SockRef::from(&listener);
+    socket.listen(4096)?;
+    println!("listening on {addr}");
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(async move {
+                    let _ = serve(stream).await;
+                });
+            }
+            Err(e) => {
+                eprintln!("bench server: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The bench server in a process of its own inside a namespace, so that its sockets do not
+/// count against the client process's open-file limit (10 000 held connections need 10 000
+/// descriptors on each side); killed on drop.
+pub struct ServerProcess {
+    child: std::process::Child,
+}
+
+impl ServerProcess {
+    pub fn start(ns: &Netns, addr: SocketAddr) -> Result<ServerProcess> {
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", ns.name()])
+            .arg(std::env::current_exe()?)
+            .args(["--bench-server", &addr.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting the bench server process")?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().context("server stdout")?;
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        let server = ServerProcess { child };
+        ensure!(
+            line.starts_with("listening"),
+            "bench server did not start: {line:?}"
+        );
+        Ok(server)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 async fn serve(s: TcpStream) -> std::io::Result<()> {

@@ -67,6 +67,16 @@ fn main() -> Result<()> {
             secs.parse()?,
         ));
     }
+    if args.first().map(String::as_str) == Some("--bench-server") {
+        // The soak's echo server process (see load.rs): <listen address>.
+        let [_, addr] = args.as_slice() else {
+            bail!("--bench-server <address>");
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        return rt.block_on(load::server_main(addr.parse()?));
+    }
     let mut quick = false;
     let mut l7 = false;
     let mut soak = false;

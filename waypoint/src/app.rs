@@ -129,6 +129,11 @@ pub struct RunArgs {
     /// peer stalling handshakes cannot lock every other peer out of new connections.
     #[arg(long, default_value_t = common::admission::Caps::default().handshakes_per_source)]
     pub max_concurrent_handshakes_per_source: usize,
+    /// Connections over their source's handshake cap that wait (socket only, no TLS state)
+    /// for one of its places until the handshake timeout, rather than being reset at once —
+    /// a reset slowloris only reconnects at once; more than this are reset.
+    #[arg(long, default_value_t = common::admission::Caps::default().handshakes_waiting)]
+    pub max_waiting_handshakes: usize,
     /// The resolv.conf whose nameservers resolve the DNS-resolution ServiceEntries bound to
     /// this waypoint.
     #[arg(long, env = "WAYPOINT_RESOLV_CONF", default_value = "/etc/resolv.conf")]
@@ -342,6 +347,7 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
             per_source: args.max_connections_per_source,
             handshakes: args.max_concurrent_handshakes,
             handshakes_per_source: args.max_concurrent_handshakes_per_source,
+            handshakes_waiting: args.max_waiting_handshakes,
         },
         state.metrics.shed.clone(),
     );

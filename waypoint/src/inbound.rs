@@ -63,6 +63,8 @@ async fn handle_connection(
     peer: SocketAddr,
     permit: ConnPermit,
 ) {
+    // Waiting for a handshake place and the handshake itself share one deadline.
+    let deadline = tokio::time::Instant::now() + state.settings.handshake_timeout;
     let cert = match state.certs.get_wait(&state.identity).await {
         Ok(c) => c,
         Err(e) => {
@@ -70,13 +72,28 @@ async fn handle_connection(
             return;
         }
     };
-    let Ok(handshake) = permit.handshake() else {
+    let Ok(handshake) = permit.handshake(deadline).await else {
         return;
     };
+    // Boxed: a connection waiting above for its source's handshake place keeps only this
+    // small future, not the TLS and HTTP/2 state machines (see common::admission).
+    Box::pin(serve_tls(state, stream, peer, cert, handshake, deadline)).await;
+    drop(permit);
+}
+
+/// The TLS handshake (within `deadline`) and the HBONE connection that follows.
+async fn serve_tls(
+    state: Arc<State>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    cert: Arc<common::identity::store::WorkloadCert>,
+    handshake: common::admission::HandshakePermit,
+    deadline: tokio::time::Instant,
+) {
     let (tls_stream, peer_id) = match accept_tls(
         stream,
         cert.server_config.clone(),
-        state.settings.handshake_timeout,
+        deadline.saturating_duration_since(tokio::time::Instant::now()),
     )
     .await
     {

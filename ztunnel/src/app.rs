@@ -279,6 +279,7 @@ async fn run_async(args: RunArgs, log: common::logging::LogHandle) -> anyhow::Re
         per_source: args.max_connections_per_source,
         handshakes: args.max_concurrent_handshakes,
         handshakes_per_source: args.max_concurrent_handshakes_per_source,
+        handshakes_waiting: args.max_waiting_handshakes,
     };
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(proxy::serve(

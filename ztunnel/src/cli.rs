@@ -202,6 +202,11 @@ pub struct RunArgs {
     /// peer stalling handshakes cannot lock every other peer out of new connections.
     #[arg(long, default_value_t = common::admission::Caps::default().handshakes_per_source)]
     pub max_concurrent_handshakes_per_source: usize,
+    /// Connections over their source's handshake cap that wait (socket only, no TLS state)
+    /// for one of its places until the handshake timeout, rather than being reset at once —
+    /// a reset slowloris only reconnects at once; more than this are reset.
+    #[arg(long, default_value_t = common::admission::Caps::default().handshakes_waiting)]
+    pub max_waiting_handshakes: usize,
     /// The resolv.conf whose nameservers resolve DNS-resolution ServiceEntries (and answer
     /// what the DNS proxy forwards).
     #[arg(long, env = "ZTUNNEL_RESOLV_CONF", default_value = "/etc/resolv.conf")]

@@ -11,7 +11,7 @@ use tests::hbone;
 use tests::l7mesh::L7Mesh;
 use tests::mesh::{echo_vip, standard_config, Mesh};
 use tests::support::{addr, closed_after};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How long each test lets the proxy wait for a stalled peer (its deadline flag).
 const DEADLINE: &str = "2s";
@@ -71,7 +71,10 @@ async fn handshakes_over_the_cap_are_shed_and_counted() {
 
 /// A peer stalling handshakes (slowloris) takes at most its own share of the handshake
 /// places: another peer still opens its HBONE connection (before, one source could hold
-/// every place for as long as the handshake deadline, over and over).
+/// every place for as long as the handshake deadline, over and over). Its connections over
+/// its share wait, holding no TLS state, until their handshake deadline rather than being
+/// reset at once (a reset slowloris only reconnects at once: a connection flood); only those
+/// beyond the waiting places are reset at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_peer_stalling_handshakes_does_not_lock_others_out() {
     let mesh = two_nodes_with_args(
@@ -81,8 +84,10 @@ async fn one_peer_stalling_handshakes_does_not_lock_others_out() {
             "4",
             "--max-concurrent-handshakes-per-source",
             "2",
+            "--max-waiting-handshakes",
+            "2",
             "--handshake-timeout",
-            "20s",
+            "4s",
         ],
     )
     .await;
@@ -92,25 +97,48 @@ async fn one_peer_stalling_handshakes_does_not_lock_others_out() {
     let hbone_b = addr("10.244.2.2:15008");
     let mut silent = Vec::new();
     for _ in 0..6 {
-        if let Ok(s) = n1.connect(hbone_b).await {
-            silent.push(s);
-        }
+        silent.push(n1.connect(hbone_b).await.expect("TCP connect"));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Pod a's first connection needs a new HBONE connection (a handshake) from its own IP.
     let outcome = probe_echo(&mesh.pod("a").ns, echo_vip(), Duration::from_secs(10)).await;
     assert!(matches!(outcome, Outcome::Echoed), "{outcome:?}");
-    let m = mesh.ztunnel("n2").metrics().await.unwrap();
-    let per_source = sum_metric(
-        &m,
-        "ztunnel_connections_shed_total",
-        &[("listener", "inbound"), ("reason", "handshakes_per_source")],
-    );
+    let shed = || async {
+        let m = mesh.ztunnel("n2").metrics().await.unwrap();
+        sum_metric(
+            &m,
+            "ztunnel_connections_shed_total",
+            &[("listener", "inbound"), ("reason", "handshakes_per_source")],
+        )
+    };
     assert_eq!(
-        per_source, 4.0,
-        "all but two of the attacker's six were shed"
+        shed().await,
+        2.0,
+        "two in handshake, two waiting, two reset"
     );
-    drop(silent);
+    let open = still_open(&mut silent).await;
+    assert_eq!(
+        open, 4,
+        "the two handshaking and the two waiting are not reset"
+    );
+    // At the handshake deadline every one of them is closed (the waiting ones shed, or, when
+    // a handshaking one's place frees at that same deadline, timed out in their handshake).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(still_open(&mut silent).await, 0);
+}
+
+/// How many of `conns` the server has neither closed nor reset (each is silent: a read
+/// that has not returned within 100 ms means open).
+async fn still_open(conns: &mut [tokio::net::TcpStream]) -> usize {
+    let mut open = 0;
+    for s in conns.iter_mut() {
+        let mut b = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_millis(100), s.read(&mut b)).await;
+        if read.is_err() {
+            open += 1;
+        }
+    }
+    open
 }
 
 /// A pod may hold only so many connections through one listener; the next is shed.

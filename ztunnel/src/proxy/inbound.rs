@@ -22,6 +22,8 @@ pub async fn handle(
     peer: SocketAddr,
     permit: common::admission::ConnPermit,
 ) {
+    // Waiting for a handshake place and the handshake itself share one deadline.
+    let deadline = tokio::time::Instant::now() + state.settings.handshake_timeout;
     let local = match stream.local_addr() {
         Ok(a) => a,
         Err(_) => return,
@@ -54,14 +56,33 @@ pub async fn handle(
             return;
         }
     };
-    let Ok(handshake) = permit.handshake() else {
+    let Ok(handshake) = permit.handshake(deadline).await else {
         super::reset(stream);
         return;
     };
+    // Boxed: a connection waiting above for its source's handshake place keeps only this
+    // small future, not the TLS and HTTP/2 state machines (see common::admission).
+    Box::pin(serve_tls(
+        state, stream, peer, local, cert, handshake, deadline,
+    ))
+    .await;
+    drop(permit);
+}
+
+/// The TLS handshake (within `deadline`) and the HBONE connection that follows.
+async fn serve_tls(
+    state: Arc<ProxyState>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    cert: Arc<common::identity::store::WorkloadCert>,
+    handshake: common::admission::HandshakePermit,
+    deadline: tokio::time::Instant,
+) {
     let (tls_stream, peer_id) = match accept_tls(
         stream,
         cert.server_config.clone(),
-        state.settings.handshake_timeout,
+        deadline.saturating_duration_since(tokio::time::Instant::now()),
     )
     .await
     {
