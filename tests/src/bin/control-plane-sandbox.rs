@@ -5,11 +5,15 @@
 //! Service `echo` in front of `b`, one L4 AuthorizationPolicy), starts the real `controller`
 //! (xDS + CA on 10.0.0.1:15012), writes each node's ztunnel token and the published root to
 //! files, prints the environment an Istio ztunnel on a node needs, and waits for Ctrl-C
-//! (everything is torn down then). Needs root and `cargo build --bins` first.
+//! (everything is torn down then). Each pod of the application also gets a token of its own
+//! service account, and the command for an Istio ztunnel in *dedicated* mode inside that
+//! pod's namespace (it proxies for that one pod, needs no CNI, and so carries real traffic:
+//! e.g. our ztunnel on n1 with `--xds-address`, pod a → `echo` → Istio's ztunnel in pod b).
+//! Needs root and `cargo build --bins` first.
 
 use anyhow::Result;
 use serde_json::json;
-use tests::cluster::{token_of, ClusterMesh, CONTROLLER_ADDR, SYSTEM_NS};
+use tests::cluster::{token_info, token_of, ClusterMesh, CONTROLLER_ADDR, SYSTEM_NS};
 
 /// The e2e echo application plus one L4 policy, so a node agent has some of each resource.
 fn objects() -> Vec<serde_json::Value> {
@@ -57,6 +61,33 @@ async fn main() -> Result<()> {
     }
     for p in &mesh.topo.pods {
         println!("# pod {} ({}): netns {}", p.name, p.ip, p.ns.name());
+    }
+    for pod in objects().iter().filter(|o| o["kind"] == "Pod") {
+        let (ns, name) = (
+            pod["metadata"]["namespace"].as_str().unwrap_or("default"),
+            pod["metadata"]["name"].as_str().unwrap_or_default(),
+        );
+        let sa = pod["spec"]["serviceAccountName"]
+            .as_str()
+            .unwrap_or("default");
+        let Some(p) = mesh.topo.pods.iter().find(|p| p.name == name) else {
+            continue;
+        };
+        let token = mesh.dir.join(&format!("pod-{name}.token"));
+        std::fs::write(&token, token_of(name))?;
+        mesh.api
+            .add_token(&token_of(name), token_info(ns, sa, name));
+        println!(
+            "\n# dedicated mode in pod {name}: ip netns exec {netns} env PROXY_MODE=dedicated \\\n  \
+             PROXY_WORKLOAD_INFO={ns}/{name}/{sa} \\\n  \
+             XDS_ADDRESS=https://{CONTROLLER_ADDR} CA_ADDRESS=https://{CONTROLLER_ADDR} \\\n  \
+             XDS_ROOT_CA={root} CA_ROOT_CA={root} AUTH_TOKEN={token} \\\n  \
+             POD_NAME={name} POD_NAMESPACE={ns} INSTANCE_IP={ip} <istio ztunnel> proxy",
+            netns = p.ns.name(),
+            root = mesh.root.display(),
+            token = token.display(),
+            ip = p.ip,
+        );
     }
     println!("\nCtrl-C tears everything down.");
     tokio::signal::ctrl_c().await?;
