@@ -4,6 +4,7 @@
 //! fans out). Aliases are Istio's: `<network>/<ip>` per address of a workload or VIP of a service.
 
 use crate::index::Changes;
+use crate::xds::cache::node_group;
 use crate::xds::Change;
 use common::model::{Service, Workload};
 use common::xds::{
@@ -22,12 +23,14 @@ fn workload_change(name: &str, w: &Workload) -> Option<Change> {
             let msg = wds::Address {
                 r#type: Some(wds::address::Type::Workload(p)),
             };
-            Some(Change::upsert(
-                ADDRESS_TYPE,
-                name,
-                msg.encode_to_vec(),
-                aliases,
-            ))
+            let mut groups: Vec<String> = w.services.keys().cloned().collect();
+            if !w.node.is_empty() {
+                groups.push(node_group(&w.node));
+            }
+            Some(
+                Change::upsert(ADDRESS_TYPE, name, msg.encode_to_vec(), aliases)
+                    .with_groups(groups),
+            )
         }
         Err(e) => {
             tracing::error!(workload = %name, error = %e, "cannot encode workload; not published");

@@ -2,10 +2,14 @@
 //! resource wrapped once into its `envoy.service.discovery.v3.Resource` (Any + aliases) and
 //! versioned by a hash of its content, so an unchanged resource is never pushed and a
 //! reconnecting client that already holds a version is not sent it again.
+//!
+//! For clients that subscribe by name (Istio ztunnel's on-demand mode) it also indexes each
+//! resource's aliases (`<network>/<ip>`) and groups (the services a workload serves, the
+//! node it runs on): [`Cache::by_alias`], [`Cache::members`].
 
 use common::xds::discovery::Resource;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 /// One resource as every stream sends it.
@@ -17,6 +21,9 @@ pub struct CachedResource {
     pub version: String,
     /// The wire resource: name, version, `Any{type_url, value}`, aliases.
     pub resource: Resource,
+    /// Lookup groups this resource belongs to besides its name and aliases (see
+    /// [`Change::with_groups`]).
+    pub groups: Vec<String>,
 }
 
 /// A change to publish: `resource: None` removes the name.
@@ -28,6 +35,8 @@ pub struct Change {
     pub name: String,
     /// The encoded message (e.g. an `istio.workload.Address`) and its aliases; `None` = removed.
     pub resource: Option<(Vec<u8>, Vec<String>)>,
+    /// Lookup groups (not sent): see [`Change::with_groups`].
+    pub groups: Vec<String>,
 }
 
 impl Change {
@@ -42,7 +51,17 @@ impl Change {
             type_url: type_url.into(),
             name: name.into(),
             resource: Some((message, aliases)),
+            groups: Vec::new(),
         }
+    }
+
+    /// The groups a name subscription also brings this resource with: a workload is in each
+    /// of its services' groups (`<namespace>/<hostname>`, the service's resource name) and in
+    /// its node's ([`node_group`]), as istiod answers a subscription to a service with its
+    /// workloads and gives a by-name subscriber every workload of its own node.
+    pub fn with_groups(mut self, groups: Vec<String>) -> Self {
+        self.groups = groups;
+        self
     }
 
     /// A removed resource.
@@ -51,8 +70,14 @@ impl Change {
             type_url: type_url.into(),
             name: name.into(),
             resource: None,
+            groups: Vec::new(),
         }
     }
+}
+
+/// The group of the workloads on node `node`.
+pub fn node_group(node: &str) -> String {
+    format!("node:{node}")
 }
 
 /// Content version of a message with its aliases.
@@ -70,7 +95,13 @@ pub fn content_version(message: &[u8], aliases: &[String]) -> String {
 
 impl CachedResource {
     /// Wraps an encoded message once; all streams share the result.
-    pub fn new(type_url: &str, name: String, message: Vec<u8>, aliases: Vec<String>) -> Self {
+    pub fn new(
+        type_url: &str,
+        name: String,
+        message: Vec<u8>,
+        aliases: Vec<String>,
+        groups: Vec<String>,
+    ) -> Self {
         let version = content_version(&message, &aliases);
         let resource = Resource {
             version: version.clone(),
@@ -87,6 +118,7 @@ impl CachedResource {
             name,
             version,
             resource,
+            groups,
         }
     }
 }
@@ -98,6 +130,37 @@ pub struct Cache {
     /// Sequence number of the last applied change (every change gets the next one), so a
     /// stream knows whether a change is already reflected in a response it built.
     seq: u64,
+    /// Per type: alias → names carrying it (host-network pods share their node's address).
+    aliases: HashMap<String, HashMap<String, BTreeSet<String>>>,
+    /// Per type: group → member names.
+    groups: HashMap<String, HashMap<String, BTreeSet<String>>>,
+}
+
+/// The names under `key` of `type_url` in `index`.
+fn names_under<'a>(
+    index: &'a HashMap<String, HashMap<String, BTreeSet<String>>>,
+    type_url: &str,
+    key: &str,
+) -> impl Iterator<Item = &'a String> + 'a {
+    index
+        .get(type_url)
+        .and_then(|m| m.get(key))
+        .into_iter()
+        .flatten()
+}
+
+/// Adds (`add`) or removes `name` under each of `keys` in `index`.
+fn reindex(index: &mut HashMap<String, BTreeSet<String>>, keys: &[String], name: &str, add: bool) {
+    for k in keys {
+        if add {
+            index.entry(k.clone()).or_default().insert(name.to_string());
+        } else if let Some(names) = index.get_mut(k) {
+            names.remove(name);
+            if names.is_empty() {
+                index.remove(k);
+            }
+        }
+    }
 }
 
 /// A prepared change: the resource already wrapped (outside any lock).
@@ -109,9 +172,16 @@ pub(crate) struct Prepared {
 
 impl Prepared {
     pub(crate) fn new(c: Change) -> Self {
-        let resource = c
-            .resource
-            .map(|(m, a)| Arc::new(CachedResource::new(&c.type_url, c.name.clone(), m, a)));
+        let groups = c.groups;
+        let resource = c.resource.map(|(m, a)| {
+            Arc::new(CachedResource::new(
+                &c.type_url,
+                c.name.clone(),
+                m,
+                a,
+                groups,
+            ))
+        });
         Prepared {
             type_url: c.type_url,
             name: c.name,
@@ -126,22 +196,23 @@ impl Cache {
     pub(crate) fn apply(&mut self, changes: Vec<Prepared>) -> Vec<(String, String, u64)> {
         let mut changed = Vec::new();
         for p in changes {
-            let changed_now = match p.resource {
-                Some(r) => {
-                    let m = self.types.entry(p.type_url.clone()).or_default();
-                    match m.get(&p.name) {
-                        Some(old) if old.version == r.version => false,
-                        _ => {
-                            m.insert(p.name.clone(), r);
-                            true
-                        }
-                    }
-                }
-                None => self
-                    .types
-                    .get_mut(&p.type_url)
-                    .is_some_and(|m| m.remove(&p.name).is_some()),
+            let m = self.types.entry(p.type_url.clone()).or_default();
+            let old = match &p.resource {
+                Some(r) if m.get(&p.name).is_some_and(|old| old.version == r.version) => continue,
+                Some(r) => m.insert(p.name.clone(), r.clone()),
+                None => m.remove(&p.name),
             };
+            let changed_now = old.is_some() || p.resource.is_some();
+            let aliases = self.aliases.entry(p.type_url.clone()).or_default();
+            let groups = self.groups.entry(p.type_url.clone()).or_default();
+            if let Some(old) = &old {
+                reindex(aliases, &old.resource.aliases, &p.name, false);
+                reindex(groups, &old.groups, &p.name, false);
+            }
+            if let Some(r) = &p.resource {
+                reindex(aliases, &r.resource.aliases, &p.name, true);
+                reindex(groups, &r.groups, &p.name, true);
+            }
             if changed_now {
                 self.seq += 1;
                 changed.push((p.type_url, p.name, self.seq));
@@ -158,6 +229,21 @@ impl Cache {
     /// The resource `name` of `type_url`.
     pub fn get(&self, type_url: &str, name: &str) -> Option<&Arc<CachedResource>> {
         self.types.get(type_url)?.get(name)
+    }
+
+    /// The resource of `type_url` carrying `alias` (the first by name if several do).
+    pub fn by_alias(&self, type_url: &str, alias: &str) -> Option<&Arc<CachedResource>> {
+        let name = names_under(&self.aliases, type_url, alias).next()?;
+        self.get(type_url, name)
+    }
+
+    /// The resources of `type_url` in `group`.
+    pub fn members<'a>(
+        &'a self,
+        type_url: &'a str,
+        group: &str,
+    ) -> impl Iterator<Item = &'a Arc<CachedResource>> + 'a {
+        names_under(&self.groups, type_url, group).filter_map(move |n| self.get(type_url, n))
     }
 
     /// Every resource of `type_url`.

@@ -13,10 +13,11 @@
 //! A NACKed resource is not sent again until its content changes (it is only ever sent when
 //! dirty, i.e. changed), when the client subscribes to it again, or on a new stream.
 
-use super::cache::Cache;
+use super::cache::{node_group, Cache, CachedResource};
 use super::node::NodeInfo;
 use common::xds::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use tokio::time::Instant;
 
 /// Which names of a type a stream wants.
@@ -62,6 +63,8 @@ struct TypeState {
     /// The rest of a first response sent in parts (resources, then the removed names).
     pending: Vec<Resource>,
     pending_removed: Vec<String>,
+    /// By-name subscriptions only: what the client holds, name → version.
+    sent: HashMap<String, String>,
 }
 
 impl TypeState {
@@ -246,6 +249,7 @@ impl StreamState {
                 answered: false,
                 pending: Vec::new(),
                 pending_removed: Vec::new(),
+                sent: HashMap::new(),
             });
             return Ok(Event::Initial {
                 type_url: req.type_url,
@@ -285,6 +289,7 @@ impl StreamState {
             if let Subscription::Explicit(s) = &mut ts.sub {
                 s.remove(&n);
                 ts.dirty.remove(&n);
+                ts.sent.remove(&n);
             }
         }
         for n in named(req.resource_names_subscribe) {
@@ -362,6 +367,9 @@ impl StreamState {
             };
             return Some(self.respond(i, part, removed, !last, None));
         }
+        if matches!(ts.sub, Subscription::Explicit(_)) {
+            return self.build_by_name(i, cache);
+        }
         if ts.full {
             match &ts.sub {
                 Subscription::Wildcard => {
@@ -419,6 +427,81 @@ impl StreamState {
                 return Some(self.respond(i, part, Vec::new(), true, oldest_change));
             }
         }
+        Some(self.respond(i, resources, removed, false, oldest_change))
+    }
+
+    /// A by-name subscription's response: what the client should hold is worked out again
+    /// (its names, each found as a resource name or an alias, a service with its workloads,
+    /// and for Address every workload of the client's own `NODE_NAME`, as istiod answers
+    /// Istio ztunnel's on-demand mode) and compared with what it holds. A resource found by
+    /// alias is sent under the name the client asked for (the client waits for that name); a
+    /// name that exists nowhere is answered in `removed_resources` when first asked for.
+    fn build_by_name(&mut self, i: usize, cache: &Cache) -> Option<Built> {
+        let node_name = self
+            .node
+            .as_ref()
+            .and_then(|n| n.metadata.get("NODE_NAME"))
+            .filter(|n| !n.is_empty())
+            .cloned();
+        let ts = &mut self.types[i];
+        let t = ts.type_url.as_str();
+        let Subscription::Explicit(names) = &ts.sub else {
+            return None;
+        };
+        let first = std::mem::replace(&mut ts.full, false);
+        if first {
+            ts.sent = std::mem::take(&mut ts.client_versions);
+        }
+        let mut want: BTreeMap<String, &Arc<CachedResource>> = BTreeMap::new();
+        let mut missing = Vec::new();
+        for key in names {
+            match cache.get(t, key).or_else(|| cache.by_alias(t, key)) {
+                Some(r) => {
+                    want.insert(key.clone(), r);
+                    for m in cache.members(t, &r.name) {
+                        want.entry(m.name.clone()).or_insert(m);
+                    }
+                }
+                None => missing.push(key),
+            }
+        }
+        if let (Some(node), true) = (node_name, t == common::xds::ADDRESS_TYPE) {
+            for m in cache.members(t, &node_group(&node)) {
+                want.entry(m.name.clone()).or_insert(m);
+            }
+        }
+        let mut resources = Vec::new();
+        for (name, r) in &want {
+            if ts.sent.get(name) != Some(&r.version) {
+                let mut res = r.resource.clone();
+                res.name.clone_from(name);
+                resources.push(res);
+            }
+        }
+        let mut removed: Vec<String> = ts
+            .sent
+            .keys()
+            .filter(|n| !want.contains_key(*n))
+            .cloned()
+            .collect();
+        for key in missing {
+            let asked_now = first || ts.dirty.get(key) == Some(&u64::MAX);
+            if asked_now && !ts.sent.contains_key(key) {
+                removed.push(key.clone());
+            }
+        }
+        ts.sent = want
+            .iter()
+            .map(|(n, r)| (n.clone(), r.version.clone()))
+            .collect();
+        ts.dirty.clear();
+        ts.seen_seq = cache.seq();
+        let oldest_change = ts.oldest_change.take();
+        let must = std::mem::take(&mut ts.must_respond);
+        if resources.is_empty() && removed.is_empty() && !must {
+            return None;
+        }
+        removed.sort();
         Some(self.respond(i, resources, removed, false, oldest_change))
     }
 

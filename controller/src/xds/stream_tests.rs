@@ -319,3 +319,103 @@ fn large_first_response_comes_in_parts_to_clients_that_accept_them() {
     assert!(whole.response.system_version_info.is_empty());
     assert_eq!(names(&whole).len(), 4);
 }
+
+/// Istio ztunnel's on-demand mode: it subscribes to nothing (`*` in and out), then to the
+/// keys it needs — `<network>/<ip>` of a workload or service, a uid, `namespace/hostname` —
+/// and waits for a response naming each key.
+#[test]
+fn on_demand_subscriptions_resolve_aliases_bring_service_workloads_and_the_nodes_own() {
+    let svc = "default/echo.default.svc.cluster.local";
+    let upsert = |n: &str, v: &str, aliases: &[&str], groups: &[&str]| {
+        Prepared::new(
+            Change::upsert(
+                A,
+                n,
+                v.as_bytes().to_vec(),
+                aliases.iter().map(|a| a.to_string()).collect(),
+            )
+            .with_groups(groups.iter().map(|g| g.to_string()).collect()),
+        )
+    };
+    let mut c = Cache::default();
+    c.apply(vec![
+        upsert("pod/a", "a1", &["/10.0.0.5"], &[svc, "node:n1"]),
+        upsert("pod/b", "b1", &["/10.0.1.5"], &[svc, "node:n2"]),
+        upsert("pod/c", "c1", &["/10.0.0.6"], &["node:n1"]),
+        upsert(svc, "s1", &["/10.96.0.10"], &[]),
+    ]);
+    let mut s = StreamState::new(3);
+    let mut req = initial(A);
+    req.resource_names_subscribe = vec!["*".into()];
+    req.resource_names_unsubscribe = vec!["*".into()];
+    if let Some(node) = req.node.as_mut() {
+        node.metadata = Some(prost_types::Struct {
+            fields: [(
+                "NODE_NAME".to_string(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue("n1".into())),
+                },
+            )]
+            .into(),
+        });
+    }
+    s.on_request(req).unwrap();
+    assert_eq!(
+        s.subscription(A),
+        Some(&Subscription::Explicit(HashSet::new()))
+    );
+    // Answered at once, with the workloads of its own node only.
+    let b = s.build(&c).expect("initial answer");
+    assert_eq!(names(&b), vec!["pod/a", "pod/c"]);
+    s.on_request(ack(A, &b.response.nonce)).unwrap();
+
+    // A service VIP: sent under the key asked for, with the service's other workload.
+    let sub = |keys: &[&str]| DeltaDiscoveryRequest {
+        type_url: A.into(),
+        resource_names_subscribe: keys.iter().map(|k| k.to_string()).collect(),
+        ..Default::default()
+    };
+    s.on_request(sub(&["/10.96.0.10"])).unwrap();
+    let b = s.build(&c).expect("on-demand answer");
+    assert_eq!(names(&b), vec!["/10.96.0.10", "pod/b"]);
+    assert_eq!(
+        b.response.resources[0].resource.as_ref().unwrap().value,
+        b"s1"
+    );
+    assert!(b.response.removed_resources.is_empty());
+    s.on_request(ack(A, &b.response.nonce)).unwrap();
+
+    // An address nobody has: answered as removed, so the client stops waiting.
+    s.on_request(sub(&["/10.9.9.9"])).unwrap();
+    let b = s.build(&c).expect("answer for an unknown key");
+    assert!(b.response.resources.is_empty());
+    assert_eq!(b.response.removed_resources, vec!["/10.9.9.9"]);
+    s.on_request(ack(A, &b.response.nonce)).unwrap();
+
+    // Changes follow: a member workload changes, an unrelated one on another node does not
+    // concern this client, and the service's removal takes its workloads along.
+    let ch = c.apply(vec![upsert(
+        "pod/b",
+        "b2",
+        &["/10.0.1.5"],
+        &[svc, "node:n2"],
+    )]);
+    s.mark_dirty(A, ch.into_iter().map(|(_, n, q)| (n, q)), None);
+    let b = s.build(&c).expect("member change");
+    assert_eq!(names(&b), vec!["pod/b"]);
+    s.on_request(ack(A, &b.response.nonce)).unwrap();
+    let ch = c.apply(vec![upsert("pod/z", "z1", &["/10.0.2.5"], &["node:n3"])]);
+    s.mark_dirty(A, ch.into_iter().map(|(_, n, q)| (n, q)), None);
+    assert!(s.build(&c).is_none(), "not this client's concern");
+    let ch = c.apply(vec![Prepared::new(Change::remove(A, svc))]);
+    s.mark_dirty(A, ch.into_iter().map(|(_, n, q)| (n, q)), None);
+    let b = s.build(&c).expect("removal");
+    assert!(b.response.resources.is_empty());
+    assert_eq!(b.response.removed_resources, vec!["/10.96.0.10", "pod/b"]);
+    // The alias index forgets the removed service.
+    assert!(c.by_alias(A, "/10.96.0.10").is_none());
+    assert_eq!(
+        c.by_alias(A, "/10.0.0.6").map(|r| r.name.as_str()),
+        Some("pod/c")
+    );
+}
