@@ -44,24 +44,27 @@ impl Drop for BenchServer {
 /// connections stay async there, sink and latency connections get a blocking thread each.
 pub fn start_server(ns: &Netns, addr: SocketAddr) -> Result<BenchServer> {
     let listener = ns.tcp_listener(addr)?;
-    let task = tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    tokio::spawn(async move {
-                        let _ = serve(stream).await;
-                    });
-                }
-                // EMFILE and friends: say so and back off, never spin on them silently
-                // (a spinning accept loop left connections queued unanswered).
-                Err(e) => {
-                    eprintln!("bench server: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+    let task = tokio::spawn(accept_loop(listener));
+    Ok(BenchServer { task })
+}
+
+/// Serves every connection `listener` accepts, forever.
+async fn accept_loop(listener: tokio::net::TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(async move {
+                    let _ = serve(stream).await;
+                });
+            }
+            // EMFILE and friends: say so and back off, never spin on them silently
+            // (a spinning accept loop left connections queued unanswered).
+            Err(e) => {
+                eprintln!("bench server: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-    });
-    Ok(BenchServer { task })
+    }
 }
 
 /// The bench server as a process of its own (`benches --bench-server <addr>`, started inside
@@ -75,19 +78,8 @@ pub async fn server_main(addr: SocketAddr) -> Result<()> {
     let socket = socket2::SockRef::from(&listener);
     socket.listen(4096)?;
     println!("listening on {addr}");
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(async move {
-                    let _ = serve(stream).await;
-                });
-            }
-            Err(e) => {
-                eprintln!("bench server: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    accept_loop(listener).await;
+    Ok(())
 }
 
 /// The bench server in a process of its own inside a namespace, so that its sockets do not
