@@ -311,3 +311,101 @@ async fn a_first_response_in_parts_builds_one_complete_snapshot() {
         );
     }
 }
+
+/// Istio ztunnel's on-demand mode against the real pipeline: subscribed to nothing, it gets
+/// the workloads of its own node; a `<network>/<ip>` key comes back under that key (a pod's
+/// address, or a Service VIP with the service's workloads); an unknown one as removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_demand_clients_get_their_node_and_what_they_ask_for() {
+    use common::xds::discovery::{DeltaDiscoveryRequest, Node};
+    use common::xds::workload::{address::Type, Address};
+    use prost::Message;
+    let plane = control_plane(ServeConfig::default()).await;
+    let node = Node {
+        id: "ztunnel~10.0.0.2~ztunnel-y.istio-system~istio-system.svc.cluster.local".into(),
+        metadata: Some(prost_types::Struct {
+            fields: [(
+                "NODE_NAME".to_string(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue("node-2".into())),
+                },
+            )]
+            .into(),
+        }),
+        ..Default::default()
+    };
+    let sub = |keys: &[&str]| DeltaDiscoveryRequest {
+        type_url: common::xds::ADDRESS_TYPE.into(),
+        resource_names_subscribe: keys.iter().map(|k| k.to_string()).collect(),
+        ..Default::default()
+    };
+    let mut first = sub(&["*"]);
+    first.resource_names_unsubscribe = vec!["*".into()];
+    first.node = Some(node);
+    let mut c = super::xds_server::Client::open(plane.addr, vec![first]).await;
+    let decode = |r: &common::xds::discovery::Resource| {
+        let any = r.resource.as_ref().expect("resource body");
+        Address::decode(any.value.as_slice())
+            .expect("an Address")
+            .r#type
+            .expect("workload or service")
+    };
+    let workload = |t: &Type| match t {
+        Type::Workload(w) => (w.name.clone(), w.node.clone()),
+        Type::Service(s) => panic!("unexpected service {}", s.hostname),
+    };
+
+    let r = c.recv().await;
+    assert!(!r.resources.is_empty(), "node-2 has pods");
+    for res in &r.resources {
+        let (name, node) = workload(&decode(res));
+        assert_eq!(node, "node-2", "{name} is not on the client's node");
+        assert!(
+            res.name.starts_with("Kubernetes//Pod/") && res.name.ends_with(&format!("/{name}")),
+            "{} is named by its uid",
+            res.name
+        );
+    }
+    c.ack(&r).await;
+
+    // A pod of the other node, by address: answered under the key asked for.
+    c.send(sub(&["/10.244.1.10"])).await;
+    let r = c.recv().await;
+    assert_eq!(r.resources.len(), 1, "{:?}", r.resources);
+    assert_eq!(r.resources[0].name, "/10.244.1.10");
+    assert_eq!(
+        workload(&decode(&r.resources[0])).0,
+        "demoappv10-7c9d8f6b5-4kq2x"
+    );
+    c.ack(&r).await;
+
+    // A Service VIP: the service under the key, with the workloads behind it it lacked.
+    c.send(sub(&["/10.96.0.20"])).await;
+    let r = c.recv().await;
+    let vip = r
+        .resources
+        .iter()
+        .find(|res| res.name == "/10.96.0.20")
+        .expect("the service under its VIP key");
+    assert!(
+        matches!(decode(vip), Type::Service(s) if s.hostname == "demoapp.default.svc.cluster.local")
+    );
+    let behind: Vec<String> = r
+        .resources
+        .iter()
+        .filter(|res| res.name != "/10.96.0.20")
+        .map(|res| workload(&decode(res)).1)
+        .collect();
+    assert!(!behind.is_empty(), "the service's workloads come along");
+    assert!(
+        behind.iter().all(|n| n == "node-1"),
+        "node-2's it already had: {behind:?}"
+    );
+    c.ack(&r).await;
+
+    // Nobody's address.
+    c.send(sub(&["/10.9.9.9"])).await;
+    let r = c.recv().await;
+    assert!(r.resources.is_empty());
+    assert_eq!(r.removed_resources, vec!["/10.9.9.9"]);
+}

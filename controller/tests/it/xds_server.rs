@@ -52,7 +52,7 @@ fn addr_change(name: &str, content: &str) -> Change {
     )
 }
 
-struct Client {
+pub(super) struct Client {
     tx: mpsc::Sender<DeltaDiscoveryRequest>,
     rx: Streaming<DeltaDiscoveryResponse>,
 }
@@ -116,7 +116,7 @@ impl Client {
         Ok(Client { tx, rx })
     }
 
-    async fn open(addr: SocketAddr, first: Vec<DeltaDiscoveryRequest>) -> Client {
+    pub(super) async fn open(addr: SocketAddr, first: Vec<DeltaDiscoveryRequest>) -> Client {
         Self::open_on(channel(addr).await, first).await.unwrap()
     }
 
@@ -128,7 +128,7 @@ impl Client {
         c
     }
 
-    async fn recv(&mut self) -> DeltaDiscoveryResponse {
+    pub(super) async fn recv(&mut self) -> DeltaDiscoveryResponse {
         tokio::time::timeout(WAIT, self.rx.message())
             .await
             .expect("a response in time")
@@ -142,11 +142,11 @@ impl Client {
         }
     }
 
-    async fn send(&self, r: DeltaDiscoveryRequest) {
+    pub(super) async fn send(&self, r: DeltaDiscoveryRequest) {
         self.tx.send(r).await.unwrap();
     }
 
-    async fn ack(&self, r: &DeltaDiscoveryResponse) {
+    pub(super) async fn ack(&self, r: &DeltaDiscoveryResponse) {
         self.send(DeltaDiscoveryRequest {
             type_url: r.type_url.clone(),
             response_nonce: r.nonce.clone(),
