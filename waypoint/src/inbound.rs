@@ -63,8 +63,6 @@ async fn handle_connection(
     peer: SocketAddr,
     permit: ConnPermit,
 ) {
-    // Waiting for a handshake place and the handshake itself share one deadline.
-    let deadline = tokio::time::Instant::now() + state.settings.handshake_timeout;
     let cert = match state.certs.get_wait(&state.identity).await {
         Ok(c) => c,
         Err(e) => {
@@ -72,6 +70,8 @@ async fn handle_connection(
             return;
         }
     };
+    // Waiting for a handshake place and the handshake itself share one deadline.
+    let deadline = tokio::time::Instant::now() + state.settings.handshake_timeout;
     let Ok(handshake) = permit.handshake(deadline).await else {
         return;
     };

@@ -22,8 +22,6 @@ pub async fn handle(
     peer: SocketAddr,
     permit: common::admission::ConnPermit,
 ) {
-    // Waiting for a handshake place and the handshake itself share one deadline.
-    let deadline = tokio::time::Instant::now() + state.settings.handshake_timeout;
     let local = match stream.local_addr() {
         Ok(a) => a,
         Err(_) => return,
@@ -56,6 +54,8 @@ pub async fn handle(
             return;
         }
     };
+    // Waiting for a handshake place and the handshake itself share one deadline.
+    let deadline = tokio::time::Instant::now() + state.settings.handshake_timeout;
     let Ok(handshake) = permit.handshake(deadline).await else {
         super::reset(stream);
         return;
