@@ -7,7 +7,9 @@
 //! resource's aliases (`<network>/<ip>`) and groups (the services a workload serves, the
 //! node it runs on): [`Cache::by_alias`], [`Cache::members`].
 
+use bytes::Bytes;
 use common::xds::discovery::Resource;
+use prost::Message;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -19,8 +21,11 @@ pub struct CachedResource {
     pub name: String,
     /// Content hash (16 hex digits of SHA-256 over the message and its aliases).
     pub version: String,
-    /// The wire resource: name, version, `Any{type_url, value}`, aliases.
-    pub resource: Resource,
+    /// The encoded wire resource (`envoy.service.discovery.v3.Resource`: name, version,
+    /// `Any{type_url, value}`, aliases), shared by every response that carries it.
+    pub encoded: Bytes,
+    /// Its aliases (`<network>/<ip>`).
+    pub aliases: Vec<String>,
     /// Lookup groups this resource belongs to besides its name and aliases (see
     /// [`Change::with_groups`]).
     pub groups: Vec<String>,
@@ -117,9 +122,22 @@ impl CachedResource {
         CachedResource {
             name,
             version,
-            resource,
+            encoded: Bytes::from(resource.encode_to_vec()),
+            aliases: resource.aliases,
             groups,
         }
+    }
+
+    /// The wire resource as a message.
+    pub fn resource(&self) -> Resource {
+        Resource::decode(self.encoded.clone()).unwrap_or_default()
+    }
+
+    /// The wire resource sent under another name (a by-name subscriber asked for an alias).
+    pub fn renamed(&self, name: &str) -> Bytes {
+        let mut r = self.resource();
+        r.name = name.to_string();
+        Bytes::from(r.encode_to_vec())
     }
 }
 
@@ -206,11 +224,11 @@ impl Cache {
             let aliases = self.aliases.entry(p.type_url.clone()).or_default();
             let groups = self.groups.entry(p.type_url.clone()).or_default();
             if let Some(old) = &old {
-                reindex(aliases, &old.resource.aliases, &p.name, false);
+                reindex(aliases, &old.aliases, &p.name, false);
                 reindex(groups, &old.groups, &p.name, false);
             }
             if let Some(r) = &p.resource {
-                reindex(aliases, &r.resource.aliases, &p.name, true);
+                reindex(aliases, &r.aliases, &p.name, true);
                 reindex(groups, &r.groups, &p.name, true);
             }
             if changed_now {
@@ -304,9 +322,10 @@ mod tests {
             1
         );
         let r = c.get(T, "a").expect("present");
-        assert_eq!(r.resource.name, "a");
-        assert_eq!(r.resource.version, r.version);
-        let any = r.resource.resource.as_ref().expect("any");
+        let res = r.resource();
+        assert_eq!(res.name, "a");
+        assert_eq!(res.version, r.version);
+        let any = res.resource.as_ref().expect("any");
         assert_eq!(
             (any.type_url.as_str(), any.value.as_slice()),
             (T, &b"2"[..])

@@ -8,7 +8,8 @@
 //! shared cache when it can send, so a slow client gets the latest state, not a backlog.
 //! [`transport`] serves the gRPC routes over TLS (or plaintext for tests) with keepalive and a
 //! jittered max connection age; [`metrics`] counts pushes, NACKs, latency, clients, resources;
-//! [`nack`] splits a NACK into per-resource reports for the Event writer.
+//! [`nack`] splits a NACK into per-resource reports for the Event writer; [`wire`] writes each
+//! response out while it is sent, its resources' encodings shared with the cache.
 
 pub mod cache;
 pub mod debounce;
@@ -18,6 +19,7 @@ pub mod node;
 pub mod server;
 pub mod stream;
 pub mod transport;
+pub mod wire;
 
 pub use cache::{CachedResource, Change};
 pub use debounce::DebounceConfig;
@@ -167,12 +169,8 @@ impl XdsServer {
     }
 
     /// The gRPC service to add to a router (with [`serve`], or any tonic server).
-    pub fn service(
-        &self,
-    ) -> common::xds::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer<
-        AdsService,
-    >{
-        AdsService::server(self.inner.clone())
+    pub fn service(&self) -> AdsService {
+        AdsService::new(self.inner.clone())
     }
 
     /// The connected streams: node claims and authenticated caller.

@@ -1,28 +1,33 @@
-//! The tonic service: authenticates each stream (optional [`Authenticator`]), registers it so
-//! pushes reach it, and drives its [`StreamState`]: read requests, take dirty names from the
-//! mailbox the debouncer fills, and — when the transport can take a response and a push permit
-//! is free — build the next response from the cache. A stream ends cleanly (gRPC OK, which
-//! makes Istio's ztunnel reconnect at once) when its connection reaches its max age.
+//! The gRPC service: authenticates each stream (optional
+//! [`Authenticator`](crate::auth::Authenticator)), registers it so pushes reach it, and drives
+//! its [`StreamState`]: read requests, take dirty names from the mailbox the debouncer fills,
+//! and — when the transport can take a response and a push permit is free — build the next
+//! response from the cache. A stream ends cleanly (gRPC OK, which makes Istio's ztunnel
+//! reconnect at once) when its connection reaches its max age. Requests are decoded by tonic;
+//! responses go out through [`ResponseBody`].
 
 use super::debounce::Batch;
 use super::node::NodeInfo;
 use super::stream::{Event, StreamState};
 use super::transport::ConnectionContext;
+use super::wire::{Outgoing, ResponseBody};
 use super::{lock, Inner};
-use crate::auth::{Authenticator, CallerIdentity};
-use common::xds::discovery::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
+use crate::auth::CallerIdentity;
 use common::xds::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
-use futures_util::Stream;
 use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::SystemTime;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::codec::{BufferSettings, Streaming};
+use tonic::codegen::Service;
+use tonic::server::NamedService;
+use tonic::Status;
 
 /// What is known about one connected stream.
 #[derive(Debug, Clone)]
@@ -87,81 +92,126 @@ impl StreamShared {
     }
 }
 
-/// The gRPC service implementation.
+/// The gRPC service: `envoy.service.discovery.v3.AggregatedDiscoveryService`, whose one method
+/// (`DeltaAggregatedResources`) is served here rather than through tonic's generated server,
+/// so responses are written out as they are sent ([`ResponseBody`]) instead of through a
+/// per-stream encode buffer that keeps the size of the largest response.
+#[derive(Clone)]
 pub struct AdsService {
     inner: Arc<Inner>,
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+const DELTA_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+
+impl NamedService for AdsService {
+    const NAME: &'static str = SERVICE;
+}
 
 impl AdsService {
-    pub(crate) fn server(inner: Arc<Inner>) -> AggregatedDiscoveryServiceServer<AdsService> {
-        let dec = inner.cfg.max_decoding_message_size;
-        let enc = inner.cfg.max_encoding_message_size;
-        AggregatedDiscoveryServiceServer::new(AdsService { inner })
-            .max_decoding_message_size(dec)
-            .max_encoding_message_size(enc)
+    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+        AdsService { inner }
     }
 }
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for AdsService {
-    type DeltaAggregatedResourcesStream = ResponseStream;
+type HttpResponse = http::Response<tonic::body::Body>;
 
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<ResponseStream>, Status> {
-        let caller = match &self.inner.authenticator {
-            Some(a) => Some(authenticate(a.as_ref(), &request).await?),
-            None => None,
-        };
-        let ctx = request.extensions().get::<ConnectionContext>().cloned();
-        let peer = ctx
-            .as_ref()
-            .and_then(|c| c.peer)
-            .or_else(|| request.remote_addr());
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let shared = Arc::new(StreamShared {
-            mailbox: Mutex::new(Mailbox::default()),
-            notify: Notify::new(),
-            info: Mutex::new(ConnectionInfo {
-                id,
-                node: None,
-                caller,
-                peer,
-                connected_at: SystemTime::now(),
-                types: Vec::new(),
-            }),
-        });
-        lock(&self.inner.streams).insert(id, shared.clone());
-        let (tx, mut rx) = mpsc::channel(1);
-        let inner = self.inner.clone();
-        let requests = request.into_inner();
-        tokio::spawn(async move {
-            let closing = ctx.map(|c| c.closing);
-            drive(&inner, id, &shared, requests, tx, closing).await;
-            lock(&inner.streams).remove(&id);
-        });
-        let out = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        Ok(Response::new(Box::pin(out)))
+impl Service<http::Request<tonic::body::Body>> for AdsService {
+    type Response = HttpResponse;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            Ok(match delta(inner, req).await {
+                Ok(r) => r,
+                Err(status) => status.into_http(),
+            })
+        })
+    }
+}
+
+/// One `DeltaAggregatedResources` stream: authenticate, then hand the requests to a driver
+/// task and answer with a body that sends what the driver builds.
+async fn delta(
+    inner: Arc<Inner>,
+    req: http::Request<tonic::body::Body>,
+) -> Result<HttpResponse, Status> {
+    if req.uri().path() != DELTA_PATH {
+        return Err(Status::unimplemented(format!(
+            "{} is not served",
+            req.uri().path()
+        )));
+    }
+    if let Some(enc) = req.headers().get("grpc-encoding") {
+        if enc.as_bytes() != b"identity" {
+            return Err(Status::unimplemented(format!(
+                "requests compressed with {enc:?} are not supported"
+            )));
+        }
+    }
+    let (parts, body) = req.into_parts();
+    let ctx = parts.extensions.get::<ConnectionContext>().cloned();
+    let peer = ctx.as_ref().and_then(|c| c.peer);
+    let caller = match &inner.authenticator {
+        Some(a) => {
+            let metadata = tonic::metadata::MetadataMap::from_headers(parts.headers);
+            match a.authenticate(&metadata).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(?peer, error = %e.message(), "xDS stream rejected");
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
+    let decoder =
+        tonic_prost::ProstCodec::<DeltaDiscoveryResponse, DeltaDiscoveryRequest>::raw_decoder(
+            BufferSettings::default(),
+        );
+    let requests = Streaming::new_request(
+        decoder,
+        body,
+        None,
+        Some(inner.cfg.max_decoding_message_size),
+    );
+    let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+    let shared = Arc::new(StreamShared {
+        mailbox: Mutex::new(Mailbox::default()),
+        notify: Notify::new(),
+        info: Mutex::new(ConnectionInfo {
+            id,
+            node: None,
+            caller,
+            peer,
+            connected_at: SystemTime::now(),
+            types: Vec::new(),
+        }),
+    });
+    lock(&inner.streams).insert(id, shared.clone());
+    let (tx, rx) = mpsc::channel(1);
+    let max = inner.cfg.max_encoding_message_size;
+    tokio::spawn(async move {
+        let closing = ctx.map(|c| c.closing);
+        drive(&inner, id, &shared, requests, tx, closing).await;
+        lock(&inner.streams).remove(&id);
+    });
+    let mut resp = http::Response::new(tonic::body::Body::new(ResponseBody::new(rx, max)));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    Ok(resp)
 }
 
 use std::sync::atomic::Ordering;
-
-async fn authenticate(
-    a: &dyn Authenticator,
-    request: &Request<Streaming<DeltaDiscoveryRequest>>,
-) -> Result<CallerIdentity, Status> {
-    match a.authenticate(request.metadata()).await {
-        Ok(c) => Ok(c),
-        Err(e) => {
-            tracing::warn!(peer = ?request.remote_addr(), error = %e.message(), "xDS stream rejected");
-            Err(e)
-        }
-    }
-}
 
 /// Waits until the connection is closing (never, without a connection context).
 async fn closed(closing: &mut Option<watch::Receiver<bool>>) {
@@ -180,7 +230,7 @@ async fn drive(
     id: u64,
     shared: &StreamShared,
     mut requests: Streaming<DeltaDiscoveryRequest>,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    tx: mpsc::Sender<Result<Outgoing, Status>>,
     mut closing: Option<watch::Receiver<bool>>,
 ) {
     let _connected = inner.metrics.connected();

@@ -15,7 +15,9 @@
 
 use super::cache::{node_group, Cache, CachedResource};
 use super::node::NodeInfo;
-use common::xds::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use super::wire::Outgoing;
+use bytes::Bytes;
+use common::xds::discovery::DeltaDiscoveryRequest;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -61,7 +63,7 @@ struct TypeState {
     /// Whether a response of this type was sent on this stream.
     answered: bool,
     /// The rest of a first response sent in parts (resources, then the removed names).
-    pending: Vec<Resource>,
+    pending: Vec<Bytes>,
     pending_removed: Vec<String>,
     /// By-name subscriptions only: what the client holds, name → version.
     sent: HashMap<String, String>,
@@ -81,13 +83,13 @@ impl TypeState {
 /// receive buffer (and ours to encode) stays at this size instead of the whole state's.
 pub const CHUNK_BYTES: usize = 1 << 20;
 
-fn resource_bytes(r: &Resource) -> usize {
-    r.name.len() + r.version.len() + r.resource.as_ref().map_or(0, |a| a.value.len())
+fn resource_bytes(r: &Bytes) -> usize {
+    r.len()
 }
 
 /// Splits off the first part of `resources` (at least one resource, at most `budget` bytes
 /// unless one resource alone is larger); returns it and leaves the rest.
-fn first_part(resources: &mut Vec<Resource>, budget: usize) -> Vec<Resource> {
+fn first_part(resources: &mut Vec<Bytes>, budget: usize) -> Vec<Bytes> {
     let mut used = 0;
     let mut n = 0;
     for r in resources.iter() {
@@ -148,7 +150,7 @@ pub enum ProtocolError {
 #[derive(Debug)]
 pub struct Built {
     /// The response.
-    pub response: DeltaDiscoveryResponse,
+    pub response: Outgoing,
     /// Publish time of the oldest change it carries (none for a first response).
     pub oldest_change: Option<Instant>,
     /// Whether this is the stream's first response for the type.
@@ -354,7 +356,7 @@ impl StreamState {
         let chunk = self.chunk;
         let ts = &mut self.types[i];
         let t = ts.type_url.as_str();
-        let mut resources = Vec::new();
+        let mut resources: Vec<&Arc<CachedResource>> = Vec::new();
         let mut removed = Vec::new();
         if !ts.pending.is_empty() {
             // The next part of a split first response; changes wait until it is complete.
@@ -375,7 +377,7 @@ impl StreamState {
                 Subscription::Wildcard => {
                     for r in cache.all(t) {
                         if ts.client_versions.get(&r.name) != Some(&r.version) {
-                            resources.push(r.resource.clone());
+                            resources.push(r);
                         }
                     }
                     for name in ts.client_versions.keys() {
@@ -388,7 +390,7 @@ impl StreamState {
                     for name in names {
                         match cache.get(t, name) {
                             Some(r) if ts.client_versions.get(name) == Some(&r.version) => {}
-                            Some(r) => resources.push(r.resource.clone()),
+                            Some(r) => resources.push(r),
                             None => removed.push(name.clone()),
                         }
                     }
@@ -405,7 +407,7 @@ impl StreamState {
                     continue;
                 }
                 match cache.get(t, &name) {
-                    Some(r) => resources.push(r.resource.clone()),
+                    Some(r) => resources.push(r),
                     None => removed.push(name),
                 }
             }
@@ -417,6 +419,7 @@ impl StreamState {
             return None;
         }
         resources.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut resources: Vec<Bytes> = resources.into_iter().map(|r| r.encoded.clone()).collect();
         removed.sort();
         if let Some(budget) = chunk {
             let total: usize = resources.iter().map(resource_bytes).sum();
@@ -473,9 +476,11 @@ impl StreamState {
         let mut resources = Vec::new();
         for (name, r) in &want {
             if ts.sent.get(name) != Some(&r.version) {
-                let mut res = r.resource.clone();
-                res.name.clone_from(name);
-                resources.push(res);
+                resources.push(if *name == r.name {
+                    r.encoded.clone()
+                } else {
+                    r.renamed(name)
+                });
             }
         }
         let mut removed: Vec<String> = ts
@@ -508,7 +513,7 @@ impl StreamState {
     fn respond(
         &mut self,
         i: usize,
-        resources: Vec<Resource>,
+        resources: Vec<Bytes>,
         removed: Vec<String>,
         partial: bool,
         oldest_change: Option<Instant>,
@@ -519,7 +524,7 @@ impl StreamState {
         ts.in_flight = Some(nonce.clone());
         let initial = !std::mem::replace(&mut ts.answered, true);
         Built {
-            response: DeltaDiscoveryResponse {
+            response: Outgoing {
                 system_version_info: if partial {
                     common::xds::PARTIAL_RESPONSE.to_string()
                 } else {

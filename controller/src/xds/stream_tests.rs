@@ -52,11 +52,12 @@ fn ack(t: &str, nonce: &str) -> DeltaDiscoveryRequest {
     }
 }
 
-fn names(b: &Built) -> Vec<&str> {
+fn names(b: &Built) -> Vec<String> {
     b.response
+        .message()
         .resources
-        .iter()
-        .map(|r| r.name.as_str())
+        .into_iter()
+        .map(|r| r.name)
         .collect()
 }
 
@@ -77,7 +78,7 @@ fn initial_wildcard_gets_everything_and_empty_types_are_answered() {
     let b1 = s.build(&c).expect("address response");
     assert_eq!(
         (b1.response.type_url.as_str(), names(&b1)),
-        (A, vec!["w1", "w2"])
+        (A, vec!["w1".to_string(), "w2".to_string()])
     );
     assert!(b1.initial);
     let b2 = s.build(&c).expect("empty authorization response");
@@ -113,7 +114,11 @@ fn one_response_in_flight_per_type_and_changes_coalesce() {
     let b2 = s.build(&c).expect("latest after ACK");
     assert_eq!(b2.response.resources.len(), 1);
     assert_eq!(
-        b2.response.resources[0].resource.as_ref().unwrap().value,
+        b2.response.message().resources[0]
+            .resource
+            .as_ref()
+            .unwrap()
+            .value,
         b"9"
     );
     assert!(b2.oldest_change.is_some());
@@ -292,10 +297,10 @@ fn large_first_response_comes_in_parts_to_clients_that_accept_them() {
     assert!(s.build(&c).is_none(), "next part only after the ACK");
     set(&mut c, &mut s, A, "w4", "dddddddddd");
     s.on_request(ack(A, &p1.response.nonce)).unwrap();
-    let mut got: Vec<String> = names(&p1).iter().map(|n| n.to_string()).collect();
+    let mut got: Vec<String> = names(&p1);
     let mut last = None;
     while let Some(p) = s.build(&c) {
-        got.extend(names(&p).iter().map(|n| n.to_string()));
+        got.extend(names(&p));
         let done = p.response.system_version_info.is_empty();
         s.on_request(ack(A, &p.response.nonce)).unwrap();
         if done {
@@ -379,7 +384,11 @@ fn on_demand_subscriptions_resolve_aliases_bring_service_workloads_and_the_nodes
     let b = s.build(&c).expect("on-demand answer");
     assert_eq!(names(&b), vec!["/10.96.0.10", "pod/b"]);
     assert_eq!(
-        b.response.resources[0].resource.as_ref().unwrap().value,
+        b.response.message().resources[0]
+            .resource
+            .as_ref()
+            .unwrap()
+            .value,
         b"s1"
     );
     assert!(b.response.removed_resources.is_empty());
