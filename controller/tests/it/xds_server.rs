@@ -1,8 +1,9 @@
 //! The delta ADS server driven by a real tonic client (the generated
 //! `aggregated_discovery_service_client`) over loopback TCP: initial wildcard pushes,
 //! debounced fan-out, ACK/NACK, removals, reconnect with `initial_resource_versions`, explicit
-//! subscriptions, large requests, coalescing for a client that does not read, max connection
-//! age, authentication and TLS.
+//! subscriptions, large requests and responses, the gRPC status of an oversized response and of
+//! an unknown method, coalescing for a client that does not read, max connection age,
+//! authentication and TLS.
 
 use common::xds::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use common::xds::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status};
@@ -377,6 +378,75 @@ async fn a_40_mib_request_is_accepted() {
     let r = c.recv().await;
     assert_eq!(names(&r), vec!["kept"]);
     assert_eq!(r.removed_resources.len(), 40);
+}
+
+/// A response of several MB (large and small resources, sent in chunks as it is written) reaches
+/// a real client intact, and so do the small responses after it.
+#[tokio::test]
+async fn a_multi_megabyte_response_arrives_whole() {
+    let xds = XdsServer::new(cfg(10, 100), None);
+    let mut changes: Vec<Change> = (0..3000)
+        .map(|i| addr_change(&format!("w{i:04}"), &format!("{i}").repeat(1 + i % 700)))
+        .collect();
+    changes.push(addr_change("huge", &"h".repeat(3 << 20)));
+    xds.publish(changes);
+    xds.flush_now();
+    let addr = start(&xds).await;
+    let mut c = Client::open(addr, vec![initial(ADDRESS_TYPE, HashMap::new())]).await;
+    let r = c.recv().await;
+    assert_eq!(r.resources.len(), 3001);
+    assert_eq!(content(&r, "huge").len(), 3 << 20);
+    for i in [0, 1, 699, 1234, 2999] {
+        let want = format!("{i}").repeat(1 + i % 700);
+        assert_eq!(content(&r, &format!("w{i:04}")), want.as_bytes());
+    }
+    c.ack(&r).await;
+    xds.publish(vec![addr_change("w0001", "changed")]);
+    let r = c.recv().await;
+    assert_eq!(names(&r), vec!["w0001"]);
+    assert_eq!(content(&r, "w0001"), b"changed");
+}
+
+/// A response over the encoding limit ends the stream with OUT_OF_RANGE (as tonic's own
+/// server does), and the client sees the status rather than a hang.
+#[tokio::test]
+async fn a_response_over_the_limit_ends_the_stream_with_a_status() {
+    let xds = XdsServer::new(
+        XdsConfig {
+            max_encoding_message_size: 64 << 10,
+            ..cfg(10, 100)
+        },
+        None,
+    );
+    xds.publish(vec![addr_change("big", &"b".repeat(100 << 10))]);
+    xds.flush_now();
+    let addr = start(&xds).await;
+    let mut c = Client::open(addr, vec![initial(ADDRESS_TYPE, HashMap::new())]).await;
+    let status = tokio::time::timeout(WAIT, c.rx.message())
+        .await
+        .expect("an answer in time")
+        .expect_err("the stream ends with an error");
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+}
+
+/// A method of the service that is not served answers UNIMPLEMENTED, as a generated server
+/// would.
+#[tokio::test]
+async fn an_unknown_method_is_unimplemented() {
+    let xds = XdsServer::new(cfg(10, 100), None);
+    let addr = start(&xds).await;
+    let mut grpc = tonic::client::Grpc::new(channel(addr).await);
+    grpc.ready().await.expect("ready");
+    let codec = tonic_prost::ProstCodec::<DeltaDiscoveryRequest, DeltaDiscoveryResponse>::default();
+    let path = http::uri::PathAndQuery::from_static(
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
+    );
+    let requests = futures_util::stream::iter(vec![initial(ADDRESS_TYPE, HashMap::new())]);
+    let r = grpc
+        .streaming(tonic::Request::new(requests), path, codec)
+        .await;
+    let status = r.expect_err("not served");
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
 }
 
 #[tokio::test]
