@@ -96,8 +96,14 @@ async fn one_peer_stalling_handshakes_does_not_lock_others_out() {
     let n1 = &mesh.node("n1").ns;
     let hbone_b = addr("10.244.2.2:15008");
     let mut silent = Vec::new();
-    for _ in 0..6 {
-        silent.push(n1.connect(hbone_b).await.expect("TCP connect"));
+    for i in 0..6 {
+        match n1.connect(hbone_b).await {
+            Ok(s) => silent.push(s),
+            // One shed at once can be reset before the connect has returned (the reset is
+            // then the connect's error): counted by the shed metric below, not held.
+            Err(e) if i >= 4 && is_reset(&e) => {}
+            Err(e) => panic!("TCP connect {i}: {e:#}"),
+        }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Pod a's first connection needs a new HBONE connection (a handshake) from its own IP.
@@ -125,6 +131,14 @@ async fn one_peer_stalling_handshakes_does_not_lock_others_out() {
     // a handshaking one's place frees at that same deadline, timed out in their handshake).
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(still_open(&mut silent).await, 0);
+}
+
+/// Whether `e` is a connection reset by the peer.
+fn is_reset(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionReset)
+    })
 }
 
 /// How many of `conns` the server has neither closed nor reset (each is silent: a read
