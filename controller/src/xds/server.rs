@@ -13,12 +13,14 @@ use super::transport::ConnectionContext;
 use super::wire::{Outgoing, ResponseBody};
 use super::{lock, Inner};
 use crate::auth::CallerIdentity;
+use common::xds::discovery::aggregated_discovery_service_server::SERVICE_NAME;
 use common::xds::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::SystemTime;
@@ -101,12 +103,11 @@ pub struct AdsService {
     inner: Arc<Inner>,
 }
 
-const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
 const DELTA_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
 impl NamedService for AdsService {
-    const NAME: &'static str = SERVICE;
+    const NAME: &'static str = SERVICE_NAME;
 }
 
 impl AdsService {
@@ -210,8 +211,6 @@ async fn delta(
     );
     Ok(resp)
 }
-
-use std::sync::atomic::Ordering;
 
 /// Waits until the connection is closing (never, without a connection context).
 async fn closed(closing: &mut Option<watch::Receiver<bool>>) {

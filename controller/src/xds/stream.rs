@@ -83,17 +83,13 @@ impl TypeState {
 /// receive buffer (and ours to encode) stays at this size instead of the whole state's.
 pub const CHUNK_BYTES: usize = 1 << 20;
 
-fn resource_bytes(r: &Bytes) -> usize {
-    r.len()
-}
-
 /// Splits off the first part of `resources` (at least one resource, at most `budget` bytes
 /// unless one resource alone is larger); returns it and leaves the rest.
 fn first_part(resources: &mut Vec<Bytes>, budget: usize) -> Vec<Bytes> {
     let mut used = 0;
     let mut n = 0;
     for r in resources.iter() {
-        let b = resource_bytes(r);
+        let b = r.len();
         if n > 0 && used + b > budget {
             break;
         }
@@ -422,7 +418,7 @@ impl StreamState {
         let mut resources: Vec<Bytes> = resources.into_iter().map(|r| r.encoded.clone()).collect();
         removed.sort();
         if let Some(budget) = chunk {
-            let total: usize = resources.iter().map(resource_bytes).sum();
+            let total: usize = resources.iter().map(Bytes::len).sum();
             if total > budget {
                 let part = first_part(&mut resources, budget);
                 ts.pending = resources;

@@ -54,13 +54,17 @@ impl Outgoing {
         }
     }
 
-    fn resource_len(r: &Bytes) -> usize {
-        key_len(RESOURCES_FIELD) + encoded_len_varint(r.len() as u64) + r.len()
+    /// Length of the resources' part of the encoded message.
+    fn resources_len(resources: &[Bytes]) -> usize {
+        resources
+            .iter()
+            .map(|r| key_len(RESOURCES_FIELD) + encoded_len_varint(r.len() as u64) + r.len())
+            .sum()
     }
 
     /// Length of the encoded message.
     pub fn encoded_len(&self) -> usize {
-        self.head().encoded_len() + self.resources.iter().map(Self::resource_len).sum::<usize>()
+        self.head().encoded_len() + Self::resources_len(&self.resources)
     }
 
     /// The response as a message (tests, debugging); a resource that does not decode is left
@@ -78,7 +82,7 @@ impl Outgoing {
 
 /// Writes one [`Outgoing`] as a gRPC message, a chunk at a time.
 struct Encoder {
-    out: Outgoing,
+    resources: Vec<Bytes>,
     /// The gRPC prefix and the head fields, until taken.
     head: Option<Bytes>,
     /// Next resource to write.
@@ -90,8 +94,14 @@ struct Encoder {
 impl Encoder {
     /// Fails (as tonic does, with `OUT_OF_RANGE`) when the message is over `max` bytes.
     fn new(out: Outgoing, max: usize) -> Result<Self, Status> {
-        let head = out.head();
-        let len = out.encoded_len();
+        let head = DeltaDiscoveryResponse {
+            system_version_info: out.system_version_info,
+            resources: Vec::new(),
+            type_url: out.type_url,
+            nonce: out.nonce,
+            removed_resources: out.removed_resources,
+        };
+        let len = head.encoded_len() + Outgoing::resources_len(&out.resources);
         if len > max || len > u32::MAX as usize {
             return Err(Status::out_of_range(format!(
                 "Error, encoded message length too large: found {len} bytes, the limit is: {max} bytes"
@@ -103,7 +113,7 @@ impl Encoder {
         head.encode(&mut b)
             .map_err(|e| Status::internal(format!("encoding a response: {e}")))?;
         Ok(Encoder {
-            out,
+            resources: out.resources,
             head: Some(b.freeze()),
             next: 0,
             rest: None,
@@ -114,30 +124,30 @@ impl Encoder {
     fn next_chunk(&mut self) -> Option<Bytes> {
         let mut buf = BytesMut::new();
         loop {
-            let piece = match (self.head.take(), self.rest.take()) {
-                (Some(h), _) => h,
-                (None, Some(r)) => r,
-                (None, None) => {
-                    let Some(r) = self.out.resources.get(self.next) else {
+            // The head, the rest of a split resource, or the next resource (after its field
+            // key and length).
+            let (piece, prefixed) = match self.head.take().or_else(|| self.rest.take()) {
+                Some(p) => (p, false),
+                None => {
+                    let Some(r) = self.resources.get(self.next) else {
                         break;
                     };
                     self.next += 1;
-                    if buf.capacity() == 0 {
-                        buf.reserve(CHUNK + 16);
-                    }
-                    encode_key(RESOURCES_FIELD, WireType::LengthDelimited, &mut buf);
-                    encode_varint(r.len() as u64, &mut buf);
-                    r.clone()
+                    (r.clone(), true)
                 }
             };
-            if buf.is_empty() && piece.len() >= CHUNK {
+            if buf.is_empty() && !prefixed && piece.len() >= CHUNK {
                 return Some(piece);
+            }
+            if buf.capacity() == 0 {
+                buf.reserve(CHUNK + 16);
+            }
+            if prefixed {
+                encode_key(RESOURCES_FIELD, WireType::LengthDelimited, &mut buf);
+                encode_varint(piece.len() as u64, &mut buf);
             }
             let room = CHUNK.saturating_sub(buf.len());
             if piece.len() <= room {
-                if buf.capacity() == 0 {
-                    buf.reserve(CHUNK + 16);
-                }
                 buf.extend_from_slice(&piece);
             } else {
                 buf.extend_from_slice(&piece[..room]);
